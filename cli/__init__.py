@@ -1,0 +1,1 @@
+"""The ``cadrelu`` command line: parses options, calls the library, prints results."""

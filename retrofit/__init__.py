@@ -1,0 +1,1 @@
+"""cadrelu's library: retrofit trained ReLU networks with CompetitiveReLU or MRePU."""

@@ -1,0 +1,105 @@
+"""Plain configuration objects for the activations that replace ReLU.
+
+One config describes one activation choice for every selected site; the torch rewrite turns it
+into a module per site and the ONNX rewrite into nodes per site, so both paths read the same
+object (activations.md gives the math).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Union
+
+Measure = Literal["energy", "l1", "count"]
+Reduction = Literal["auto", "sample", "channel", "last"]
+
+
+@dataclass(frozen=True)
+class CompetitiveReLUConfig:
+    """CAReLU: ``ReLU(K * tanh(alpha * p(z) + beta) * z)`` with trainable alpha, beta per site.
+
+    ``reduce`` says over which axes the competition ``p(z)`` is measured:
+    ``sample`` all non-batch axes; ``channel`` the spatial axes of each (sample, channel);
+    ``last`` the last axis only (tokens of a sequence are independent); ``auto`` is ``last`` for
+    3-D inputs (sequences, features last) and ``sample`` otherwise.
+    ``alpha_init``/``beta_init`` default to the identity retrofit: alpha=0, beta=atanh(1/K), so
+    the scale is exactly 1 and the network computes what it computed before the swap.
+    """
+
+    measure: Measure = "energy"
+    k: float = 2.0
+    eps: float = 1e-6
+    reduce: Reduction = "auto"
+    alpha_init: float = 0.0
+    beta_init: float | None = None
+
+    name = "carelu"
+    identity_at_init = True
+
+    def __post_init__(self) -> None:
+        if self.k <= 1:
+            raise ValueError(f"K must be greater than 1, got {self.k}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+
+    @property
+    def beta(self) -> float:
+        """The beta a new site starts with."""
+        return math.atanh(1.0 / self.k) if self.beta_init is None else self.beta_init
+
+    @property
+    def is_identity_init(self) -> bool:
+        """True when a fresh site computes exactly ReLU (scale 1 for every input)."""
+        return self.alpha_init == 0.0 and self.beta_init is None
+
+
+@dataclass(frozen=True)
+class MRePUConfig:
+    """MRePU: ``x * max(0, x + c)^p``; ``blend`` is lam of ``(1-lam)*ReLU + lam*MRePU``.
+
+    A retrofit without fine-tuning uses lam=1 (the real MRePU). Fine-tuning with
+    ``ramp_fraction > 0`` starts at lam=0 (the pretrained function) and ramps lam to 1 over that
+    fraction of the training steps.
+    """
+
+    p: float = 2.0
+    c: float = 1.0
+    blend: float = 1.0
+    ramp_fraction: float = 0.5
+
+    name = "mrepu"
+    identity_at_init = False
+
+    def __post_init__(self) -> None:
+        if self.p <= 1:
+            raise ValueError(f"p must be greater than 1, got {self.p}")
+        if not 0.0 <= self.blend <= 1.0:
+            raise ValueError(f"blend must lie in [0, 1], got {self.blend}")
+        if not 0.0 <= self.ramp_fraction <= 1.0:
+            raise ValueError(f"ramp_fraction must lie in [0, 1], got {self.ramp_fraction}")
+
+    @property
+    def is_identity_init(self) -> bool:
+        """True only for lam=0, where the blend is still plain ReLU."""
+        return self.blend == 0.0
+
+
+@dataclass(frozen=True)
+class RePUConfig:
+    """RePU ``max(0, x)^p``: kept for comparison experiments, not recommended for retrofits."""
+
+    p: float = 2.0
+
+    name = "repu"
+    identity_at_init = False
+    is_identity_init = False
+
+
+ActivationConfig = Union[CompetitiveReLUConfig, MRePUConfig, RePUConfig]
+
+CONFIGS: dict[str, type] = {
+    "carelu": CompetitiveReLUConfig,
+    "mrepu": MRePUConfig,
+    "repu": RePUConfig,
+}

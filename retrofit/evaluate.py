@@ -1,0 +1,395 @@
+"""Score a model, torch or ONNX, on a labelled dataset.
+
+A model is wrapped into a :class:`Predictor` (batch in, CPU float32 logits out) by
+:func:`torch_predictor` or :func:`onnx_predictor`, so :func:`evaluate` and everything after it
+(metrics, report) treat both kinds the same. :func:`evaluate` keeps the per-sample correctness in
+dataset order, which is what the paired before/after comparison in :mod:`retrofit.metrics` needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from retrofit.data import MODEL_CALL_ERRORS, check_labels_fit, first_error_line, model_input_error
+from retrofit.errors import BadInputError, RetrofitError, UnsupportedModelError, UsageError
+from retrofit.metrics import accuracy, topk_correct
+
+
+class Predictor(Protocol):
+    """Anything that maps an input batch to logits of shape (batch, classes), CPU float32.
+
+    A predictor raises ``RuntimeError`` (or ``ValueError``/``AssertionError``) when the batch
+    does not fit the model; :func:`evaluate` turns that into a one-line BadInputError.
+    """
+
+    def __call__(self, batch: Tensor) -> Tensor: ...
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``"auto"`` is CUDA when there is a GPU, else CPU; other values go to ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device cuda was asked for but no CUDA GPU is available")
+    return resolved
+
+
+class TorchPredictor:
+    """Runs an ``nn.Module`` in eval mode under ``torch.inference_mode`` on ``device``."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.autocast_dtype = autocast_dtype
+        try:
+            module.eval()
+        except NotImplementedError:
+            pass  # torch.export modules refuse .eval(); they were exported in the mode they run in
+        self.module = module.to(self.device)
+        floating = [p for p in module.parameters() if p.is_floating_point()]
+        self.input_dtype = floating[0].dtype if floating else None
+        self.name = f"torch on {self.device}" + (
+            f" ({str(autocast_dtype).replace('torch.', '')} autocast)" if autocast_dtype else ""
+        )
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            if self.autocast_dtype is None and self.input_dtype is not None and x.is_floating_point():
+                x = x.to(self.input_dtype)
+            autocast = (
+                torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                if self.autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with autocast:
+                output = self.module(x)
+            return _logits_of(output).float().cpu()
+
+
+def torch_predictor(
+    module: nn.Module,
+    *,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> TorchPredictor:
+    """Wrap a module as a :class:`Predictor`. The module is put in eval mode and moved to
+    ``device`` in place; inputs are cast to its parameters' dtype unless autocast is on; outputs
+    that are tuples, or dicts/objects with ``logits``, give their logits."""
+    return TorchPredictor(module, device=device, autocast_dtype=autocast_dtype)
+
+
+def _logits_of(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits") and isinstance(output.logits, Tensor):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise UnsupportedModelError(
+        f"the model returned a {type(output).__name__}; expected a tensor of logits"
+    )
+
+
+_ORT_INPUT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+
+
+def _onnxruntime_errors() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    found = [
+        value
+        for value in vars(state).values()
+        if isinstance(value, type) and issubclass(value, Exception)
+    ]
+    return tuple(found) + (RuntimeError,)
+
+
+class OnnxPredictor:
+    """Runs an ONNX model with onnxruntime; one graph input, the first output as logits.
+
+    A graph whose batch dimension is fixed at N gets batches of exactly N: larger batches are
+    split and the last one is zero-padded, the padding's outputs dropped.
+    """
+
+    def __init__(self, model: Any, *, providers: list[str] | None = None) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self._errors = _onnxruntime_errors()
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider",) if p in available]
+            providers.append("CPUExecutionProvider")
+        if isinstance(model, onnx.ModelProto):
+            source: Any = model.SerializeToString()
+        elif isinstance(model, (str, os.PathLike)):
+            source = os.fspath(model)
+        else:
+            source = bytes(model)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(source, options, providers=providers)
+        except self._errors as error:
+            raise UnsupportedModelError(
+                f"onnxruntime cannot load the model: {first_error_line(error)}"
+            ) from error
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            names = ", ".join(i.name for i in inputs)
+            raise UnsupportedModelError(
+                f"the ONNX model has {len(inputs)} inputs ({names}); evaluation feeds exactly one"
+            )
+        graph_input = inputs[0]
+        if graph_input.type not in _ORT_INPUT_TYPES:
+            raise UnsupportedModelError(
+                f"the ONNX model's input {graph_input.name} is {graph_input.type}; "
+                "evaluation feeds float tensors"
+            )
+        self.input_name = graph_input.name
+        self.input_dtype = _ORT_INPUT_TYPES[graph_input.type]
+        self.input_shape: list[int | str | None] = list(graph_input.shape)
+        self.output_name = self.session.get_outputs()[0].name
+        first = self.input_shape[0] if self.input_shape else None
+        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
+        self.providers = self.session.get_providers()
+        self.name = f"onnxruntime ({self.providers[0]})"
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        self._check_shape(tuple(batch.shape))
+        array = batch.detach().cpu().numpy().astype(self.input_dtype, copy=False)
+        n = array.shape[0]
+        if self.fixed_batch is None:
+            return self._run(array)
+        size = self.fixed_batch
+        chunks = []
+        for start in range(0, n, size):
+            chunk = array[start : start + size]
+            if chunk.shape[0] < size:
+                padding = np.zeros((size - chunk.shape[0],) + chunk.shape[1:], dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, padding])
+            chunks.append(self._run(chunk))
+        return torch.cat(chunks)[:n]
+
+    def _run(self, array: np.ndarray) -> Tensor:
+        try:
+            (output,) = self.session.run([self.output_name], {self.input_name: array})
+        except self._errors as error:
+            raise RuntimeError(first_error_line(error)) from error
+        return torch.from_numpy(np.asarray(output)).float()
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        expected = self.input_shape
+        shown = "(" + ", ".join("N" if i == 0 and not isinstance(d, int) else str(d if isinstance(d, int) else "?")
+                                for i, d in enumerate(expected)) + ")"
+        if len(shape) != len(expected):
+            raise RuntimeError(f"the ONNX model expects input of shape {shown}, got {shape}")
+        for axis, (want, got) in enumerate(zip(expected, shape)):
+            if axis > 0 and isinstance(want, int) and want > 0 and want != got:
+                raise RuntimeError(f"the ONNX model expects input of shape {shown}, got {shape}")
+
+
+def onnx_predictor(model: Any, *, providers: list[str] | None = None) -> OnnxPredictor:
+    """Wrap an ONNX model (``onnx.ModelProto``, serialized bytes or a path) as a
+    :class:`Predictor`; CUDA when onnxruntime has it, else CPU, unless ``providers`` says."""
+    return OnnxPredictor(model, providers=providers)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy of one model on one dataset, in percent, plus what was right per sample.
+
+    ``correct1``/``correct5`` are BoolTensors in dataset order (for paired comparisons);
+    ``top5``/``correct5`` are None when the model has 5 outputs or fewer.
+    """
+
+    n: int
+    top1: float
+    top5: float | None
+    correct1: Tensor
+    correct5: Tensor | None
+    num_outputs: int
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.n / self.seconds if self.seconds > 0 else float("inf")
+
+
+def evaluate(
+    predictor: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    description: str = "evaluating",
+) -> EvalResult:
+    """Run ``predictor`` over ``dataset`` in order and score top-1 (and top-5) accuracy.
+
+    Labels are checked against the model's number of outputs once the first batch shows it
+    (the whole dataset at once when it has ``targets``). Data that does not fit the model, a
+    broken sample, or labels beyond the outputs raise a one-line BadInputError.
+    ``progress``: None shows a bar when stderr is a terminal, True always, False never.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    total = len(dataset)  # type: ignore[arg-type]
+    if total == 0:
+        raise BadInputError(f"{getattr(dataset, 'source', 'the dataset')} holds no samples")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    correct1: list[Tensor] = []
+    correct5: list[Tensor] = []
+    num_outputs: int | None = None
+    start = time.perf_counter()
+    with _progress_bar(total, description, progress) as advance:
+        for x, y in _batches(loader):
+            y = torch.as_tensor(y).to(torch.int64).view(-1)
+            logits = _predict(predictor, x)
+            if num_outputs is None:
+                num_outputs = logits.shape[1]
+                if hasattr(dataset, "targets") and hasattr(dataset, "source"):
+                    check_labels_fit(dataset, num_outputs)  # type: ignore[arg-type]
+            elif logits.shape[1] != num_outputs:
+                raise BadInputError(
+                    f"the model gave {logits.shape[1]} outputs for one batch and {num_outputs} "
+                    "for an earlier one"
+                )
+            _check_batch_labels(y, num_outputs)
+            correct1.append(topk_correct(logits, y, 1))
+            if num_outputs > 5:
+                correct5.append(topk_correct(logits, y, 5))
+            advance(y.shape[0])
+    seconds = time.perf_counter() - start
+    assert num_outputs is not None
+    all1 = torch.cat(correct1)
+    all5 = torch.cat(correct5) if correct5 else None
+    return EvalResult(
+        n=all1.shape[0],
+        top1=accuracy(all1),
+        top5=accuracy(all5) if all5 is not None else None,
+        correct1=all1,
+        correct5=all5,
+        num_outputs=num_outputs,
+        seconds=seconds,
+    )
+
+
+def _predict(predictor: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    try:
+        logits = predictor(x)
+    except torch.OutOfMemoryError as error:
+        raise UsageError(
+            f"out of device memory at batch size {x.shape[0]}; use a smaller batch size"
+        ) from error
+    except RetrofitError:
+        raise
+    except MODEL_CALL_ERRORS as error:
+        raise model_input_error(error, x.shape[1:]) from error
+    logits = _logits_of(logits)
+    if logits.ndim > 2 and all(d == 1 for d in logits.shape[2:]):
+        logits = logits.reshape(logits.shape[0], logits.shape[1])
+    if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        raise BadInputError(
+            f"the model's output has shape {tuple(logits.shape)} for a batch of {x.shape[0]}; "
+            "expected (batch, classes) logits"
+        )
+    return logits.float().cpu()
+
+
+def _check_batch_labels(y: Tensor, num_outputs: int) -> None:
+    if y.numel() and (int(y.max()) >= num_outputs or int(y.min()) < 0):
+        bad = int(y.max()) if int(y.max()) >= num_outputs else int(y.min())
+        raise BadInputError(
+            f"a label is {bad} but the model has {num_outputs} outputs (labels 0..{num_outputs - 1})"
+        )
+
+
+def _batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+    """The loader's batches; a BadInputError raised in a worker process comes back as one line."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except BadInputError as error:
+            raise BadInputError(_worker_message(str(error))) from None
+        yield batch[0], batch[1]
+
+
+def _worker_message(text: str) -> str:
+    """torch re-raises worker errors with the worker's traceback as the message; keep the
+    original one line."""
+    if "DataLoader worker" not in text:
+        return text
+    marker = "BadInputError: "
+    for line in reversed(text.strip().splitlines()):
+        if marker in line:
+            return line.split(marker, 1)[1]
+    return text.strip().splitlines()[-1]
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, description: str, enabled: bool | None) -> Iterator[Callable[[int], None]]:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        yield lambda _count: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class SamplesPerSecond(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:,.0f} samples/s", style="progress.data.speed")
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        SamplesPerSecond(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda count: bar.advance(task, count)

@@ -1,0 +1,299 @@
+"""Load and save models in every supported format, found from the file's content.
+
+Formats: ``torch.export`` programs (``.pt2``), state dicts (``torch.save`` or safetensors) with
+an architecture factory (``--arch package.module:factory``), pickled ``nn.Module`` files, and
+ONNX. Loading never unpickles arbitrary objects unless the caller passes ``trust_pickle=True``:
+unpickling runs code from the file. Saving never touches the input and is atomic.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from retrofit.atomic import atomic_output
+from retrofit.errors import BadInputError, UntrustedPickleError, UsageError
+from retrofit.verify import eval_mode
+
+
+class ModelFormat(str, Enum):
+    """How a model is stored; the value is what reports and ``--format`` use."""
+
+    EXPORTED = "pt2"
+    STATE_DICT = "state-dict"
+    SAFETENSORS = "safetensors"
+    PICKLED_MODULE = "pickled-module"
+    ONNX = "onnx"
+
+
+@dataclass
+class TorchModel:
+    """A loaded PyTorch model and what is needed to save it back in its format.
+
+    ``example_inputs`` come from the file where the format keeps them (``.pt2``); otherwise
+    from the caller (``--input-shape`` or a dataset). ``dynamic_dims`` lists, per input, the
+    axes that were dynamic in the exported program so a re-export keeps them dynamic.
+    """
+
+    module: nn.Module
+    format: ModelFormat
+    path: Path
+    example_inputs: tuple[torch.Tensor, ...] | None = None
+    dynamic_dims: tuple[tuple[int, ...], ...] | None = None
+    arch: str | None = None
+
+
+_PICKLE_PROTOCOL_OPS = {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}
+
+
+def detect_format(path: Path) -> ModelFormat:
+    """Tell the format from the bytes of the file, the suffix only breaking ties.
+
+    A zip archive is a ``torch.export`` program when it holds export's ``archive_format``
+    record, else a ``torch.save`` file; a safetensors file starts with its JSON header length;
+    anything else that parses as an ONNX ``ModelProto`` is ONNX.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise BadInputError(f"{path}: the file is empty")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise BadInputError(f"{path}: damaged zip archive ({error})") from error
+        if any(name.endswith("archive_format") for name in names):
+            return ModelFormat.EXPORTED
+        if any(name.endswith("data.pkl") for name in names):
+            return _torch_save_kind(path)
+        raise BadInputError(f"{path}: a zip archive that is neither torch.save nor torch.export")
+    if head[:4] == b"PK\x03\x04":
+        raise BadInputError(f"{path}: truncated or damaged zip archive (torch file?)")
+    if _looks_like_safetensors(head, size):
+        return ModelFormat.SAFETENSORS
+    if head[:2] in _PICKLE_PROTOCOL_OPS:
+        return _torch_save_kind(path)
+    if _looks_like_onnx(path):
+        return ModelFormat.ONNX
+    raise BadInputError(
+        f"{path}: not a model file cadrelu can read "
+        "(expected .pt2, torch.save, safetensors or ONNX content)"
+    )
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    (header_length,) = struct.unpack("<Q", head[:8])
+    return 0 < header_length <= size - 8 and head[8:9] == b"{"
+
+
+def _looks_like_onnx(path: Path) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf raises several types for bytes that are not a ModelProto
+        return False
+    return model.HasField("graph") and (model.ir_version > 0 or len(model.opset_import) > 0)
+
+
+def _torch_save_kind(path: Path) -> ModelFormat:
+    """A ``torch.save`` file holds tensors only (a state dict) or pickled objects (a module).
+
+    ``weights_only`` loading tells them apart without running the file's code.
+    """
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return ModelFormat.PICKLED_MODULE
+    except Exception as error:
+        raise BadInputError(f"{path}: cannot read this torch.save file ({_line(error)})") from error
+    return ModelFormat.STATE_DICT
+
+
+def _line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def load_arch(spec: str) -> nn.Module:
+    """Build a fresh module from ``package.module:factory`` (a class or a function).
+
+    The current folder is importable, as with ``python -m``, so a project's own models work.
+    """
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name:
+        raise UsageError(f"--arch {spec!r} must look like package.module:factory")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"--arch {spec!r}: cannot import it ({_line(error)})") from error
+    try:
+        model = factory()
+    except Exception as error:  # user code: any failure is reported as one line
+        raise UsageError(f"--arch {spec!r}: calling it failed ({_line(error)})") from error
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--arch {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or the usual checkpoint wrappers around one."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) == len(obj):
+            return tensors
+    raise BadInputError(f"{path}: holds no state dict (a mapping of names to tensors)")
+
+
+def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {', '.join(result.missing_keys[:3])}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {', '.join(result.unexpected_keys[:3])}")
+    if problems:
+        raise BadInputError(f"{path}: the state dict does not fit --arch {arch}: {'; '.join(problems)}")
+
+
+def load_torch_model(
+    path: Path, *, arch: str | None = None, trust_pickle: bool = False,
+    model_format: ModelFormat | None = None,
+) -> TorchModel:
+    """Load a PyTorch model of any supported format (ONNX is :mod:`retrofit.onnx_io`'s job)."""
+    path = Path(path)
+    model_format = model_format or detect_format(path)
+    if model_format is ModelFormat.EXPORTED:
+        return _load_exported(path)
+    if model_format is ModelFormat.PICKLED_MODULE:
+        if not trust_pickle:
+            raise UntrustedPickleError(
+                f"{path} is a pickled module: loading it runs code stored in the file; "
+                "pass --trust-pickle only if you trust its source (or save a state dict / .pt2)"
+            )
+        try:
+            module = torch.load(path, map_location="cpu", weights_only=False)  # trusted by flag
+        except Exception as error:
+            raise BadInputError(f"{path}: cannot unpickle the module ({_line(error)})") from error
+        if not isinstance(module, nn.Module):
+            raise BadInputError(f"{path}: the pickle holds {type(module).__name__}, not an nn.Module")
+        return TorchModel(module, model_format, path)
+    if model_format in (ModelFormat.STATE_DICT, ModelFormat.SAFETENSORS):
+        if arch is None:
+            raise UsageError(
+                f"{path} holds only weights ({model_format.value}); "
+                "say which architecture they belong to with --arch package.module:factory"
+            )
+        state = _read_state(path, model_format)
+        module = load_arch(arch)
+        _load_state_into(module, state, path, arch)
+        return TorchModel(module.eval(), model_format, path, arch=arch)
+    raise BadInputError(f"{path}: {model_format.value} is not a PyTorch format")
+
+
+def _read_state(path: Path, model_format: ModelFormat) -> dict[str, torch.Tensor]:
+    try:
+        if model_format is ModelFormat.SAFETENSORS:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return _state_dict_from(torch.load(path, map_location="cpu", weights_only=True), path)
+    except BadInputError:
+        raise
+    except Exception as error:
+        raise BadInputError(f"{path}: cannot read the weights ({_line(error)})") from error
+
+
+def _load_exported(path: Path) -> TorchModel:
+    try:
+        program = torch.export.load(path)
+    except Exception as error:
+        raise BadInputError(f"{path}: cannot load the torch.export program ({_line(error)})") from error
+    placeholders = [
+        node for node in program.graph_module.graph.nodes
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
+    ]
+    dynamic = tuple(
+        tuple(i for i, dim in enumerate(node.meta["val"].shape) if not isinstance(dim, int))
+        for node in placeholders
+    )
+    example = program.example_inputs[0] if program.example_inputs else None
+    if example is None:
+        example = tuple(
+            torch.randn(_concrete_shape(node.meta["val"].shape), dtype=node.meta["val"].dtype)
+            for node in placeholders
+        )
+    return TorchModel(program.module(), ModelFormat.EXPORTED, path, tuple(example), dynamic)
+
+
+def _concrete_shape(shape: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(dim if isinstance(dim, int) else int(dim.node.hint or 2) for dim in shape)
+
+
+def default_output_path(path: Path, activation: str, model_format: ModelFormat) -> Path:
+    """``model.pt2`` → ``model.carelu.pt2``: beside the input, never over it."""
+    suffix = path.suffix or {
+        ModelFormat.EXPORTED: ".pt2", ModelFormat.ONNX: ".onnx",
+        ModelFormat.SAFETENSORS: ".safetensors",
+    }.get(model_format, ".pt")
+    return path.with_name(f"{path.stem}.{activation}{suffix}")
+
+
+def export_program(
+    module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
+    dynamic_dims: tuple[tuple[int, ...], ...] | None = None,
+) -> torch.export.ExportedProgram:
+    """``torch.export`` the module, keeping the dynamic axes the original program had."""
+    shapes = None
+    if dynamic_dims and any(dynamic_dims):
+        shapes = tuple({axis: torch.export.Dim.DYNAMIC for axis in dims} for dims in dynamic_dims)
+    try:
+        with eval_mode(module):
+            return torch.export.export(module, tuple(example_inputs), dynamic_shapes=shapes)
+    except Exception as error:
+        raise BadInputError(f"cannot export the model with torch.export ({_line(error)})") from error
+
+
+def save_torch_model(model: TorchModel, module: nn.Module, path: Path,
+                     model_format: ModelFormat | None = None) -> None:
+    """Write ``module`` to ``path`` atomically in ``model_format`` (default: the input's)."""
+    model_format = model_format or model.format
+    with atomic_output(path) as temp:
+        if model_format is ModelFormat.EXPORTED:
+            if model.example_inputs is None:
+                raise UsageError("saving a .pt2 needs sample inputs: pass --input-shape or --data")
+            torch.export.save(export_program(module, model.example_inputs, model.dynamic_dims), temp)
+        elif model_format is ModelFormat.SAFETENSORS:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+            save_file(state, str(temp), metadata={"cadrelu.arch": model.arch or ""})
+        elif model_format is ModelFormat.STATE_DICT:
+            torch.save(module.state_dict(), temp)
+        elif model_format is ModelFormat.PICKLED_MODULE:
+            torch.save(module, temp)
+        else:
+            raise UsageError(f"cannot save a PyTorch model as {model_format.value}")

@@ -1,0 +1,1 @@
+"""Sample architectures, data and models for trying cadrelu (see samples/README.md)."""
