@@ -168,7 +168,10 @@ def competitive_relu(
     """
     _check_choice(measure, MEASURES, "measure")
     _check_choice(reduce, REDUCTIONS, "reduce")
-    return _competitive_relu(z, alpha, beta, float(k), float(eps), measure, reduce)  # type: ignore[arg-type]
+    # Python floats work as alpha/beta too; the annotation is TorchScript's.
+    return _competitive_relu(
+        z, alpha, beta, float(k), float(eps), measure, reduce  # type: ignore[arg-type]
+    )
 
 
 class CompetitiveReLU(nn.Module):
@@ -348,6 +351,7 @@ def make_activation(
         raise UsageError(f"no activation for config {config!r}; known: {', '.join(ACTIVATIONS)}")
     module_class = ACTIVATIONS[name]
     if module_class is CompetitiveReLU:
-        return CompetitiveReLU.from_config(config, device=device, dtype=dtype)  # type: ignore[arg-type]
+        assert isinstance(config, CompetitiveReLUConfig)
+        return CompetitiveReLU.from_config(config, device=device, dtype=dtype)
     module = module_class.from_config(config)  # type: ignore[attr-defined]
     return module.to(device) if device is not None else module

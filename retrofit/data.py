@@ -755,15 +755,15 @@ def split_train_val(
 ) -> tuple[ClassificationSubset, ClassificationSubset]:
     """Split into (train, val), stratified by class, the same for the same seed.
 
-    Each class gives ``val_fraction`` of its samples to val (rounded so the total is
-    ``round(len * val_fraction)``), never its last sample, so a class with one sample stays in
+    Each class gives ``val_fraction`` of its samples to val (rounded, largest remainders first, so the total is
+    ``len * val_fraction`` rounded half up), never its last sample, so a class with one sample stays in
     train only. Both parts list their samples in dataset order.
     """
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
     targets = dataset.targets
     n = len(targets)
-    total_val = int(round(n * val_fraction))
+    total_val = int(math.floor(n * val_fraction + 0.5))
     if total_val < 1 or total_val > n - 1:
         raise BadInputError(
             f"{dataset.source} has {n} samples, too few to split {val_fraction:.0%} off for validation"

@@ -272,8 +272,10 @@ def evaluate(
     correct5: list[Tensor] = []
     num_outputs: int | None = None
     start = time.perf_counter()
-    with _progress_bar(total, description, progress) as advance:
-        for x, y in _batches(loader):
+    with _progress_bar(total, description, progress) as advance, contextlib.closing(
+        _batches(loader)
+    ) as batches:
+        for x, y in batches:
             y = torch.as_tensor(y).to(torch.int64).view(-1)
             logits = _predict(predictor, x)
             if num_outputs is None:
@@ -338,14 +340,21 @@ def _check_batch_labels(y: Tensor, num_outputs: int) -> None:
 def _batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
     """The loader's batches; a BadInputError raised in a worker process comes back as one line."""
     iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except BadInputError as error:
-            raise BadInputError(_worker_message(str(error))) from None
-        yield batch[0], batch[1]
+    try:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except BadInputError as error:
+                raise BadInputError(_worker_message(str(error))) from None
+            yield batch[0], batch[1]
+    finally:
+        # Stop worker processes now: left to the garbage collector after an error, torch's
+        # shutdown waits out a 5 s timeout before the error reaches the user.
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _worker_message(text: str) -> str:

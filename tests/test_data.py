@@ -72,6 +72,17 @@ def test_image_folder_resizes_crops_and_normalises(image_folder: Path) -> None:
     assert cropped[0][0].shape == (3, 5, 5)
 
 
+def test_resize_uses_the_shorter_side_before_the_centre_crop(tmp_path: Path) -> None:
+    ramp = np.tile((np.arange(8) * 32).astype(np.uint8), (4, 1))  # 4 high, 8 wide
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(ramp, mode="L").save(tmp_path / name / "0.png")
+    x, _ = load_dataset(tmp_path, image_size=2)[0]
+    # resized to 2x4 (bilinear, antialiased: 23, 80, 144, 201), then the middle 2x2
+    assert x.shape == (1, 2, 2)
+    assert torch.allclose(x[0, 0] * 255, torch.tensor([80.0, 144.0]), atol=1.0)
+
+
 def test_grayscale_folder_gets_one_channel(tmp_path: Path) -> None:
     for name in ("a", "b"):
         _save_png(tmp_path / name / "0.png", 100, mode="L")
@@ -215,6 +226,13 @@ def test_pt_with_code_objects_is_refused(tmp_path: Path) -> None:
         load_dataset(path)
 
 
+def test_pt_dataset_never_runs_pickled_code(malicious_pickle: tuple[Path, Path]) -> None:
+    path, marker = malicious_pickle
+    with pytest.raises(BadInputError, match=r"evil\.pt"):
+        load_dataset(path)
+    assert not marker.exists()
+
+
 def test_pt_missing_y_and_truncated_file(tmp_path: Path) -> None:
     path = tmp_path / "d.pt"
     torch.save({"x": torch.zeros(2, 2)}, path)
@@ -300,6 +318,14 @@ def test_split_is_stratified_deterministic_and_disjoint(tmp_path: Path) -> None:
     assert val.num_classes == 3 and val.sample_shape == (1,)
     x, label = val[0]
     assert label == int(y[int(x)])
+
+
+def test_split_hands_out_rounding_remainders_to_reach_the_total(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((9, 1)), y=np.array([0, 0, 0, 1, 1, 1, 2, 2, 2]))
+    train, val = split_train_val(load_dataset(path), val_fraction=0.5)
+    assert len(val) == 5 and len(train) == 4
+    assert sorted(torch.bincount(val.targets, minlength=3).tolist()) == [1, 2, 2]
 
 
 def test_split_keeps_a_singleton_class_in_train(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from retrofit.data import load_dataset
 from retrofit.errors import BadInputError, UnsupportedModelError
 from retrofit.evaluate import evaluate, onnx_predictor, torch_predictor
 
+pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX")
+
 
 def _npz(tmp_path: Path, x: np.ndarray, y: np.ndarray, name: str = "d.npz") -> Path:
     path = tmp_path / name

@@ -1,0 +1,379 @@
+"""ONNX spellings of the activations that replace ReLU: one site's computation as nodes.
+
+The rewrite (:mod:`retrofit.onnx_rewrite`) decides where a site is, what it is called and where
+its parameters live; this module only turns a config plus one site's :class:`SitePlan` into
+nodes, for every default-domain opset from :data:`MIN_OPSET` to the newest one onnx knows, either
+inline or as the body of one model-local function per variant.
+
+The math is activations.md's. CompetitiveReLU is emitted in the numerically safe form the torch
+module uses: the competition ``p`` is measured on ``u = z / m`` with
+``m = max(max|z|, 1)`` over the same axes, and eps is scaled to match (``eps / m^2`` for the energy
+measure, ``eps / m`` for L1), which is the paper's ``p`` exactly while ``z^2`` cannot overflow.
+The output is ``Max(s * z, 0)`` with ``s = K * tanh(alpha * p + beta)``: no ``Relu`` node is
+emitted, so a rewritten model has no ReLU site left. Float16 and bfloat16 tensors are computed in
+float32 and cast back (MRePU overflows float16 early; the sums of CompetitiveReLU do too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import onnx
+from onnx import TensorProto, helper
+
+from retrofit.config import (
+    ActivationConfig,
+    CompetitiveReLUConfig,
+    MRePUConfig,
+    Reduction,
+    RePUConfig,
+)
+from retrofit.errors import UnsupportedModelError, UsageError
+
+MIN_OPSET = 9
+"""Oldest default-domain opset the emitted nodes support (Max/Greater/Cast/Flatten forms)."""
+
+MAX_OPSET = onnx.defs.onnx_opset_version()
+"""Newest default-domain opset the installed onnx knows."""
+
+FUNCTION_DOMAIN = "cadrelu"
+"""Domain of the model-local functions emitted with ``as_functions=True``."""
+
+FUNCTION_MIN_IR_VERSION = 8
+"""Model-local functions (``ModelProto.functions``) exist from ONNX IR version 8 on."""
+
+FUNCTION_NAMES = {"carelu": "CompetitiveReLU", "mrepu": "MRePU", "repu": "RePU"}
+"""Base name of the model-local function for each activation (variants get a suffix)."""
+
+# Element types a ReLU site may carry and the type its new activation is computed in.
+_COMPUTE_TYPES = {
+    TensorProto.FLOAT: TensorProto.FLOAT,
+    TensorProto.DOUBLE: TensorProto.DOUBLE,
+    TensorProto.FLOAT16: TensorProto.FLOAT,
+    TensorProto.BFLOAT16: TensorProto.FLOAT,
+}
+
+# Opset from which a reduction takes its axes as an input instead of an attribute.
+_AXES_INPUT_SINCE = {"ReduceSum": 13, "ReduceMax": 18, "ReduceMean": 18}
+
+Fresh = Callable[[str], str]
+"""Returns a name, derived from the hint it is given, that is unused in the target scope."""
+
+
+def compute_type(elem_type: int) -> int | None:
+    """The element type a site of ``elem_type`` is computed in, or None when it is not a float."""
+    return _COMPUTE_TYPES.get(elem_type)
+
+
+@dataclass(frozen=True)
+class CompetitionAxes:
+    """Where CompetitiveReLU measures ``p(z)`` at one site.
+
+    ``axes`` are the reduced axes (kept as size 1, so ``p`` broadcasts back onto ``z``);
+    ``None`` reduces every axis; ``()`` reduces none (each element competes alone).
+    ``flatten`` is the rank-agnostic per-sample form used when the rank is unknown: ``p`` is
+    measured over axis 1 of ``Flatten(z, 1)`` and the result is reshaped back to ``Shape(z)``.
+    """
+
+    axes: tuple[int, ...] | None
+    flatten: bool = False
+
+    def describe(self) -> str:
+        if self.flatten:
+            return "per sample (rank unknown: measured on Flatten(z, 1))"
+        if self.axes is None:
+            return "over all axes"
+        if not self.axes:
+            return "per element (no axis to reduce)"
+        return f"over axes {list(self.axes)}"
+
+
+def competition_axes(
+    reduce: Reduction, rank: int | None, opset: int, *, site: str = ""
+) -> CompetitionAxes:
+    """Resolve a config's ``reduce`` to concrete axes for a tensor of ``rank`` dimensions.
+
+    ``sample``: every non-batch axis (a tensor of rank 0 or 1 has no batch axis: all of it);
+    ``channel``: the spatial axes ``2..rank-1`` (none for rank <= 2: each element alone);
+    ``last``: the last axis; ``auto``: ``last`` for rank 3, else ``sample``.
+    With the rank unknown, ``sample`` is measured rank-agnostically through ``Flatten`` and
+    ``last`` as axis -1 (opset 11 on); ``auto`` and ``channel`` cannot be decided and raise
+    :class:`UnsupportedModelError`.
+    """
+    if reduce not in ("auto", "sample", "channel", "last"):
+        raise UsageError(f"unknown reduce {reduce!r}; choose auto, sample, channel or last")
+    if rank is None:
+        if reduce == "sample":
+            return CompetitionAxes((1,), flatten=True)
+        if reduce == "last" and opset >= 11:
+            return CompetitionAxes((-1,))
+        where = f"ReLU site {site!r}" if site else "a ReLU site"
+        raise UnsupportedModelError(
+            f"the rank of the input of {where} is unknown, so reduce={reduce!r} cannot choose "
+            "its axes; give the model's inputs static ranks or use reduce='sample'"
+            + (" or 'last'" if opset >= 11 else "")
+        )
+    if reduce == "auto":
+        reduce = "last" if rank == 3 else "sample"
+    if reduce == "last":
+        return CompetitionAxes((rank - 1,) if rank >= 1 else None)
+    if reduce == "channel":
+        return CompetitionAxes(tuple(range(2, rank)))
+    return CompetitionAxes(tuple(range(1, rank)) if rank >= 2 else None)
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What one site's computation depends on besides the config: the element type of the
+    ReLU's tensor and, for CompetitiveReLU, where ``p(z)`` is measured. Equal plans (with equal
+    configs and opsets) produce the same nodes, so a plan keys one function variant."""
+
+    elem_type: int
+    axes: CompetitionAxes | None = None
+
+    @property
+    def compute_type(self) -> int:
+        computed = compute_type(self.elem_type)
+        if computed is None:
+            raise UsageError(f"element type {type_name(self.elem_type)} is not a float type")
+        return computed
+
+
+def parameter_names(config: ActivationConfig) -> tuple[str, ...]:
+    """The trainable scalars each site of this activation owns, in input order."""
+    return ("alpha", "beta") if isinstance(config, CompetitiveReLUConfig) else ()
+
+
+def parameter_values(
+    config: ActivationConfig, overrides: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """A site's parameter values: the config's initial values, replaced by ``overrides``
+    (trained values written back after fine-tuning)."""
+    names = parameter_names(config)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        allowed = ", ".join(names) if names else f"none for {config.name}"
+        raise UsageError(f"unknown site value(s) {', '.join(unknown)}; allowed: {allowed}")
+    if isinstance(config, CompetitiveReLUConfig):
+        defaults = {"alpha": config.alpha_init, "beta": config.beta}
+        return {name: float(overrides.get(name, defaults[name])) for name in names}
+    return {}
+
+
+def parameter_tensor(name: str, value: float, plan: SitePlan) -> TensorProto:
+    """One scalar parameter as an initializer in the site's compute type."""
+    return helper.make_tensor(name, plan.compute_type, [], [value])
+
+
+def describe(config: ActivationConfig, plan: SitePlan) -> str:
+    """One line saying what a site computes (doc strings of emitted functions)."""
+    if isinstance(config, CompetitiveReLUConfig):
+        where = plan.axes.describe() if plan.axes else ""
+        return (
+            f"CompetitiveReLU max(K*tanh(alpha*p+beta)*z, 0), p = {config.measure} share of the "
+            f"positive side {where}; K={config.k:g}, eps={config.eps:g}"
+        )
+    if isinstance(config, MRePUConfig):
+        text = f"MRePU x*max(0, x+{config.c:g})^{config.p:g}"
+        if config.blend < 1:
+            text = f"(1-{config.blend:g})*max(x,0) + {config.blend:g}*{text}"
+        return text
+    return f"RePU max(0, x)^{config.p:g}"
+
+
+class _Builder:
+    """Appends nodes for one site; constants are Constant nodes so the same code serves a graph,
+    a subgraph and a function body."""
+
+    def __init__(self, fresh: Fresh, opset: int, dtype: int) -> None:
+        self.fresh = fresh
+        self.opset = opset
+        self.dtype = dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self._constants: dict[tuple[int, float], str] = {}
+
+    def op(self, op_type: str, inputs: Sequence[str], hint: str = "", **attrs: object) -> str:
+        output = self.fresh(hint or op_type.lower())
+        node = helper.make_node(op_type, list(inputs), [output], name=self.fresh(op_type), **attrs)
+        self.nodes.append(node)
+        return output
+
+    def const(self, value: float, dtype: int | None = None) -> str:
+        dtype = self.dtype if dtype is None else dtype
+        key = (dtype, value)
+        if key not in self._constants:
+            hint = f"c{value:g}".replace("-", "m").replace(".", "p").replace("+", "")
+            tensor = helper.make_tensor(hint, dtype, [], [value])
+            self._constants[key] = self.op("Constant", [], hint, value=tensor)
+        return self._constants[key]
+
+    def reduce(self, op_type: str, x: str, axes: tuple[int, ...] | None, hint: str) -> str:
+        if axes == ():
+            return x  # nothing to reduce: each element is its own group
+        if axes is None:
+            return self.op(op_type, [x], hint, keepdims=1)
+        if self.opset >= _AXES_INPUT_SINCE[op_type]:
+            tensor = helper.make_tensor("axes", TensorProto.INT64, [len(axes)], list(axes))
+            axes_name = self.op("Constant", [], "axes", value=tensor)
+            return self.op(op_type, [x, axes_name], hint, keepdims=1)
+        return self.op(op_type, [x], hint, axes=list(axes), keepdims=1)
+
+    def finish(self, result: str, output: str) -> list[onnx.NodeProto]:
+        """Make the last node, which computes ``result``, write ``output`` instead (``result``
+        is a fresh name that nothing else reads)."""
+        assert self.nodes[-1].output[0] == result
+        self.nodes[-1].output[0] = output
+        return self.nodes
+
+
+def emit_activation(
+    config: ActivationConfig,
+    plan: SitePlan,
+    x: str,
+    y: str,
+    *,
+    opset: int,
+    fresh: Fresh,
+    params: Sequence[str] = (),
+) -> list[onnx.NodeProto]:
+    """Nodes that compute ``y = activation(x)`` for one site, in graph order.
+
+    ``params`` names the site's parameter values (initializers or function inputs), in the
+    order :func:`parameter_names` gives; ``fresh`` provides every other name. Nothing outside
+    the returned nodes is touched.
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedModelError(
+            f"default-domain opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}, which cadrelu "
+            "rewrites; convert the model with onnx.version_converter first"
+        )
+    if len(params) != len(parameter_names(config)):
+        raise UsageError(f"{config.name} takes {len(parameter_names(config))} parameter(s)")
+    dtype = plan.compute_type
+    b = _Builder(fresh, opset, dtype)
+    z = x if dtype == plan.elem_type else b.op("Cast", [x], "x_f32", to=dtype)
+    if isinstance(config, CompetitiveReLUConfig):
+        if plan.axes is None:
+            raise UsageError("a CompetitiveReLU site needs its competition axes")
+        result = _competitive_relu(b, config, plan.axes, z, *params)
+    elif isinstance(config, MRePUConfig):
+        result = _mrepu(b, config, z)
+    elif isinstance(config, RePUConfig):
+        result = b.op("Pow", [b.op("Max", [z, b.const(0.0)], "pos"), b.const(config.p)], "repu")
+    else:
+        raise UsageError(f"no ONNX form for activation {type(config).__name__}")
+    if dtype != plan.elem_type:
+        result = b.op("Cast", [result], "y", to=plan.elem_type)
+    return b.finish(result, y)
+
+
+def _competitive_relu(
+    b: _Builder, config: CompetitiveReLUConfig, where: CompetitionAxes, x: str, alpha: str, beta: str
+) -> str:
+    zero = b.const(0.0)
+    z = b.op("Flatten", [x], "flat", axis=1) if where.flatten else x
+    axes = where.axes
+    if config.measure == "count":
+        positive = b.op("Cast", [b.op("Greater", [z, zero], "is_pos")], "pos_count", to=b.dtype)
+        p = b.reduce("ReduceMean", positive, axes, "p")
+    else:
+        abs_z = b.op("Abs", [z], "abs")
+        m = b.op("Max", [b.reduce("ReduceMax", abs_z, axes, "abs_max"), b.const(1.0)], "m")
+        u = b.op("Div", [z, m], "u")
+        pos = b.op("Max", [u, zero], "u_pos")
+        eps = b.const(config.eps)
+        if config.measure == "energy":
+            numerator = b.reduce("ReduceSum", b.op("Mul", [pos, pos], "pos_sq"), axes, "pos_energy")
+            total = b.reduce("ReduceSum", b.op("Mul", [u, u], "u_sq"), axes, "energy")
+            eps_scaled = b.op("Div", [eps, b.op("Mul", [m, m], "m_sq")], "eps_scaled")
+        elif config.measure == "l1":
+            numerator = b.reduce("ReduceSum", pos, axes, "pos_l1")
+            total = b.reduce("ReduceSum", b.op("Abs", [u], "u_abs"), axes, "l1")
+            eps_scaled = b.op("Div", [eps, m], "eps_scaled")
+        else:
+            raise UsageError(f"unknown measure {config.measure!r}; choose energy, l1 or count")
+        p = b.op("Div", [numerator, b.op("Add", [total, eps_scaled], "denominator")], "p")
+    t = b.op("Add", [b.op("Mul", [alpha, p], "alpha_p"), beta], "t")
+    s = b.op("Mul", [b.const(config.k), b.op("Tanh", [t], "tanh")], "s")
+    y = b.op("Max", [b.op("Mul", [s, z], "scaled"), zero], "carelu")
+    if where.flatten:
+        y = b.op("Reshape", [y, b.op("Shape", [x], "shape")], "carelu")
+    return y
+
+
+def _mrepu(b: _Builder, config: MRePUConfig, x: str) -> str:
+    zero = b.const(0.0)
+    relu = b.op("Max", [x, zero], "relu")
+    if config.blend == 0.0:
+        return relu  # lam = 0 is the pretrained ReLU; skip MRePU so inf*0 cannot appear
+    shifted = b.op("Max", [b.op("Add", [x, b.const(config.c)], "shifted"), zero], "shifted_pos")
+    mrepu = b.op("Mul", [x, b.op("Pow", [shifted, b.const(config.p)], "power")], "mrepu")
+    if config.blend == 1.0:
+        return mrepu
+    kept = b.op("Mul", [b.const(1.0 - config.blend), relu], "relu_part")
+    added = b.op("Mul", [b.const(config.blend), mrepu], "mrepu_part")
+    return b.op("Add", [kept, added], "blend")
+
+
+def local_fresh(used: set[str] | None = None) -> Fresh:
+    """A :data:`Fresh` for a namespace of its own (a function body): hints as they are, numbered
+    on repeats."""
+    taken = set(used or ())
+
+    def fresh(hint: str) -> str:
+        name, k = hint, 0
+        while name in taken:
+            k += 1
+            name = f"{hint}_{k}"
+        taken.add(name)
+        return name
+
+    return fresh
+
+
+def activation_function(
+    config: ActivationConfig,
+    plan: SitePlan,
+    *,
+    opset: int,
+    name: str,
+    domain: str = FUNCTION_DOMAIN,
+) -> onnx.FunctionProto:
+    """The site computation as a model-local function ``Y = name(X, *parameters)``.
+
+    Call it with :func:`activation_call`; each call passes its own parameter initializers, so
+    every call is its own site. Requires a model of IR version >= 8.
+    """
+    inputs = ["X", *parameter_names(config)]
+    fresh = local_fresh({*inputs, "Y"})
+    nodes = emit_activation(
+        config, plan, "X", "Y", opset=opset, fresh=fresh, params=parameter_names(config)
+    )
+    return helper.make_function(
+        domain,
+        name,
+        inputs,
+        ["Y"],
+        nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        doc_string=describe(config, plan),
+    )
+
+
+def activation_call(
+    function: onnx.FunctionProto, x: str, y: str, params: Sequence[str], *, node_name: str
+) -> onnx.NodeProto:
+    """One call of an :func:`activation_function` for one site."""
+    return helper.make_node(
+        function.name, [x, *params], [y], name=node_name, domain=function.domain
+    )
+
+
+def type_name(elem_type: int) -> str:
+    """Lower-case ONNX name of an element type (``float16``), for messages."""
+    try:
+        return TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return f"type {elem_type}"

@@ -1,0 +1,610 @@
+"""ONNX model I/O: load with clear errors, save atomically, check, make inputs, run, compare.
+
+Everything a caller needs around an ONNX rewrite, with the project's error contract: a file that
+is not a usable ONNX model raises :class:`BadInputError` (or :class:`UnsupportedModelError` for a
+model the tool cannot rewrite) with a one-line message; a rewritten model that fails the checker
+raises :class:`ParityError`; nothing is ever written half-way or over an input.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model, set_external_data
+
+from retrofit.atomic import atomic_output, check_output_path
+from retrofit.errors import (
+    BadInputError,
+    OutputError,
+    ParityError,
+    UnsupportedModelError,
+    UsageError,
+)
+
+PROTOBUF_LIMIT = 2**31 - 1
+"""A serialized protobuf message cannot exceed 2 GiB; larger models keep their data outside."""
+
+_SAFE_PROTO_SIZE = 2**31 - 2**26
+"""Above this (2 GiB less 64 MiB of headroom) a model is saved with external data."""
+
+_SKELETON_BYTES = 4096
+"""Initializers up to this size stay in :func:`shape_inference_view` (shapes, axes, scalars)."""
+
+_QUANTIZED_PREFIXES = ("QLinear", "QGemm", "QAttention", "QOrdered", "QEmbed", "MatMulNBits")
+_QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "ConvInteger",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "DynamicQuantizeLSTM",
+    "MatMulBnb4",
+    "GatherBlockQuantized",
+}
+# onnxruntime contrib ops that carry a fused activation attribute.
+_FUSED_ACTIVATION_OPS = {"FusedConv", "NhwcFusedConv", "FusedGemm"}
+
+# Inputs of these element types get small non-negative integers (indices stay in range).
+_INTEGER_TYPES = {
+    TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
+    TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64,
+}  # fmt: skip
+
+
+def _one_line(error: BaseException | str, limit: int = 300) -> str:
+    """A multi-line library message squeezed into one line a user can read."""
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = " | ".join(lines) if lines else type(error).__name__
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Walking a model
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph nested in it (If/Loop/Scan bodies), parents first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from iter_graphs(sub)
+
+
+def iter_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """Every node of the model: main graph, subgraphs, and model-local function bodies."""
+    for graph in iter_graphs(model.graph):
+        yield from graph.node
+    for function in model.functions:
+        for node in function.node:
+            yield node
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
+                for sub in subs:
+                    for inner in iter_graphs(sub):
+                        yield from inner.node
+
+
+def _initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    for graph in iter_graphs(model.graph):
+        yield from graph.initializer
+
+
+def _uses_external_data(tensor: TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
+
+
+# --------------------------------------------------------------------------------------------
+# What the rewrite cannot handle
+
+
+def ensure_rewritable(model: onnx.ModelProto) -> None:
+    """Raise :class:`UnsupportedModelError` for a quantized graph (QLinear*, Q/DQ, *Integer)
+    or for ReLUs already fused into other ops (onnxruntime's FusedConv/FusedGemm), naming them.
+
+    A quantized model's scales were calibrated for ReLU outputs, and a fused ReLU cannot be
+    reached by a graph rewrite: both must be converted from the float, unfused model.
+    """
+    quantized: dict[str, int] = {}
+    fused: list[str] = []
+    for node in iter_nodes(model):
+        op = node.op_type
+        if op in _QUANTIZED_OPS or op.startswith(_QUANTIZED_PREFIXES):
+            quantized[op] = quantized.get(op, 0) + 1
+        elif op in _FUSED_ACTIVATION_OPS:
+            activation = next((a.s for a in node.attribute if a.name == "activation"), b"")
+            if activation == b"Relu":
+                fused.append(f"{op} {node.name or node.output[0]!r}")
+    if quantized:
+        listed = ", ".join(f"{op} x{count}" for op, count in sorted(quantized.items()))
+        raise UnsupportedModelError(
+            f"the model is quantized ({listed}); rewrite the float model, then quantize it again"
+        )
+    if fused:
+        listed = ", ".join(fused[:5]) + (f" and {len(fused) - 5} more" if len(fused) > 5 else "")
+        raise UnsupportedModelError(
+            f"the model has ReLUs fused into other ops ({listed}) that cannot be rewritten; "
+            "export it without onnxruntime graph optimizations"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    size: int
+    mtime_ns: int
+
+
+# Files load_onnx read, with the external data files each referred to (saves a re-parse when
+# save_onnx asks about its source).
+_EXTERNAL_FILES: dict[Path, tuple[_Stamp, tuple[Path, ...]]] = {}
+
+
+def _stamp(path: Path) -> _Stamp:
+    stat = path.stat()
+    return _Stamp(stat.st_size, stat.st_mtime_ns)
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise BadInputError(f"{path} is a folder, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"{path} is empty (0 bytes); it is not an ONNX model")
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except OSError as error:
+        raise BadInputError(f"cannot read {path}: {error.strerror or error}") from error
+    except Exception as error:  # protobuf's DecodeError and friends: the bytes are not a model
+        raise BadInputError(
+            f"{path} is not a readable ONNX model (truncated or corrupt: {_one_line(error, 120)})"
+        ) from error
+    missing = [
+        what
+        for what, ok in (
+            ("IR version", model.ir_version > 0),
+            ("graph", model.HasField("graph") and len(model.graph.output) > 0),
+            ("opset imports", model.ir_version < 3 or len(model.opset_import) > 0),
+        )
+        if not ok
+    ]
+    if missing:
+        raise BadInputError(
+            f"{path} is not a complete ONNX model (no {', '.join(missing)}); "
+            "the file is truncated or is not ONNX"
+        )
+    return model
+
+
+def _external_locations(model: onnx.ModelProto) -> list[str]:
+    locations = []
+    for tensor in _initializers(model):
+        if _uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location and location not in locations:
+                locations.append(location)
+    return locations
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external data files an ONNX file refers to (empty when its data is inside it)."""
+    path = Path(path)
+    cached = _EXTERNAL_FILES.get(path.resolve())
+    if cached is not None and path.exists() and cached[0] == _stamp(path):
+        return list(cached[1])
+    model = _parse(path)
+    files = tuple(path.parent / location for location in _external_locations(model))
+    _EXTERNAL_FILES[path.resolve()] = (_stamp(path), files)
+    return list(files)
+
+
+def load_onnx(path: str | os.PathLike[str], *, check_rewritable: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model with its external data, or raise a one-line project error.
+
+    Raises :class:`BadInputError` for a missing, empty, truncated or non-ONNX file and for
+    missing or short external data; :class:`UnsupportedModelError` for quantized graphs and fused
+    ReLUs (see :func:`ensure_rewritable`; pass ``check_rewritable=False`` to only run the model).
+    The returned model holds all tensor data in memory; :func:`save_onnx` with ``source=path``
+    keeps the data external when this file had it external.
+    """
+    path = Path(path)
+    model = _parse(path)
+    locations = _external_locations(model)
+    if locations:
+        for location in locations:
+            if not (path.parent / location).is_file():
+                raise BadInputError(
+                    f"{path} keeps its weights in {location!r}, which is missing next to it"
+                )
+        try:
+            load_external_data_for_model(model, os.fspath(path.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as error:
+            raise BadInputError(
+                f"cannot read the external data of {path}: {_one_line(error, 160)}"
+            ) from error
+        _check_tensor_sizes(model, path)
+    _EXTERNAL_FILES[path.resolve()] = (
+        _stamp(path),
+        tuple(path.parent / location for location in locations),
+    )
+    if check_rewritable:
+        ensure_rewritable(model)
+    return model
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """External data shorter than its tensor (a truncated .data file) is a bad input."""
+    for tensor in _initializers(model):
+        if not tensor.raw_data or tensor.data_type == TensorProto.STRING:
+            continue
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, ValueError):
+            continue
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+            continue  # packed types: two values a byte
+        if len(tensor.raw_data) != expected:
+            raise BadInputError(
+                f"{path}: external data of tensor {tensor.name!r} has {len(tensor.raw_data)} "
+                f"bytes, {expected} expected; the data file is truncated or does not belong to it"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_onnx(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    source: str | os.PathLike[str] | None = None,
+    external_data: bool | None = None,
+    size_threshold: int = 1024,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; a reader sees the old file or the whole new one.
+
+    ``source`` is the file the model came from: the output may not be it nor one of its external
+    data files, and with ``external_data=None`` the output keeps its data external exactly when
+    the source did (or when the model is too large for one protobuf, > 2 GiB). External data goes
+    to ``<path name>.data`` beside the output, written to a temporary file and renamed before the
+    model file itself; tensors smaller than ``size_threshold`` bytes stay inline. The caller's
+    model is not modified. Existing outputs are replaced: refusing them is the caller's policy
+    (:func:`retrofit.atomic.check_output_path`).
+    """
+    path = Path(path)
+    protected: list[Path] = []
+    if source is not None:
+        protected = [Path(source), *external_data_files(source)]
+    check_output_path(path, inputs=protected, force=True)
+    if any(_uses_external_data(tensor) for tensor in _initializers(model)):
+        raise UsageError(
+            "the model still refers to external data that is not loaded; read it with load_onnx"
+        )
+    if external_data is None:
+        external_data = len(protected) > 1 or model.ByteSize() > _SAFE_PROTO_SIZE
+    if not external_data:
+        with atomic_output(path) as temp:
+            temp.write_bytes(model.SerializeToString())
+        return path
+    data_path = path.with_name(path.name + ".data")
+    if data_path.resolve() in {p.resolve() for p in protected}:
+        raise OutputError(
+            f"cannot write {path}: its data file {data_path.name} is the input's data file"
+        )
+    check_output_path(data_path, inputs=protected, force=True)
+    _save_with_external_data(model, path, data_path, size_threshold)
+    return path
+
+
+_ALIGN_THRESHOLD = 1 << 20  # tensors from 1 MiB start at a multiple of _ALIGNMENT (mmap)
+_ALIGNMENT = 1 << 16
+
+
+def _save_with_external_data(
+    model: onnx.ModelProto, path: Path, data_path: Path, size_threshold: int
+) -> None:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    tensors = [
+        tensor
+        for tensor in _initializers(copy)
+        if tensor.data_type != TensorProto.STRING and _tensor_nbytes(tensor) >= size_threshold
+    ]
+    with atomic_output(path) as temp_model:
+        if tensors:
+            with atomic_output(data_path) as temp_data, open(temp_data, "wb") as data:
+                for tensor in tensors:
+                    raw = tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
+                    offset = data.tell()
+                    if len(raw) >= _ALIGN_THRESHOLD and offset % _ALIGNMENT:
+                        offset += _ALIGNMENT - offset % _ALIGNMENT
+                        data.seek(offset)
+                    data.write(raw)
+                    _clear_data(tensor)
+                    set_external_data(tensor, data_path.name, offset, len(raw))
+                    tensor.data_location = TensorProto.EXTERNAL
+                data.flush()
+                # the model bytes are ready before the data file is renamed into place
+                temp_model.write_bytes(copy.SerializeToString())
+        else:
+            temp_model.write_bytes(copy.SerializeToString())
+
+
+def _tensor_nbytes(tensor: TensorProto) -> int:
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError):
+        return 0
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _clear_data(tensor: TensorProto) -> None:
+    for field in (
+        "raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+        "string_data",
+    ):  # fmt: skip
+        tensor.ClearField(field)
+
+
+# --------------------------------------------------------------------------------------------
+# Checking
+
+
+def shape_inference_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A light copy of ``model`` for shape inference and checks: large initializers become typed
+    graph inputs (their values never matter to shapes), so copying is cheap and a model over
+    2 GiB fits in one protobuf. Small initializers (shapes, axes) stay, so inference stays exact.
+    """
+    view = onnx.ModelProto()
+    view.ir_version = model.ir_version
+    view.opset_import.extend(model.opset_import)
+    view.functions.extend(model.functions)
+    graph = view.graph
+    source = model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    graph.sparse_initializer.extend(source.sparse_initializer)
+    inputs = {value.name for value in source.input}
+    for tensor in source.initializer:
+        if not _uses_external_data(tensor) and _tensor_nbytes(tensor) <= _SKELETON_BYTES:
+            graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            graph.input.append(
+                helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
+    if view.ir_version < 4 and len(graph.initializer) != len(source.initializer):
+        view.ir_version = 4  # initializers need not be inputs from IR 4 on
+    return view
+
+
+def check_onnx_model(model: onnx.ModelProto, *, is_input: bool = False) -> None:
+    """Run the ONNX checker (``full_check``) and strict shape inference with data propagation.
+
+    A failure raises :class:`ParityError` (a rewritten model must be valid) or, with
+    ``is_input=True``, :class:`BadInputError` (the user's model is broken), with one line.
+    """
+    what = "the input model" if is_input else "the rewritten model"
+    error_type = BadInputError if is_input else ParityError
+    target = model if model.ByteSize() <= _SAFE_PROTO_SIZE else shape_inference_view(model)
+    try:
+        onnx.checker.check_model(target, full_check=True)
+        onnx.shape_inference.infer_shapes(target, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise error_type(f"{what} fails the ONNX checker: {_one_line(error)}") from error
+    except (RuntimeError, ValueError) as error:
+        raise error_type(f"{what} cannot be checked: {_one_line(error)}") from error
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs, running, parity
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs a caller must feed: those that are not initializers (overridable defaults)."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initializers]
+
+
+def make_onnx_inputs(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input, from its declared shape and element type.
+
+    A dynamic dimension takes its size from ``input_shapes[name]`` (the whole shape of that
+    input); otherwise a dynamic leading (batch-like) dimension is 1 and any other raises
+    :class:`UsageError` naming it. Floats are standard normal; integers 0 or 1 (so index-like
+    inputs stay in range); booleans fair coin flips. Equal seeds give equal inputs.
+    """
+    shapes = {name: tuple(int(d) for d in dims) for name, dims in (input_shapes or {}).items()}
+    inputs = _graph_inputs(model)
+    unknown = sorted(set(shapes) - {value.name for value in inputs})
+    if unknown:
+        raise UsageError(
+            f"input shape given for {', '.join(map(repr, unknown))}, which the model does not "
+            f"take; its inputs are {', '.join(repr(v.name) for v in inputs)}"
+        )
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for value in inputs:
+        if value.type.WhichOneof("value") != "tensor_type":
+            raise UsageError(f"input {value.name!r} is not a tensor; cadrelu cannot feed it")
+        tensor_type = value.type.tensor_type
+        shape = _input_shape(value, shapes.get(value.name))
+        feeds[value.name] = _random_array(rng, tensor_type.elem_type, shape, value.name)
+    return feeds
+
+
+def _input_shape(value: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> tuple[int, ...]:
+    tensor_type = value.type.tensor_type
+    hint = f"give its shape, e.g. input_shapes={{{value.name!r}: (...)}} (--input-shape)"
+    if not tensor_type.HasField("shape"):
+        if given is None:
+            raise UsageError(f"input {value.name!r} has no declared shape; {hint}")
+        return given
+    dims = tensor_type.shape.dim
+    if given is not None:
+        if len(given) != len(dims):
+            raise UsageError(
+                f"input {value.name!r} has {len(dims)} dimensions, the shape given has {len(given)}"
+            )
+        for axis, (dim, size) in enumerate(zip(dims, given)):
+            if dim.HasField("dim_value") and dim.dim_value != size:
+                raise UsageError(
+                    f"input {value.name!r} has size {dim.dim_value} at axis {axis}, "
+                    f"the shape given says {size}"
+                )
+        return given
+    shape = []
+    for axis, dim in enumerate(dims):
+        if dim.HasField("dim_value"):
+            shape.append(dim.dim_value)
+        elif axis == 0:
+            shape.append(1)
+        else:
+            label = f" {dim.dim_param!r}" if dim.dim_param else ""
+            raise UsageError(
+                f"input {value.name!r} has a dynamic dimension{label} at axis {axis}; {hint}"
+            )
+    return tuple(shape)
+
+
+def _random_array(
+    rng: np.random.Generator, elem_type: int, shape: tuple[int, ...], name: str
+) -> np.ndarray:
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    except (KeyError, ValueError) as error:
+        raise UsageError(f"input {name!r} has an element type cadrelu cannot feed") from error
+    if elem_type == TensorProto.BOOL:
+        return rng.random(shape) < 0.5
+    if elem_type in _INTEGER_TYPES:
+        return rng.integers(0, 2, size=shape).astype(dtype)
+    if np.issubdtype(dtype, np.floating) or elem_type == TensorProto.BFLOAT16:
+        return rng.standard_normal(shape).astype(np.float32).astype(dtype)
+    raise UsageError(f"input {name!r} has element type {dtype}, which cadrelu cannot feed")
+
+
+def _session(model: onnx.ModelProto) -> "onnxruntime.InferenceSession":  # noqa: F821
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        if model.ByteSize() <= _SAFE_PROTO_SIZE:
+            return onnxruntime.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="cadrelu-ort-") as folder:
+            target = Path(folder) / "model.onnx"
+            save_onnx(model, target, external_data=True)
+            return onnxruntime.InferenceSession(
+                os.fspath(target), options, providers=["CPUExecutionProvider"]
+            )
+    except Exception as error:  # onnxruntime raises its own pybind exception types
+        if "NOT_IMPLEMENTED" in str(error) or type(error).__name__ == "NotImplemented":
+            raise UnsupportedModelError(
+                f"onnxruntime cannot run the model: {_one_line(error)}"
+            ) from error
+        raise BadInputError(f"onnxruntime cannot load the model: {_one_line(error)}") from error
+
+
+def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run ``model`` on onnxruntime's CPU provider; one array per graph output, in order."""
+    session = _session(model)
+    expected = {value.name for value in session.get_inputs()}
+    unknown = sorted(set(inputs) - expected)
+    missing = sorted(expected - set(inputs))
+    if unknown or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {', '.join(map(repr, missing))}")
+        if unknown:
+            parts.append(f"unknown input(s) {', '.join(map(repr, unknown))}")
+        raise UsageError("cannot run the model: " + "; ".join(parts))
+    try:
+        return list(session.run(None, dict(inputs)))
+    except Exception as error:  # onnxruntime's pybind exception types
+        raise BadInputError(f"onnxruntime failed to run the model: {_one_line(error)}") from error
+
+
+@dataclass(frozen=True)
+class OnnxParity:
+    """How far a candidate model's outputs are from a reference's on the same inputs.
+
+    ``max_abs_diff`` is the largest absolute difference over all outputs; ``max_rel_diff`` the
+    largest of each output's ``max|diff| / max|reference|`` (the scale is 1 for an all-zero
+    output), which is the figure to hold against a tolerance. NaN against NaN counts as equal.
+    """
+
+    max_abs_diff: float
+    max_rel_diff: float
+    outputs: int
+
+    def within(self, tolerance: float) -> bool:
+        """True when every output agrees to ``tolerance`` relative to its scale."""
+        return self.max_rel_diff <= tolerance
+
+
+def compare_outputs(
+    reference: Iterable[np.ndarray], candidate: Iterable[np.ndarray]
+) -> OnnxParity:
+    """:class:`OnnxParity` of two lists of output arrays (shapes must agree)."""
+    reference, candidate = list(reference), list(candidate)
+    if len(reference) != len(candidate):
+        raise ParityError(
+            f"the models have {len(reference)} and {len(candidate)} outputs; they must match"
+        )
+    worst_abs = worst_rel = 0.0
+    for index, (ref, cand) in enumerate(zip(reference, candidate)):
+        ref, cand = np.asarray(ref), np.asarray(cand)
+        if ref.shape != cand.shape:
+            raise ParityError(f"output {index} has shape {cand.shape}, expected {ref.shape}")
+        if ref.size == 0:
+            continue
+        a, b = ref.astype(np.float64), cand.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(a - b)
+        both_nan = np.isnan(a) & np.isnan(b)
+        same_inf = np.isinf(a) & (a == b)
+        diff = np.where(both_nan | same_inf, 0.0, diff)
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        finite = np.abs(a[np.isfinite(a)])
+        scale = float(finite.max()) if finite.size else 0.0
+        largest = float(diff.max())
+        worst_abs = max(worst_abs, largest)
+        worst_rel = max(worst_rel, largest / scale if scale > 0 else largest)
+    return OnnxParity(worst_abs, worst_rel, len(reference))
+
+
+def onnx_parity(
+    reference: onnx.ModelProto, candidate: onnx.ModelProto, inputs: Mapping[str, np.ndarray]
+) -> OnnxParity:
+    """Run both models on ``inputs`` and compare every output (see :class:`OnnxParity`)."""
+    return compare_outputs(run_onnx(reference, inputs), run_onnx(candidate, inputs))
