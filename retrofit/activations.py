@@ -349,9 +349,7 @@ def make_activation(
     name = getattr(config, "name", None)
     if name not in ACTIVATIONS:
         raise UsageError(f"no activation for config {config!r}; known: {', '.join(ACTIVATIONS)}")
-    module_class = ACTIVATIONS[name]
-    if module_class is CompetitiveReLU:
-        assert isinstance(config, CompetitiveReLUConfig)
+    if isinstance(config, CompetitiveReLUConfig):
         return CompetitiveReLU.from_config(config, device=device, dtype=dtype)
-    module = module_class.from_config(config)  # type: ignore[attr-defined]
+    module = ACTIVATIONS[name].from_config(config)  # type: ignore[attr-defined]
     return module.to(device) if device is not None else module
