@@ -8,6 +8,7 @@ exit code; anything unexpected becomes one "internal error" line and exit code 1
 from __future__ import annotations
 
 import os
+from json import dumps
 import sys
 import warnings
 from enum import Enum
@@ -20,9 +21,10 @@ from rich.console import Console
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig, RePUConfig
 from retrofit.errors import ExitCode, RetrofitError
 from retrofit.inputs import InputShape
-from retrofit.job import RetrofitRequest, inspect_file, retrofit_file
-from retrofit.report import print_report, report_to_json
+from retrofit.job import DataOptions, Gates, RetrofitRequest, evaluate_file, inspect_file, retrofit_file
+from retrofit.report import append_step_summary, print_report, report_to_json, report_to_markdown
 from retrofit.sites import SiteSelector
+from retrofit.atomic import write_text_atomic
 
 app = typer.Typer(
     help="Retrofit trained ReLU networks: every ReLU becomes CompetitiveReLU (CAReLU) or MRePU.",
@@ -54,6 +56,17 @@ class Reduce(str, Enum):
     last = "last"
 
 
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Amp(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    off = "off"
+
+
 def _run(job: Callable[[], T]) -> T:
     """Run a library call; turn its errors into one line and an exit code."""
     try:
@@ -64,6 +77,8 @@ def _run(job: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    except typer.Exit:
+        raise
     except Exception as error:  # a bug of ours: still one line unless debugging
         if os.environ.get("CADRELU_DEBUG"):
             raise
@@ -80,6 +95,17 @@ ShapeOpt = Annotated[Optional[list[str]], typer.Option("--input-shape", help="Sh
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Only sites matching this name, scope prefix or regex (repeatable). A rule matching nothing is an error.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this name, scope prefix or regex as ReLU (repeatable). A rule matching nothing is an error.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout instead of the table.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when there is a GPU), cpu or cuda.")]
+DATA = "Data"
+FINETUNE = "Fine-tuning"
+CI = "CI gates and reports"
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Validation data: an image folder (one sub-folder per class), .npz/.pt with x and y, or CSV. Accuracy is scored on it before and after.", rich_help_panel=DATA)]
+ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Resize images' shorter side to this many pixels (default: native size).", rich_help_panel=DATA)]
+CropOpt = Annotated[Optional[int], typer.Option("--crop-size", help="Centre-crop images to this square size (default: --image-size).", rich_help_panel=DATA)]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean to subtract, e.g. 0.485,0.456,0.406 (default 0).", rich_help_panel=DATA)]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std to divide by, e.g. 0.229,0.224,0.225 (default 1).", rich_help_panel=DATA)]
+LabelOpt = Annotated[Optional[str], typer.Option("--label-column", help="CSV column holding the label (default: label/target/class/y, else the last).", rich_help_panel=DATA)]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size for scoring and fine-tuning.", rich_help_panel=DATA)]
 
 
 def _config(to: Activation, measure: Measure, k: float, reduce: Reduce, p: float, c: float) -> ActivationConfig:
@@ -91,6 +117,22 @@ def _config(to: Activation, measure: Measure, k: float, reduce: Reduce, p: float
         return RePUConfig(p=p)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes numbers separated by commas, got {text!r}") from None
+
+
+def _data_options(val: Path | None, train: Path | None, image_size: int | None,
+                  crop_size: int | None, mean: str | None, std: str | None,
+                  label_column: str | None, batch_size: int, val_fraction: float = 0.2) -> DataOptions:
+    return DataOptions(val, train, val_fraction, image_size, crop_size, _floats(mean, "--mean"),
+                       _floats(std, "--std"), label_column, batch_size)
 
 
 def _request(model: Path, config: ActivationConfig, include: list[str] | None,
@@ -115,24 +157,84 @@ def retrofit(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the retrofitted model (default: MODEL.<activation>.<suffix> beside the input).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
     input_shape: ShapeOpt = None,
-    tolerance: Annotated[float, typer.Option(help="Largest output difference, relative to the output scale, allowed for an identity-initialised retrofit.")] = 1e-5,
-    seed: Annotated[int, typer.Option(help="Seed for sample inputs.")] = 0,
+    tolerance: Annotated[float, typer.Option(help="Largest output difference, relative to the output scale, allowed for an identity-initialised retrofit and for ONNX vs torch.")] = 1e-5,
+    seed: Annotated[int, typer.Option(help="Seed for sample inputs, data splits and fine-tuning.")] = 0,
+    device: DeviceOpt = "auto",
+    export_onnx: Annotated[Optional[Path], typer.Option("--export-onnx", help="Also write the retrofitted model as ONNX, checked against onnxruntime.")] = None,
+    onnx_functions: Annotated[bool, typer.Option("--onnx-functions", help="ONNX input: emit each activation as a model-local function instead of inlined nodes.")] = False,
+    data: DataOpt = None,
+    finetune: Annotated[Optional[Path], typer.Option("--finetune", help="Training data to fine-tune on (same formats as --data); without --data a validation split is taken from it.", rich_help_panel=FINETUNE)] = None,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", rich_help_panel=FINETUNE)] = 3,
+    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer.", rich_help_panel=FINETUNE)] = Optimizer.adamw,
+    lr: Annotated[float, typer.Option(help="Learning rate of the network's weights.", rich_help_panel=FINETUNE)] = 1e-4,
+    activation_lr: Annotated[float, typer.Option(help="Learning rate of the new activation parameters.", rich_help_panel=FINETUNE)] = 1e-2,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (not applied to activation parameters, biases and norms).", rich_help_panel=FINETUNE)] = 1e-4,
+    warmup: Annotated[float, typer.Option(help="Fraction of steps spent in linear warm-up before the cosine decay.", rich_help_panel=FINETUNE)] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: off).", rich_help_panel=FINETUNE)] = 1.0,
+    blend_ramp: Annotated[float, typer.Option(help="MRePU: ramp the blend from ReLU (0) to MRePU (1) over this fraction of the steps (0: MRePU from the start).", rich_help_panel=FINETUNE)] = 0.5,
+    amp: Annotated[Amp, typer.Option(help="Mixed precision: auto (bf16 on GPU, off on CPU), bf16 or off.", rich_help_panel=FINETUNE)] = Amp.auto,
+    deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms (slower on GPU).", rich_help_panel=FINETUNE)] = False,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file written each epoch and on Ctrl-C (default: OUTPUT.ckpt).", rich_help_panel=FINETUNE)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted fine-tune from its checkpoint.", rich_help_panel=FINETUNE)] = False,
+    control: Annotated[bool, typer.Option(help="Also fine-tune an untouched ReLU copy with the same budget and seed, to separate the activation's effect from more training.", rich_help_panel=FINETUNE)] = False,
+    val_fraction: Annotated[float, typer.Option(help="Validation fraction split off --finetune when no --data is given.", rich_help_panel=FINETUNE)] = 0.2,
+    plot: Annotated[Optional[Path], typer.Option(help="Save training curves and activation-parameter trajectories as PNG.", rich_help_panel=FINETUNE)] = None,
+    image_size: ImageSizeOpt = None,
+    crop_size: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    label_column: LabelOpt = None,
+    batch_size: BatchOpt = 64,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fail (exit 5) when the final top-1 is more than this many points below the original's.", rich_help_panel=CI)] = None,
+    min_gain: Annotated[Optional[float], typer.Option("--min-gain", help="Fail (exit 5) unless the final top-1 gains at least this many points.", rich_help_panel=CI)] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report here (also appended to $GITHUB_STEP_SUMMARY when set).", rich_help_panel=CI)] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Rewrite every selected ReLU site, verify the result and save it beside the input."""
+    """Rewrite every selected ReLU site, verify, optionally fine-tune, score and save."""
     config = _config(to, measure, k, reduce, p, c)
-    request = _run(lambda: _request(model, config, include, exclude, input_shape, output=output,
-                                    force=force, arch=arch, trust_pickle=trust_pickle,
-                                    tolerance=tolerance, seed=seed))
-    report = _run(lambda: retrofit_file(request))
+    data_options = _data_options(data, finetune, image_size, crop_size, mean, std, label_column,
+                                 batch_size, val_fraction)
+
+    def request() -> RetrofitRequest:
+        finetune_config = None
+        if finetune is not None:
+            from retrofit.train import FinetuneConfig
+
+            finetune_config = FinetuneConfig(
+                epochs=epochs, batch_size=batch_size, optimizer=optimizer.value, lr=lr,
+                activation_lr=activation_lr, weight_decay=weight_decay, warmup_fraction=warmup,
+                grad_clip=grad_clip, seed=seed, deterministic=deterministic, amp=amp.value,
+                blend_ramp_fraction=blend_ramp, device=device, checkpoint=checkpoint,
+                resume=resume,
+            )
+        return _request(model, config, include, exclude, input_shape, output=output, force=force,
+                        arch=arch, trust_pickle=trust_pickle, tolerance=tolerance, seed=seed,
+                        device=device, data=data_options, finetune=finetune_config,
+                        control=control, gates=Gates(max_drop, min_gain),
+                        export_onnx=export_onnx, onnx_functions=onnx_functions, plot=plot)
+
+    job = _run(request)
+    report = _run(lambda: retrofit_file(job))
     if json:
         print(report_to_json(report))
     else:
         print_report(report, out)
+    _run(lambda: _write_markdown(report, markdown))
+    if not report.gates_passed:
+        failed = ", ".join(gate.name for gate in report.gates if not gate.passed)
+        err.print(f"[red]error:[/] gate failed: {failed}", highlight=False)
+        raise typer.Exit(int(ExitCode.GATE))
+
+
+def _write_markdown(report, path: Path | None) -> None:  # type: ignore[no-untyped-def]
+    text = report_to_markdown(report)
+    if path is not None:
+        write_text_atomic(path, text)
+    append_step_summary(text)
 
 
 @app.command()
@@ -153,6 +255,33 @@ def inspect(
         print(report_to_json(report))
     else:
         print_report(report, out, dry_run=True)
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    data: Annotated[Path, typer.Option("--data", help="Labelled data: an image folder, .npz/.pt with x and y, or CSV.")],
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    image_size: ImageSizeOpt = None,
+    crop_size: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    label_column: LabelOpt = None,
+    batch_size: BatchOpt = 256,
+    json: JsonOpt = False,
+) -> None:
+    """Top-1 (and top-5) accuracy of any supported model on a dataset."""
+    options = _data_options(data, None, image_size, crop_size, mean, std, label_column, batch_size)
+    result, dataset = _run(lambda: evaluate_file(model, options, arch=arch,
+                                                 trust_pickle=trust_pickle, device=device))
+    if json:
+        print(dumps({"model": str(model), "dataset": dataset, "n": result.n, "top1": result.top1,
+                     "top5": result.top5}, indent=2, default=str))
+        return
+    top5 = "" if result.top5 is None else f", top-5 {result.top5:.2f}%"
+    out.print(f"{model}: top-1 {result.top1:.2f}%{top5} on {result.n} samples of {dataset['validation']}")
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from retrofit.errors import UsageError
 MEASURES: tuple[str, ...] = ("energy", "l1", "count")
 REDUCTIONS: tuple[str, ...] = ("auto", "sample", "channel", "last")
 
+
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
     if value not in choices:
         raise UsageError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
@@ -146,7 +147,8 @@ def _competitive_relu(
     # Positional core: TorchScript rejects keyword-only arguments with defaults.
     p = _competition(z, measure, eps, reduce)
     s = k * torch.tanh(alpha * p + beta)
-    # max(s*z, 0) as a clamp, never a relu; the upper bound saturates |s| > 1 overflows.
+    # max(s*z, 0) as a clamp, never a relu; the upper bound turns an overflow of |s| > 1
+    # into the dtype's largest finite value.
     return _cast((s * _cast(z, p.dtype)).clamp(0.0, _finite_max(z.dtype)), z.dtype)
 
 
@@ -179,9 +181,10 @@ class CompetitiveReLU(nn.Module):
 
     Built from a :class:`CompetitiveReLUConfig`, optionally with keyword overrides of its fields
     (``CompetitiveReLU(measure="l1")``). The default config is the identity retrofit: alpha=0,
-    beta=atanh(1/K), so ``s`` is 1 for every input and the module computes ReLU exactly.
-    ``device``/``dtype`` place the parameters; pass ``dtype=torch.float64`` for a float64 model
-    rather than calling ``.double()``, which would keep beta's float32 rounding (s = 1 +- 1e-8).
+    beta=atanh(1/K), so ``s`` is 1 for every input (exactly in float32, to 1e-16 in float64)
+    and the module computes ReLU. ``device``/``dtype`` place the parameters; pass
+    ``dtype=torch.float64`` for a float64 model rather than calling ``.double()``, which keeps
+    beta's float32 rounding (|s - 1| ~ 1.5e-8), or call :meth:`reset_parameters` afterwards.
     """
 
     def __init__(

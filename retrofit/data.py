@@ -251,7 +251,8 @@ def load_dataset(
             raise UsageError("a label column applies to CSV data, not to an image folder")
         return _load_image_folder(path, image_size, crop_size, mean, std, channels)
 
-    for name, value in (("image_size", image_size), ("crop_size", crop_size), ("channels", channels)):
+    image_options = (("image_size", image_size), ("crop_size", crop_size), ("channels", channels))
+    for name, value in image_options:
         if value is not None:
             raise UsageError(f"{name} applies to image folders, not to {path.name}")
     kind = _detect_file_format(path)
@@ -280,12 +281,16 @@ def _detect_file_format(path: Path) -> str:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError) as error:
-            raise BadInputError(f"{path} is damaged or truncated (not a complete zip archive)") from error
+            raise BadInputError(
+                f"{path} is damaged or truncated (not a complete zip archive)"
+            ) from error
         if any(name.endswith(".npy") for name in names):
             return "npz"
         if any(name.endswith("data.pkl") for name in names):
             return "pt"
-        raise BadInputError(f"{path} is a zip archive but neither .npz arrays nor a torch.save file")
+        raise BadInputError(
+            f"{path} is a zip archive but neither .npz arrays nor a torch.save file"
+        )
     if head.startswith(b"\x93NUMPY"):
         raise BadInputError(
             f"{path} is a single .npy array and has no labels; save x and y with numpy.savez"
@@ -481,7 +486,8 @@ def _read_npz(path: Path) -> tuple[Tensor, np.ndarray, list[str] | None, dict[st
         if missing:
             raise BadInputError(
                 f"{path} lacks array {' and '.join(missing)} (found: "
-                f"{', '.join(archive.files) or 'nothing'}); save with numpy.savez(path, x=..., y=...)"
+                f"{', '.join(archive.files) or 'nothing'}); "
+                "save with numpy.savez(path, x=..., y=...)"
             )
         arrays = {}
         for key in ("x", "y"):
@@ -493,10 +499,13 @@ def _read_npz(path: Path) -> tuple[Tensor, np.ndarray, list[str] | None, dict[st
                         f"array {key} in {path} is a pickled object array, which is never "
                         "loaded (it could run code); save plain numeric arrays"
                     ) from error
-                raise BadInputError(f"cannot read array {key} in {path}: {first_error_line(error)}") from error
+                raise BadInputError(
+                    f"cannot read array {key} in {path}: {first_error_line(error)}"
+                ) from error
             except (OSError, EOFError, zipfile.BadZipFile) as error:
                 raise BadInputError(
-                    f"cannot read array {key} in {path} (damaged or truncated): {first_error_line(error)}"
+                    f"cannot read array {key} in {path} (damaged or truncated): "
+                    f"{first_error_line(error)}"
                 ) from error
     x_array = arrays["x"]
     if x_array.dtype.kind not in "biuf":
@@ -515,7 +524,9 @@ def _read_pt(path: Path) -> tuple[Tensor, np.ndarray, list[str] | None, dict[str
             "{'x': tensor, 'y': tensor}"
         ) from error
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
-        raise BadInputError(f"cannot read {path} (damaged or truncated?): {first_error_line(error)}") from error
+        raise BadInputError(
+            f"cannot read {path} (damaged or truncated?): {first_error_line(error)}"
+        ) from error
     if not isinstance(data, dict):
         raise BadInputError(f"{path} holds a {type(data).__name__}; expected a dict with x and y")
     missing = [key for key in ("x", "y") if key not in data]
@@ -530,8 +541,10 @@ def _read_pt(path: Path) -> tuple[Tensor, np.ndarray, list[str] | None, dict[str
         raise BadInputError(f"x in {path} holds {x.dtype} values; it must be real numbers")
     if not (y.is_floating_point() or y.dtype in _INT_DTYPES):
         raise BadInputError(f"y in {path} holds {y.dtype} values; it must be class indices")
-    y_array, class_names = _labels_from_array(y.detach().to(torch.float64 if y.is_floating_point() else torch.int64).numpy(), path)
-    return x.detach(), y_array, class_names, {"format": "pt", "stored_dtype": str(x.dtype).replace("torch.", "")}
+    y_wide = y.detach().to(torch.float64 if y.is_floating_point() else torch.int64)
+    y_array, class_names = _labels_from_array(y_wide.numpy(), path)
+    info = {"format": "pt", "stored_dtype": str(x.dtype).replace("torch.", "")}
+    return x.detach(), y_array, class_names, info
 
 
 _INT_DTYPES = frozenset(
@@ -691,7 +704,9 @@ def _csv_rows(
             )
         label = row[label_index].strip()
         if not label:
-            raise BadInputError(f"{path} line {line}: missing label in column {header[label_index]!r}")
+            raise BadInputError(
+                f"{path} line {line}: missing label in column {header[label_index]!r}"
+            )
         values: list[float] = []
         for i, cell in enumerate(row):
             if i == label_index:
@@ -703,7 +718,9 @@ def _csv_rows(
                 what = f"{shown!r} is not a number" if shown else "is empty"
                 raise BadInputError(f"{path} line {line}, column {header[i]!r}: {what}") from None
             if not math.isfinite(value):
-                raise BadInputError(f"{path} line {line}, column {header[i]!r}: {cell.strip()} (NaN or Inf)")
+                raise BadInputError(
+                    f"{path} line {line}, column {header[i]!r}: {cell.strip()} (NaN or Inf)"
+                )
             values.append(value)
         rows.append(values)
         labels.append(label)
@@ -711,7 +728,9 @@ def _csv_rows(
     return rows, labels, lines
 
 
-def _csv_labels(labels: list[str], lines: list[int], path: Path) -> tuple[np.ndarray, list[str] | None]:
+def _csv_labels(
+    labels: list[str], lines: list[int], path: Path
+) -> tuple[np.ndarray, list[str] | None]:
     """Integer labels are class indices; if the first label is text, all are class names."""
     if not _is_number(labels[0]):
         names = sorted(set(labels))
@@ -726,9 +745,13 @@ def _csv_labels(labels: list[str], lines: list[int], path: Path) -> tuple[np.nda
                 f"{path} line {line}: label {label!r} is not a number (earlier labels are)"
             ) from None
         if not math.isfinite(value) or value != int(value):
-            raise BadInputError(f"{path} line {line}: label {label!r} is not an integer class index")
+            raise BadInputError(
+                f"{path} line {line}: label {label!r} is not an integer class index"
+            )
         if value < 0:
-            raise BadInputError(f"{path} line {line}: label {label} is negative; labels must be >= 0")
+            raise BadInputError(
+                f"{path} line {line}: label {label} is negative; labels must be >= 0"
+            )
         indices[i] = int(value)
     return indices, None
 
@@ -755,9 +778,9 @@ def split_train_val(
 ) -> tuple[ClassificationSubset, ClassificationSubset]:
     """Split into (train, val), stratified by class, the same for the same seed.
 
-    Each class gives ``val_fraction`` of its samples to val (rounded, largest remainders first, so the total is
-    ``len * val_fraction`` rounded half up), never its last sample, so a class with one sample stays in
-    train only. Both parts list their samples in dataset order.
+    Each class gives ``val_fraction`` of its samples to val (rounded, largest remainders
+    first, so the total is ``len * val_fraction`` rounded half up), never its last sample, so a
+    class with one sample stays in train only. Both parts list their samples in dataset order.
     """
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
@@ -766,7 +789,8 @@ def split_train_val(
     total_val = int(math.floor(n * val_fraction + 0.5))
     if total_val < 1 or total_val > n - 1:
         raise BadInputError(
-            f"{dataset.source} has {n} samples, too few to split {val_fraction:.0%} off for validation"
+            f"{dataset.source} has {n} samples, too few to split {val_fraction:.0%} off "
+            "for validation"
         )
     generator = torch.Generator().manual_seed(seed)
     classes = torch.unique(targets).tolist()
@@ -809,7 +833,8 @@ def check_labels_fit(dataset: ClassificationData, num_outputs: int) -> None:
 def model_input_error(error: BaseException, sample_shape: Sequence[int]) -> BadInputError:
     """The one-line error for data that the model cannot take (wrong shape, channels, rank)."""
     return BadInputError(
-        f"data samples of shape {tuple(sample_shape)} do not fit the model: {first_error_line(error)}"
+        f"data samples of shape {tuple(sample_shape)} do not fit the model: "
+        f"{first_error_line(error)}"
     )
 
 

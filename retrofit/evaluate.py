@@ -75,7 +75,8 @@ class TorchPredictor:
     def __call__(self, batch: Tensor) -> Tensor:
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True)
-            if self.autocast_dtype is None and self.input_dtype is not None and x.is_floating_point():
+            cast = self.autocast_dtype is None and self.input_dtype is not None
+            if cast and x.is_floating_point():
                 x = x.to(self.input_dtype)
             autocast = (
                 torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -207,13 +208,18 @@ class OnnxPredictor:
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         expected = self.input_shape
-        shown = "(" + ", ".join("N" if i == 0 and not isinstance(d, int) else str(d if isinstance(d, int) else "?")
-                                for i, d in enumerate(expected)) + ")"
+        shown = "(" + ", ".join(_dim_text(axis, dim) for axis, dim in enumerate(expected)) + ")"
         if len(shape) != len(expected):
             raise RuntimeError(f"the ONNX model expects input of shape {shown}, got {shape}")
         for axis, (want, got) in enumerate(zip(expected, shape)):
             if axis > 0 and isinstance(want, int) and want > 0 and want != got:
                 raise RuntimeError(f"the ONNX model expects input of shape {shown}, got {shape}")
+
+
+def _dim_text(axis: int, dim: int | str | None) -> str:
+    if isinstance(dim, int) and dim > 0:
+        return str(dim)
+    return "N" if axis == 0 else "?"
 
 
 def onnx_predictor(model: Any, *, providers: list[str] | None = None) -> OnnxPredictor:
@@ -267,7 +273,13 @@ def evaluate(
     total = len(dataset)  # type: ignore[arg-type]
     if total == 0:
         raise BadInputError(f"{getattr(dataset, 'source', 'the dataset')} holds no samples")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
     correct1: list[Tensor] = []
     correct5: list[Tensor] = []
     num_outputs: int | None = None
@@ -333,7 +345,8 @@ def _check_batch_labels(y: Tensor, num_outputs: int) -> None:
     if y.numel() and (int(y.max()) >= num_outputs or int(y.min()) < 0):
         bad = int(y.max()) if int(y.max()) >= num_outputs else int(y.min())
         raise BadInputError(
-            f"a label is {bad} but the model has {num_outputs} outputs (labels 0..{num_outputs - 1})"
+            f"a label is {bad} but the model has {num_outputs} outputs "
+            f"(labels 0..{num_outputs - 1})"
         )
 
 
@@ -370,7 +383,10 @@ def _worker_message(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, description: str, enabled: bool | None) -> Iterator[Callable[[int], None]]:
+def _progress_bar(
+    total: int, description: str, enabled: bool | None
+) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(count)``; a rich bar on stderr (samples/s, ETA) when enabled."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
@@ -390,7 +406,8 @@ def _progress_bar(total: int, description: str, enabled: bool | None) -> Iterato
     class SamplesPerSecond(ProgressColumn):
         def render(self, task: Any) -> Text:
             speed = task.finished_speed or task.speed
-            return Text("" if speed is None else f"{speed:,.0f} samples/s", style="progress.data.speed")
+            shown = "" if speed is None else f"{speed:,.0f} samples/s"
+            return Text(shown, style="progress.data.speed")
 
     columns = (
         TextColumn("[progress.description]{task.description}"),

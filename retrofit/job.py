@@ -1,38 +1,63 @@
-"""The retrofit job end to end, as a library call: load, rewrite, verify, save, report.
+"""The retrofit job end to end, as library calls: load, score, rewrite, verify, fine-tune,
+score again, gate, save, report.
 
-``cadrelu retrofit`` and ``cadrelu inspect`` are thin wrappers over :func:`retrofit_file` and
-:func:`inspect_file`; a Python user gets the same behaviour and the same report object.
+``cadrelu retrofit``, ``inspect`` and ``evaluate`` are thin wrappers over :func:`retrofit_file`,
+:func:`inspect_file` and :func:`evaluate_file`; a Python user gets the same behaviour and the
+same report objects. The format-specific work is done by a :class:`~retrofit.subjects.Subject`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from retrofit.atomic import check_output_path
-from retrofit.census import take_census
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig
+from retrofit.data import ClassificationData, load_dataset, split_train_val
 from retrofit.errors import UsageError
-from retrofit.inputs import InputShape, random_inputs
-from retrofit.model_io import (
-    ModelFormat,
-    TorchModel,
-    default_output_path,
-    detect_format,
-    load_torch_model,
-    save_torch_model,
-)
-from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
-from retrofit.torch_rewrite import retrofit_torch_model
-from retrofit.verify import OutputParity, torch_parity
+from retrofit.evaluate import EvalResult, evaluate
+from retrofit.inputs import InputShape
+from retrofit.metrics import PairedDelta, paired_delta_ci
+from retrofit.model_io import ModelFormat, default_output_path, detect_format
+from retrofit.sites import ReluSite, SiteSelector
+from retrofit.subjects import Subject, TorchSubject, open_subject
+from retrofit.verify import OutputParity
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the data is and how images are prepared (see :func:`retrofit.data.load_dataset`)."""
+
+    val: Path | None = None
+    train: Path | None = None
+    val_fraction: float = 0.2
+    image_size: int | None = None
+    crop_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    label_column: str | None = None
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Gates:
+    """CI gates in percentage points of top-1: the final model may lose at most ``max_drop``
+    against the original and must gain at least ``min_gain``."""
+
+    max_drop: float | None = None
+    min_gain: float | None = None
 
 
 @dataclass(frozen=True)
 class RetrofitRequest:
-    """Everything a retrofit needs; defaults are the CLI's defaults."""
+    """Everything a retrofit needs; defaults are the CLI's defaults.
+
+    ``finetune`` is a :class:`retrofit.train.FinetuneConfig` (fine-tuning runs when
+    ``data.train`` is given).
+    """
 
     model: Path
     config: ActivationConfig = CompetitiveReLUConfig()
@@ -44,15 +69,42 @@ class RetrofitRequest:
     input_shapes: tuple[InputShape, ...] = ()
     tolerance: float = 1e-5
     seed: int = 0
+    device: str = "auto"
+    data: DataOptions = DataOptions()
+    finetune: Any = None
+    control: bool = False
+    gates: Gates = Gates()
+    export_onnx: Path | None = None
+    onnx_functions: bool = False
+    plot: Path | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One scored model: ``name`` is before / after swap / after fine-tune / control."""
+
+    name: str
+    result: EvalResult
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    threshold: float
+    value: float
+    passed: bool
 
 
 @dataclass
 class RetrofitReport:
-    """What happened: every site, remarks, the parity figure, where the model was written.
+    """What happened: every site, remarks, parity figures, accuracies, gates, written files.
 
-    ``parity`` compares the rewritten model with the original on sample inputs (None when no
-    sample input was available). ``preserves_function`` is True when the new activation starts
-    as ReLU (CompetitiveReLU at identity init), so parity must hold within ``tolerance``.
+    ``parity`` compares the rewritten model with the original on sample inputs (None when none
+    were available); ``preserves_function`` says it had to hold within ``tolerance``.
+    ``stages`` are the retrofitted model's scores in order (before, after swap, after
+    fine-tune); ``control`` is the untouched ReLU model fine-tuned with the same budget.
+    ``deltas`` maps a comparison name (``swap``, ``finetune``, ``vs_control``) to its paired
+    difference with a confidence interval.
     """
 
     model: Path
@@ -65,84 +117,203 @@ class RetrofitReport:
     preserves_function: bool = True
     tolerance: float = 1e-5
     output: Path | None = None
+    dataset: dict[str, Any] | None = None
+    stages: list[Stage] = field(default_factory=list)
+    control: Stage | None = None
+    deltas: dict[str, PairedDelta] = field(default_factory=dict)
+    gates: list[GateResult] = field(default_factory=list)
+    finetune: Any = None
+    trained_parity: OutputParity | None = None
+    onnx_export: Path | None = None
+    onnx_export_parity: OutputParity | None = None
 
     @property
     def replaced(self) -> list[ReluSite]:
         return [site for site in self.sites if site.replaced]
 
-
-def _sample_inputs(model: TorchModel, request: RetrofitRequest) -> tuple[torch.Tensor, ...] | None:
-    if request.input_shapes:
-        return random_inputs(request.input_shapes, seed=request.seed)
-    return model.example_inputs
+    @property
+    def gates_passed(self) -> bool:
+        return all(gate.passed for gate in self.gates)
 
 
-def _add_census(result: RetrofitResult[nn.Module], inputs: tuple[torch.Tensor, ...]) -> None:
-    """Add the ReLU calls that ran where no rewrite reached, and warn about shared activations."""
-    census = take_census(result.model, inputs)
-    unreached = [owner for owner, count in census.unreached.items() for _ in range(count)]
-    names = unique_site_names([f"{owner}.unreached" if owner else "unreached" for owner in unreached])
-    for name, owner in zip(names, unreached):
-        result.sites.append(ReluSite(
-            name, "relu (runtime)", owner, False,
-            "ran inside code that does not trace: rewrite it with an nn.ReLU module to reach it",
-        ))
-    for path, calls in census.activation_calls.items():
-        if calls > 1:
-            result.notes.append(
-                f"{path} ran {calls} times in one forward pass: those calls share one set of "
-                "parameters because its module could not be traced"
-            )
+def _load_data(options: DataOptions, seed: int) -> tuple[ClassificationData | None, ClassificationData | None]:
+    """The validation and training sets; without a validation set, one is split off training."""
+    prepare = dict(image_size=options.image_size, crop_size=options.crop_size, mean=options.mean,
+                   std=options.std, label_column=options.label_column)
+    train = load_dataset(options.train, **prepare) if options.train else None
+    val = load_dataset(options.val, **prepare) if options.val else None
+    if train is not None and val is None:
+        train, val = split_train_val(train, options.val_fraction, seed)
+    return val, train
 
 
-def _rewrite_torch(request: RetrofitRequest, model: TorchModel) -> tuple[RetrofitResult[nn.Module], OutputParity | None, tuple[torch.Tensor, ...] | None]:
-    result = retrofit_torch_model(model.module, request.config, request.select)
-    inputs = _sample_inputs(model, request)
-    parity = None
-    if inputs is None:
-        result.notes.append("no sample input: pass --input-shape (or --data) to verify the outputs")
-    else:
-        _add_census(result, inputs)
-        parity = torch_parity(model.module, result.model, inputs)
-    return result, parity, inputs
+def _dataset_summary(val: ClassificationData, train: ClassificationData | None) -> dict[str, Any]:
+    return {
+        "validation": val.source, "validation_samples": len(val),
+        "train": train.source if train is not None else None,
+        "train_samples": len(train) if train is not None else 0,
+        "classes": val.num_classes, "preprocessing": val.preprocessing,
+    }
+
+
+def _score(subject: Subject, model: Any, val: ClassificationData, request: RetrofitRequest,
+           name: str) -> Stage:
+    predictor = subject.predictor(model, request.device)
+    return Stage(name, evaluate(predictor, val, batch_size=request.data.batch_size,
+                                description=f"scoring {name}"))
+
+
+def _gates(report: RetrofitReport, gates: Gates) -> list[GateResult]:
+    if not report.stages or (gates.max_drop is None and gates.min_gain is None):
+        return []
+    change = report.stages[-1].result.top1 - report.stages[0].result.top1
+    results = []
+    if gates.max_drop is not None:
+        results.append(GateResult("max_drop", gates.max_drop, -change, -change <= gates.max_drop))
+    if gates.min_gain is not None:
+        results.append(GateResult("min_gain", gates.min_gain, change, change >= gates.min_gain))
+    return results
+
+
+def _open(request: RetrofitRequest, val: ClassificationData | None) -> Subject:
+    model_format = detect_format(request.model)
+    sample = None
+    if val is not None:
+        sample = torch.stack([val[i][0] for i in range(min(2, len(val)))])
+    return open_subject(request.model, model_format, arch=request.arch,
+                        trust_pickle=request.trust_pickle, input_shapes=request.input_shapes,
+                        seed=request.seed, as_functions=request.onnx_functions, data_sample=sample)
 
 
 def inspect_file(request: RetrofitRequest) -> RetrofitReport:
     """A dry run: every ReLU site and whether the rewrite would replace it. Nothing is written."""
-    model_format = detect_format(request.model)
-    model = load_torch_model(request.model, arch=request.arch, trust_pickle=request.trust_pickle,
-                             model_format=model_format)
-    result, parity, _ = _rewrite_torch(request, model)
-    return RetrofitReport(request.model, model_format, request.config.name, request.config,
-                          result.sites, result.notes, parity,
+    subject = _open(request, None)
+    result = subject.rewrite(request.config, request.select)
+    return RetrofitReport(request.model, subject.format, request.config.name, request.config,
+                          result.sites, result.notes, subject.parity(result.model),
                           request.config.is_identity_init, request.tolerance)
 
 
-def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
-    """Rewrite the model file, verify the result and write it; the input is never modified.
+def evaluate_file(model: Path, data: DataOptions, *, arch: str | None = None,
+                  trust_pickle: bool = False, device: str = "auto") -> tuple[EvalResult, dict[str, Any]]:
+    """Top-1/top-5 of any supported model on a dataset, and a summary of the dataset."""
+    val, _ = _load_data(data, seed=0)
+    if val is None:
+        raise UsageError("evaluate needs a dataset: pass --data")
+    request = RetrofitRequest(model, arch=arch, trust_pickle=trust_pickle, device=device, data=data)
+    subject = _open(request, val)
+    return _score(subject, subject.original, val, request, "model").result, _dataset_summary(val, None)
 
-    Raises :class:`~retrofit.errors.ParityError` when an identity-init rewrite does not
-    reproduce the original outputs within ``request.tolerance`` (nothing is written then).
-    """
-    model_format = detect_format(request.model)
+
+def _check_outputs(request: RetrofitRequest, model_format: ModelFormat) -> Path:
     output = request.output or default_output_path(request.model, request.config.name, model_format)
     check_output_path(output, inputs=[request.model], force=request.force)
-    model = load_torch_model(request.model, arch=request.arch, trust_pickle=request.trust_pickle,
-                             model_format=model_format)
-    result, parity, inputs = _rewrite_torch(request, model)
-    report = RetrofitReport(request.model, model_format, request.config.name, request.config,
-                            result.sites, result.notes, parity,
+    if request.export_onnx is not None:
+        if request.export_onnx.resolve() == output.resolve():
+            raise UsageError("--export-onnx and -o name the same file")
+        check_output_path(request.export_onnx, inputs=[request.model], force=request.force)
+    return output
+
+
+def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
+    """Rewrite the model file, verify, score and fine-tune it, and write it; the input is never
+    modified and nothing is written when a step fails.
+
+    Raises :class:`~retrofit.errors.ParityError` when an identity-init rewrite does not
+    reproduce the original outputs within ``request.tolerance``. Failed gates do not raise:
+    they are in ``report.gates`` for the caller to act on after the report is shown.
+    """
+    output = _check_outputs(request, detect_format(request.model))
+    if request.data.train is not None and request.finetune is None:
+        raise UsageError("fine-tuning needs a FinetuneConfig (request.finetune)")
+    val, train = _load_data(request.data, request.seed)
+    subject = _open(request, val)
+    result = subject.rewrite(request.config, request.select)
+    report = RetrofitReport(request.model, subject.format, request.config.name, request.config,
+                            result.sites, result.notes, subject.parity(result.model),
                             request.config.is_identity_init, request.tolerance, output)
-    if parity is not None and report.preserves_function:
-        parity.require(request.tolerance, "the identity-initialised retrofit changed the outputs")
-    if not report.preserves_function:
-        report.notes.append(
-            f"{request.config.name} does not start as ReLU: the model computes a different "
-            "function now; fine-tune it (--finetune) to recover accuracy"
-        )
-    if model_format is ModelFormat.EXPORTED and inputs is not None:
-        model.example_inputs = inputs
-    if model_format is ModelFormat.EXPORTED and model.example_inputs is None:
-        raise UsageError("saving a .pt2 needs sample inputs: pass --input-shape")
-    save_torch_model(model, result.model, output)
+    if report.parity is not None and report.preserves_function:
+        report.parity.require(request.tolerance,
+                              "the identity-initialised retrofit changed the outputs")
+    final = result.model
+    if val is not None:
+        report.dataset = _dataset_summary(val, train)
+        report.stages.append(_score(subject, subject.original, val, request, "before"))
+        report.stages.append(_score(subject, result.model, val, request, "after swap"))
+    if train is not None and val is not None:
+        final = _finetune(subject, request, train, val, report)
+    elif not report.preserves_function:
+        report.notes.append(f"{request.config.name} does not start as ReLU: the model computes a "
+                            "different function now; fine-tune it (--finetune) to recover accuracy")
+    _compare(report, request.seed)
+    report.gates = _gates(report, request.gates)
+    subject.save(final, output)
+    if request.export_onnx is not None:
+        _export(subject, final, request, report)
     return report
+
+
+def _compare(report: RetrofitReport, seed: int) -> None:
+    """Paired differences: each later stage against "before", the final model against control."""
+    if not report.stages:
+        return
+    before = report.stages[0].result.correct1
+    for stage in report.stages[1:]:
+        key = "swap" if stage.name == "after swap" else "finetune"
+        report.deltas[key] = paired_delta_ci(before, stage.result.correct1, seed=seed)
+    if report.control is not None:
+        report.deltas["vs_control"] = paired_delta_ci(
+            report.control.result.correct1, report.stages[-1].result.correct1, seed=seed)
+
+
+def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationData,
+              val: ClassificationData, report: RetrofitReport) -> Any:
+    """Fine-tune the retrofitted model (and the ReLU control when asked); returns the final
+    model in the subject's format."""
+    from retrofit.train import finetune
+
+    assert report.output is not None
+    config = replace(request.finetune, device=request.device,
+                     checkpoint=request.finetune.checkpoint
+                     or report.output.with_name(report.output.name + ".ckpt"))
+    trained = finetune(subject.trainable(request.config, request.select), train, val, config)
+    report.finetune = trained
+    if request.plot is not None:
+        from retrofit.plots import save_training_plot
+
+        save_training_plot(trained.history, request.plot)
+    final, report.trained_parity = subject.from_trained(trained.model, request.config,
+                                                       request.select)
+    if report.trained_parity is not None:
+        report.trained_parity.require(request.tolerance * 10,
+                                      "the fine-tuned ONNX model disagrees with torch")
+    report.stages.append(_score(subject, final, val, request, "after fine-tune"))
+    if request.control:
+        control = finetune(subject.trainable_original(), train, val, config)
+        report.control = Stage("control", _score_torch(control.model, val, request))
+    return final
+
+
+def _score_torch(module: Any, val: ClassificationData, request: RetrofitRequest) -> EvalResult:
+    from retrofit.evaluate import torch_predictor
+
+    return evaluate(torch_predictor(module, device=request.device), val,
+                    batch_size=request.data.batch_size, description="scoring control")
+
+
+def _export(subject: Subject, final: Any, request: RetrofitRequest, report: RetrofitReport) -> None:
+    """Write the ONNX export: a torch model is exported and checked against onnxruntime; an
+    ONNX model is already ONNX and is saved as it is."""
+    path = request.export_onnx
+    assert path is not None
+    if isinstance(subject, TorchSubject):
+        from retrofit.onnx_export import export_onnx
+
+        if subject.inputs is None:
+            raise UsageError("--export-onnx needs sample inputs: pass --input-shape or --data")
+        report.onnx_export_parity = export_onnx(final, subject.inputs, path,
+                                                dynamic_dims=subject.loaded.dynamic_dims,
+                                                tolerance=request.tolerance)
+    else:
+        subject.save(final, path)
+    report.onnx_export = path

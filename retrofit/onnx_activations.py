@@ -193,6 +193,7 @@ class _Builder:
         self.dtype = dtype
         self.nodes: list[onnx.NodeProto] = []
         self._constants: dict[tuple[int, float], str] = {}
+        self._axes: dict[tuple[int, ...], str] = {}
 
     def op(self, op_type: str, inputs: Sequence[str], hint: str = "", **attrs: object) -> str:
         output = self.fresh(hint or op_type.lower())
@@ -215,9 +216,10 @@ class _Builder:
         if axes is None:
             return self.op(op_type, [x], hint, keepdims=1)
         if self.opset >= _AXES_INPUT_SINCE[op_type]:
-            tensor = helper.make_tensor("axes", TensorProto.INT64, [len(axes)], list(axes))
-            axes_name = self.op("Constant", [], "axes", value=tensor)
-            return self.op(op_type, [x, axes_name], hint, keepdims=1)
+            if axes not in self._axes:
+                tensor = helper.make_tensor("axes", TensorProto.INT64, [len(axes)], list(axes))
+                self._axes[axes] = self.op("Constant", [], "axes", value=tensor)
+            return self.op(op_type, [x, self._axes[axes]], hint, keepdims=1)
         return self.op(op_type, [x], hint, axes=list(axes), keepdims=1)
 
     def finish(self, result: str, output: str) -> list[onnx.NodeProto]:

@@ -548,8 +548,12 @@ def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> list[n
         if unknown:
             parts.append(f"unknown input(s) {', '.join(map(repr, unknown))}")
         raise UsageError("cannot run the model: " + "; ".join(parts))
+    import onnxruntime
+
+    options = onnxruntime.RunOptions()
+    options.log_severity_level = 3  # the error below says it once, in one line
     try:
-        return list(session.run(None, dict(inputs)))
+        return list(session.run(None, dict(inputs), options))
     except Exception as error:  # onnxruntime's pybind exception types
         raise BadInputError(f"onnxruntime failed to run the model: {_one_line(error)}") from error
 

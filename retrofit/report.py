@@ -1,27 +1,56 @@
-"""Reports of a retrofit: a rich table for people, JSON for machines.
+"""Reports of a retrofit: a rich view for people, JSON for machines, Markdown for CI summaries.
 
-The JSON keys are documented in the README ("JSON report") and are stable: a CI step may
-parse them.
+The JSON keys are documented in the README ("JSON report") and versioned by ``version``: a CI
+step may parse them. Accuracies are percentages, differences percentage points.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from retrofit.job import RetrofitReport
+from retrofit.metrics import PairedDelta
 from retrofit.sites import ReluSite
+from retrofit.verify import OutputParity
 
 REPORT_VERSION = 1
 
+_DELTA_TITLES = {
+    "swap": "after swap vs before",
+    "finetune": "after fine-tune vs before",
+    "vs_control": "after fine-tune vs ReLU control (same budget)",
+}
+
+
+def _parity(parity: OutputParity | None) -> dict[str, float] | None:
+    if parity is None:
+        return None
+    return {"max_abs_diff": parity.max_abs_diff, "relative": parity.relative}
+
+
+def _finetune_summary(report: RetrofitReport) -> dict[str, Any] | None:
+    result = report.finetune
+    if result is None:
+        return None
+    return {
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "best_val_top1": result.best_val_top1,
+        "stopped_early": result.stopped_early,
+        "history": [dataclasses.asdict(epoch) for epoch in result.history],
+    }
+
 
 def report_to_dict(report: RetrofitReport) -> dict[str, Any]:
-    """The report as plain JSON-ready data."""
-    parity = report.parity
+    """The report as plain JSON-ready data (see README, "JSON report")."""
+    stages = [*report.stages, *([report.control] if report.control else [])]
     return {
         "version": REPORT_VERSION,
         "model": str(report.model),
@@ -32,18 +61,38 @@ def report_to_dict(report: RetrofitReport) -> dict[str, Any]:
         "sites": [dataclasses.asdict(site) for site in report.sites],
         "replaced": len(report.replaced),
         "kept": len(report.sites) - len(report.replaced),
-        "parity": None if parity is None else {
-            "max_abs_diff": parity.max_abs_diff,
-            "relative": parity.relative,
+        "parity": None if report.parity is None else {
+            **_parity(report.parity),  # type: ignore[dict-item]
             "tolerance": report.tolerance,
             "required": report.preserves_function,
         },
+        "dataset": report.dataset,
+        "accuracy": {
+            stage.name: {"top1": stage.result.top1, "top5": stage.result.top5, "n": stage.result.n}
+            for stage in stages
+        },
+        "deltas": {name: dataclasses.asdict(delta) for name, delta in report.deltas.items()},
+        "gates": [dataclasses.asdict(gate) for gate in report.gates],
+        "gates_passed": report.gates_passed,
+        "finetune": _finetune_summary(report),
+        "trained_onnx_parity": _parity(report.trained_parity),
+        "onnx_export": str(report.onnx_export) if report.onnx_export else None,
+        "onnx_export_parity": _parity(report.onnx_export_parity),
         "notes": list(report.notes),
     }
 
 
 def report_to_json(report: RetrofitReport) -> str:
-    return json.dumps(report_to_dict(report), indent=2, default=list)
+    return json.dumps(report_to_dict(report), indent=2, default=str)
+
+
+def _delta_text(delta: PairedDelta) -> str:
+    return (f"{delta.delta:+.2f} pp (95% CI {delta.ci_low:+.2f} to {delta.ci_high:+.2f}; "
+            f"McNemar p={delta.mcnemar_p:.3g}; {delta.gained} gained, {delta.lost} lost)")
+
+
+def _top5(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}%"
 
 
 def sites_table(sites: list[ReluSite], *, dry_run: bool = False) -> Table:
@@ -54,31 +103,91 @@ def sites_table(sites: list[ReluSite], *, dry_run: bool = False) -> Table:
     table.add_column("would replace" if dry_run else "replaced", justify="center")
     table.add_column("remark")
     for site in sites:
-        mark = "[green]yes[/]" if site.replaced else "[yellow]no[/]"
-        table.add_row(site.name, site.kind, mark, site.reason)
+        table.add_row(site.name, site.kind, "[green]yes[/]" if site.replaced else "[yellow]no[/]",
+                      site.reason)
     return table
 
 
+def accuracy_table(report: RetrofitReport) -> Table:
+    table = Table(title="Accuracy on " + str((report.dataset or {}).get("validation", "")),
+                  title_justify="left")
+    table.add_column("model")
+    table.add_column("top-1", justify="right")
+    table.add_column("top-5", justify="right")
+    table.add_column("samples", justify="right")
+    for stage in [*report.stages, *([report.control] if report.control else [])]:
+        result = stage.result
+        table.add_row(stage.name, f"{result.top1:.2f}%", _top5(result.top5), str(result.n))
+    return table
+
+
+def _parity_line(report: RetrofitReport) -> str | None:
+    parity = report.parity
+    if parity is None:
+        return None
+    if report.preserves_function:
+        status = "ok" if parity.relative <= report.tolerance else "differs"
+        return (f"identity parity: max abs diff {parity.max_abs_diff:.3g} "
+                f"({parity.relative:.3g} of output scale; {status})")
+    return (f"output change: max abs diff {parity.max_abs_diff:.3g} "
+            f"(expected: {report.activation} is not ReLU at initialisation)")
+
+
 def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = False) -> None:
-    """The terminal view: sites table, counts, parity, notes, output path."""
+    """The terminal view: sites, counts, parity, accuracies with deltas, gates, notes, files."""
     console.print(sites_table(report.sites, dry_run=dry_run))
     verb = "would be replaced" if dry_run else "replaced"
-    console.print(
-        f"{len(report.replaced)} of {len(report.sites)} ReLU sites {verb} by {report.activation} "
-        f"({report.model}, {report.format.value})"
-    )
-    parity = report.parity
-    if parity is not None:
-        status = "ok" if parity.relative <= report.tolerance else "differs"
-        what = "identity parity" if report.preserves_function else "output change"
-        console.print(
-            f"{what}: max abs diff {parity.max_abs_diff:.3g} "
-            f"({parity.relative:.3g} of output scale; {status})"
-            if report.preserves_function
-            else f"{what}: max abs diff {parity.max_abs_diff:.3g} (expected: {report.activation} "
-            "is not ReLU at initialisation)"
-        )
+    console.print(f"{len(report.replaced)} of {len(report.sites)} ReLU sites {verb} by "
+                  f"{report.activation} ({report.model}, {report.format.value})")
+    for line in filter(None, [_parity_line(report)]):
+        console.print(line)
+    if report.trained_parity is not None:
+        console.print(f"fine-tuned ONNX vs torch: max abs diff {report.trained_parity.max_abs_diff:.3g}")
+    if report.stages:
+        console.print(accuracy_table(report))
+        for name, delta in report.deltas.items():
+            console.print(f"{_DELTA_TITLES[name]}: {_delta_text(delta)}")
+    for gate in report.gates:
+        mark = "[green]passed[/]" if gate.passed else "[red]FAILED[/]"
+        console.print(f"gate {gate.name} {gate.threshold:g} pp: {mark} (value {gate.value:+.2f} pp)")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     if report.output and not dry_run:
         console.print(f"wrote {report.output}")
+    if report.onnx_export:
+        parity = report.onnx_export_parity
+        extra = f" (onnxruntime vs torch: max abs diff {parity.max_abs_diff:.3g})" if parity else ""
+        console.print(f"wrote {report.onnx_export}{extra}")
+
+
+def report_to_markdown(report: RetrofitReport) -> str:
+    """A Markdown summary for pull requests and ``$GITHUB_STEP_SUMMARY``."""
+    lines = [f"### cadrelu retrofit: `{report.model.name}` → {report.activation}", "",
+             f"{len(report.replaced)} of {len(report.sites)} ReLU sites replaced."]
+    parity_line = _parity_line(report)
+    if parity_line:
+        lines += ["", parity_line]
+    if report.stages:
+        lines += ["", "| model | top-1 | top-5 | samples |", "|---|---:|---:|---:|"]
+        for stage in [*report.stages, *([report.control] if report.control else [])]:
+            result = stage.result
+            lines.append(f"| {stage.name} | {result.top1:.2f}% | {_top5(result.top5)} | {result.n} |")
+        lines.append("")
+        lines += [f"- {_DELTA_TITLES[name]}: {_delta_text(delta)}"
+                  for name, delta in report.deltas.items()]
+    for gate in report.gates:
+        lines.append(f"- gate `{gate.name}` {gate.threshold:g} pp: "
+                     f"{'passed' if gate.passed else '**FAILED**'} (value {gate.value:+.2f} pp)")
+    if report.notes:
+        lines += ["", *[f"> {note}" for note in report.notes]]
+    return "\n".join(lines) + "\n"
+
+
+def append_step_summary(markdown: str) -> Path | None:
+    """Append to ``$GITHUB_STEP_SUMMARY`` when CI set it (append is how the runner expects it)."""
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return None
+    with open(target, "a", encoding="utf-8") as summary:
+        summary.write(markdown)
+    return Path(target)

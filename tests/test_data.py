@@ -100,7 +100,8 @@ def test_broken_image_names_the_file(image_folder: Path) -> None:
 
 def test_truncated_image_names_the_file(image_folder: Path) -> None:
     path = image_folder / "emu" / "0.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path)
     path.write_bytes(path.read_bytes()[:400])
     data = load_dataset(image_folder)
     with pytest.raises(BadInputError, match=r"emu/0\.png"):
@@ -212,7 +213,8 @@ def test_truncated_npz_is_bad_input(tmp_path: Path) -> None:
 
 def test_pt_dict_loads(tmp_path: Path) -> None:
     path = tmp_path / "d.pt"
-    torch.save({"x": torch.ones(4, 1, 2, 2, dtype=torch.float16), "y": torch.tensor([1, 0, 1, 3])}, path)
+    x = torch.ones(4, 1, 2, 2, dtype=torch.float16)
+    torch.save({"x": x, "y": torch.tensor([1, 0, 1, 3])}, path)
     data = load_dataset(path, mean=[1.0], std=[2.0])
     assert data.sample_shape == (1, 2, 2) and data.num_classes == 4
     x, y = data[3]
@@ -340,13 +342,14 @@ def test_check_labels_fit_states_both_numbers(tmp_path: Path) -> None:
     np.savez(path, x=np.zeros((3, 2)), y=np.array([0, 11, 4]))
     data = load_dataset(path)
     check_labels_fit(data, 12)
-    with pytest.raises(BadInputError, match="labels in .* go up to 11 but the model has 10 outputs"):
+    with pytest.raises(BadInputError, match="labels in .* go up to 11 but the model has 10 outp"):
         check_labels_fit(data, 10)
 
 
 def test_check_input_fits_turns_shape_errors_into_one_line() -> None:
     model = torch.nn.Conv2d(3, 4, 3)
     assert check_input_fits(model, torch.zeros(3, 8, 8)).shape == (1, 4, 6, 6)
-    with pytest.raises(BadInputError, match=r"data samples of shape \(1, 8, 8\) do not fit the model: ") as info:
+    message = r"data samples of shape \(1, 8, 8\) do not fit the model: "
+    with pytest.raises(BadInputError, match=message) as info:
         check_input_fits(model, torch.zeros(1, 8, 8))
     assert "\n" not in str(info.value)

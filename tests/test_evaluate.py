@@ -95,7 +95,8 @@ def test_labels_beyond_the_outputs_are_refused_before_scoring(tmp_path: Path) ->
 
 
 def test_data_of_the_wrong_shape_is_one_clear_line(ranked_data) -> None:
-    with pytest.raises(BadInputError, match=r"data samples of shape \(6,\) do not fit the model") as info:
+    message = r"data samples of shape \(6,\) do not fit the model"
+    with pytest.raises(BadInputError, match=message) as info:
         evaluate(torch_predictor(nn.Linear(4, 6)), ranked_data)
     assert "\n" not in str(info.value)
 
@@ -122,7 +123,8 @@ def test_onnx_predictor_equals_torch_predictor(image_batch_data) -> None:
     assert via_onnx.dtype == torch.float32 and via_onnx.shape == (10, 7)
     torch.testing.assert_close(via_onnx, via_torch, atol=1e-5, rtol=1e-5)
     by_torch = evaluate(torch_predictor(model), image_batch_data, batch_size=4)
-    by_onnx = evaluate(onnx_predictor(_export(model, batch=2, dynamic=True)), image_batch_data, batch_size=4)
+    exported = onnx_predictor(_export(model, batch=2, dynamic=True))
+    by_onnx = evaluate(exported, image_batch_data, batch_size=4)
     assert torch.equal(by_onnx.correct1, by_torch.correct1)
     assert by_onnx.top5 == by_torch.top5
 
@@ -132,7 +134,8 @@ def test_onnx_with_a_fixed_batch_is_fed_padded_batches(image_batch_data) -> None
     predictor = onnx_predictor(_export(model, batch=4, dynamic=False))
     assert predictor.fixed_batch == 4
     batch = torch.stack([image_batch_data[i][0] for i in range(10)])
-    torch.testing.assert_close(predictor(batch), torch_predictor(model)(batch), atol=1e-5, rtol=1e-5)
+    expected = torch_predictor(model)(batch)
+    torch.testing.assert_close(predictor(batch), expected, atol=1e-5, rtol=1e-5)
     result = evaluate(predictor, image_batch_data, batch_size=3)
     assert result.n == 10
 
@@ -148,7 +151,8 @@ def test_onnx_model_with_two_inputs_is_unsupported() -> None:
     x = onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1, 2])
     z = onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [1, 2])
     out = onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [1, 2])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["a", "b"], ["c"])], "g", [x, z], [out])
+    add = onnx.helper.make_node("Add", ["a", "b"], ["c"])
+    graph = onnx.helper.make_graph([add], "g", [x, z], [out])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     model.ir_version = 8
     with pytest.raises(UnsupportedModelError, match="2 inputs"):
