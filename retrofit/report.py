@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from retrofit.job import RetrofitReport
+from retrofit.job import GateResult, RetrofitReport
 from retrofit.metrics import PairedDelta
 from retrofit.sites import ReluSite
 from retrofit.verify import OutputParity
@@ -91,6 +91,11 @@ def _delta_text(delta: PairedDelta) -> str:
             f"McNemar p={delta.mcnemar_p:.3g}; {delta.gained} gained, {delta.lost} lost)")
 
 
+def _gate_text(gate: GateResult) -> str:
+    measured = "drop" if gate.name == "max_drop" else "gain"
+    return f"{gate.name} {gate.threshold:g} pp ({measured} {gate.value:.2f} pp)"
+
+
 def _top5(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}%"
 
@@ -149,7 +154,7 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
             console.print(f"{_DELTA_TITLES[name]}: {_delta_text(delta)}")
     for gate in report.gates:
         mark = "[green]passed[/]" if gate.passed else "[red]FAILED[/]"
-        console.print(f"gate {gate.name} {gate.threshold:g} pp: {mark} (value {gate.value:+.2f} pp)")
+        console.print(f"gate {_gate_text(gate)}: {mark}")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     if report.output and not dry_run:
@@ -176,8 +181,7 @@ def report_to_markdown(report: RetrofitReport) -> str:
         lines += [f"- {_DELTA_TITLES[name]}: {_delta_text(delta)}"
                   for name, delta in report.deltas.items()]
     for gate in report.gates:
-        lines.append(f"- gate `{gate.name}` {gate.threshold:g} pp: "
-                     f"{'passed' if gate.passed else '**FAILED**'} (value {gate.value:+.2f} pp)")
+        lines.append(f"- gate {_gate_text(gate)}: {'passed' if gate.passed else '**FAILED**'}")
     if report.notes:
         lines += ["", *[f"> {note}" for note in report.notes]]
     return "\n".join(lines) + "\n"
