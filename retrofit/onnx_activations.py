@@ -10,8 +10,10 @@ module uses: the competition ``p`` is measured on ``u = z / m`` with
 ``m = max(max|z|, 1)`` over the same axes, and eps is scaled to match (``eps / m^2`` for the energy
 measure, ``eps / m`` for L1), which is the paper's ``p`` exactly while ``z^2`` cannot overflow.
 The output is ``Max(s * z, 0)`` with ``s = K * tanh(alpha * p + beta)``: no ``Relu`` node is
-emitted, so a rewritten model has no ReLU site left. Float16 and bfloat16 tensors are computed in
-float32 and cast back (MRePU overflows float16 early; the sums of CompetitiveReLU do too).
+emitted, so a rewritten model has no ReLU site left. As in the torch modules, float16 and
+bfloat16 tensors are computed in float32 and cast back (MRePU overflows float16 early; the sums of
+CompetitiveReLU do too), and a result beyond the output type's range saturates at its largest
+finite value instead of becoming inf.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from retrofit.config import (
     ActivationConfig,
@@ -54,6 +57,15 @@ _COMPUTE_TYPES = {
     TensorProto.BFLOAT16: TensorProto.FLOAT,
 }
 
+# Largest finite value of each float type: outputs saturate there instead of becoming inf,
+# as the torch modules do (== torch.finfo(dtype).max).
+_FINITE_MAX = {
+    TensorProto.FLOAT: 3.4028234663852886e38,
+    TensorProto.DOUBLE: 1.7976931348623157e308,
+    TensorProto.FLOAT16: 65504.0,
+    TensorProto.BFLOAT16: 3.3895313892515355e38,
+}
+
 # Opset from which a reduction takes its axes as an input instead of an attribute.
 _AXES_INPUT_SINCE = {"ReduceSum": 13, "ReduceMax": 18, "ReduceMean": 18}
 
@@ -70,10 +82,10 @@ def compute_type(elem_type: int) -> int | None:
 class CompetitionAxes:
     """Where CompetitiveReLU measures ``p(z)`` at one site.
 
-    ``axes`` are the reduced axes (kept as size 1, so ``p`` broadcasts back onto ``z``);
-    ``None`` reduces every axis; ``()`` reduces none (each element competes alone).
-    ``flatten`` is the rank-agnostic per-sample form used when the rank is unknown: ``p`` is
-    measured over axis 1 of ``Flatten(z, 1)`` and the result is reshaped back to ``Shape(z)``.
+    ``axes`` are the reduced axes (kept as size 1, so ``p`` broadcasts back onto ``z``;
+    negative ones count from the end); ``None`` reduces every axis. ``flatten`` is the
+    rank-agnostic per-sample form used when the rank is unknown: ``p`` is measured over axis 1
+    of ``Flatten(z, 1)`` and the result is reshaped back to ``Shape(z)``.
     """
 
     axes: tuple[int, ...] | None
@@ -82,11 +94,7 @@ class CompetitionAxes:
     def describe(self) -> str:
         if self.flatten:
             return "per sample (rank unknown: measured on Flatten(z, 1))"
-        if self.axes is None:
-            return "over all axes"
-        if not self.axes:
-            return "per element (no axis to reduce)"
-        return f"over axes {list(self.axes)}"
+        return "over all axes" if self.axes is None else f"over axes {list(self.axes)}"
 
 
 def competition_axes(
@@ -94,9 +102,10 @@ def competition_axes(
 ) -> CompetitionAxes:
     """Resolve a config's ``reduce`` to concrete axes for a tensor of ``rank`` dimensions.
 
-    ``sample``: every non-batch axis (a tensor of rank 0 or 1 has no batch axis: all of it);
-    ``channel``: the spatial axes ``2..rank-1`` (none for rank <= 2: each element alone);
-    ``last``: the last axis; ``auto``: ``last`` for rank 3, else ``sample``.
+    The same axes as the torch module (:func:`retrofit.activations.competition_axes`):
+    ``sample`` every non-batch axis; ``channel`` the spatial axes ``2..rank-1`` (a 2-D input has
+    none, so it falls back to ``sample``); ``last`` the last axis; ``auto`` is ``last`` for
+    rank 3, else ``sample``; a 0-D or 1-D tensor is a single sample: every axis.
     With the rank unknown, ``sample`` is measured rank-agnostically through ``Flatten`` and
     ``last`` as axis -1 (opset 11 on); ``auto`` and ``channel`` cannot be decided and raise
     :class:`UnsupportedModelError`.
@@ -114,13 +123,15 @@ def competition_axes(
             "its axes; give the model's inputs static ranks or use reduce='sample'"
             + (" or 'last'" if opset >= 11 else "")
         )
+    if rank <= 1:
+        return CompetitionAxes(None)
     if reduce == "auto":
         reduce = "last" if rank == 3 else "sample"
     if reduce == "last":
-        return CompetitionAxes((rank - 1,) if rank >= 1 else None)
-    if reduce == "channel":
+        return CompetitionAxes((rank - 1,))
+    if reduce == "channel" and rank >= 3:
         return CompetitionAxes(tuple(range(2, rank)))
-    return CompetitionAxes(tuple(range(1, rank)) if rank >= 2 else None)
+    return CompetitionAxes(tuple(range(1, rank)))
 
 
 @dataclass(frozen=True)
@@ -163,8 +174,10 @@ def parameter_values(
 
 
 def parameter_tensor(name: str, value: float, plan: SitePlan) -> TensorProto:
-    """One scalar parameter as an initializer in the site's compute type."""
-    return helper.make_tensor(name, plan.compute_type, [], [value])
+    """One scalar parameter as an initializer in the site's compute type (raw data, as
+    exporters write it)."""
+    dtype = helper.tensor_dtype_to_np_dtype(plan.compute_type)
+    return numpy_helper.from_array(np.array(value, dtype=dtype), name)
 
 
 def describe(config: ActivationConfig, plan: SitePlan) -> str:
@@ -211,8 +224,6 @@ class _Builder:
         return self._constants[key]
 
     def reduce(self, op_type: str, x: str, axes: tuple[int, ...] | None, hint: str) -> str:
-        if axes == ():
-            return x  # nothing to reduce: each element is its own group
         if axes is None:
             return self.op(op_type, [x], hint, keepdims=1)
         if self.opset >= _AXES_INPUT_SINCE[op_type]:
@@ -256,14 +267,16 @@ def emit_activation(
     dtype = plan.compute_type
     b = _Builder(fresh, opset, dtype)
     z = x if dtype == plan.elem_type else b.op("Cast", [x], "x_f32", to=dtype)
+    big = _FINITE_MAX[plan.elem_type]
     if isinstance(config, CompetitiveReLUConfig):
         if plan.axes is None:
             raise UsageError("a CompetitiveReLU site needs its competition axes")
-        result = _competitive_relu(b, config, plan.axes, z, *params)
+        result = _competitive_relu(b, config, plan.axes, z, big, *params)
     elif isinstance(config, MRePUConfig):
-        result = _mrepu(b, config, z)
+        result = _mrepu(b, config, z, big)
     elif isinstance(config, RePUConfig):
-        result = b.op("Pow", [b.op("Max", [z, b.const(0.0)], "pos"), b.const(config.p)], "repu")
+        positive = b.op("Max", [z, b.const(0.0)], "pos")
+        result = _saturate(b, b.op("Pow", [positive, b.const(config.p)], "repu"), big)
     else:
         raise UsageError(f"no ONNX form for activation {type(config).__name__}")
     if dtype != plan.elem_type:
@@ -271,8 +284,20 @@ def emit_activation(
     return b.finish(result, y)
 
 
+def _saturate(b: _Builder, y: str, big: float) -> str:
+    """Clamp to [-big, big]: a result beyond the output type's range becomes its largest
+    finite value, not inf."""
+    return b.op("Max", [b.op("Min", [y, b.const(big)], "upper"), b.const(-big)], "saturated")
+
+
 def _competitive_relu(
-    b: _Builder, config: CompetitiveReLUConfig, where: CompetitionAxes, x: str, alpha: str, beta: str
+    b: _Builder,
+    config: CompetitiveReLUConfig,
+    where: CompetitionAxes,
+    x: str,
+    big: float,
+    alpha: str,
+    beta: str,
 ) -> str:
     zero = b.const(0.0)
     z = b.op("Flatten", [x], "flat", axis=1) if where.flatten else x
@@ -299,24 +324,26 @@ def _competitive_relu(
         p = b.op("Div", [numerator, b.op("Add", [total, eps_scaled], "denominator")], "p")
     t = b.op("Add", [b.op("Mul", [alpha, p], "alpha_p"), beta], "t")
     s = b.op("Mul", [b.const(config.k), b.op("Tanh", [t], "tanh")], "s")
-    y = b.op("Max", [b.op("Mul", [s, z], "scaled"), zero], "carelu")
+    # max(s*z, 0), then at most the output type's largest finite value (torch: clamp(0, big))
+    y = b.op("Max", [b.op("Mul", [s, z], "scaled"), zero], "positive")
+    y = b.op("Min", [y, b.const(big)], "carelu")
     if where.flatten:
         y = b.op("Reshape", [y, b.op("Shape", [x], "shape")], "carelu")
     return y
 
 
-def _mrepu(b: _Builder, config: MRePUConfig, x: str) -> str:
+def _mrepu(b: _Builder, config: MRePUConfig, x: str, big: float) -> str:
     zero = b.const(0.0)
-    relu = b.op("Max", [x, zero], "relu")
     if config.blend == 0.0:
-        return relu  # lam = 0 is the pretrained ReLU; skip MRePU so inf*0 cannot appear
+        return b.op("Max", [x, zero], "relu")  # lam = 0 is ReLU; no MRePU, so no inf*0
     shifted = b.op("Max", [b.op("Add", [x, b.const(config.c)], "shifted"), zero], "shifted_pos")
     mrepu = b.op("Mul", [x, b.op("Pow", [shifted, b.const(config.p)], "power")], "mrepu")
     if config.blend == 1.0:
-        return mrepu
+        return _saturate(b, mrepu, big)
+    relu = b.op("Max", [x, zero], "relu")
     kept = b.op("Mul", [b.const(1.0 - config.blend), relu], "relu_part")
     added = b.op("Mul", [b.const(config.blend), mrepu], "mrepu_part")
-    return b.op("Add", [kept, added], "blend")
+    return _saturate(b, b.op("Add", [kept, added], "blend"), big)
 
 
 def local_fresh(used: set[str] | None = None) -> Fresh:

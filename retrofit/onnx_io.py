@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_model, set_external_data
+from onnx.external_data_helper import load_external_data_for_model
 
 from retrofit.atomic import atomic_output, check_output_path
 from retrofit.errors import (
@@ -27,11 +27,9 @@ from retrofit.errors import (
     UsageError,
 )
 
-PROTOBUF_LIMIT = 2**31 - 1
-"""A serialized protobuf message cannot exceed 2 GiB; larger models keep their data outside."""
-
 _SAFE_PROTO_SIZE = 2**31 - 2**26
-"""Above this (2 GiB less 64 MiB of headroom) a model is saved with external data."""
+"""A serialized protobuf cannot exceed 2 GiB: above this (less 64 MiB of headroom) a model is
+saved with external data and checked or run through a light copy or a file."""
 
 _SKELETON_BYTES = 4096
 """Initializers up to this size stay in :func:`shape_inference_view` (shapes, axes, scalars)."""
@@ -239,6 +237,9 @@ def load_onnx(path: str | os.PathLike[str], *, check_rewritable: bool = True) ->
                 f"cannot read the external data of {path}: {_one_line(error, 160)}"
             ) from error
         _check_tensor_sizes(model, path)
+        for tensor in _initializers(model):  # loaded: now as if the data had always been inline
+            if tensor.HasField("data_location") and tensor.data_location == TensorProto.DEFAULT:
+                tensor.ClearField("data_location")
     _EXTERNAL_FILES[path.resolve()] = (
         _stamp(path),
         tuple(path.parent / location for location in locations),
@@ -248,18 +249,24 @@ def load_onnx(path: str | os.PathLike[str], *, check_rewritable: bool = True) ->
     return model
 
 
+# Types whose raw size is not elements x itemsize (strings; sub-byte types packed in bytes).
+_UNSIZED_TYPES = {
+    getattr(TensorProto, name)
+    for name in ("STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(TensorProto, name)
+}
+
+
 def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
     """External data shorter than its tensor (a truncated .data file) is a bad input."""
     for tensor in _initializers(model):
-        if not tensor.raw_data or tensor.data_type == TensorProto.STRING:
+        if not tensor.raw_data or tensor.data_type in _UNSIZED_TYPES:
             continue
         try:
             itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         except (KeyError, ValueError):
             continue
         expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-        if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
-            continue  # packed types: two values a byte
         if len(tensor.raw_data) != expected:
             raise BadInputError(
                 f"{path}: external data of tensor {tensor.name!r} has {len(tensor.raw_data)} "
@@ -292,7 +299,11 @@ def save_onnx(
     path = Path(path)
     protected: list[Path] = []
     if source is not None:
-        protected = [Path(source), *external_data_files(source)]
+        try:
+            source_data = external_data_files(source)
+        except BadInputError:  # the source is not an ONNX file (a torch model being exported)
+            source_data = []
+        protected = [Path(source), *source_data]
     check_output_path(path, inputs=protected, force=True)
     if any(_uses_external_data(tensor) for tensor in _initializers(model)):
         raise UsageError(
@@ -339,7 +350,13 @@ def _save_with_external_data(
                         data.seek(offset)
                     data.write(raw)
                     _clear_data(tensor)
-                    set_external_data(tensor, data_path.name, offset, len(raw))
+                    del tensor.external_data[:]
+                    for key, value in (
+                        ("location", data_path.name), ("offset", str(offset)),
+                        ("length", str(len(raw))),
+                    ):  # fmt: skip
+                        entry = tensor.external_data.add()
+                        entry.key, entry.value = key, value
                     tensor.data_location = TensorProto.EXTERNAL
                 data.flush()
                 # the model bytes are ready before the data file is renamed into place
@@ -461,7 +478,11 @@ def make_onnx_inputs(
 
 def _input_shape(value: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> tuple[int, ...]:
     tensor_type = value.type.tensor_type
-    hint = f"give its shape, e.g. input_shapes={{{value.name!r}: (...)}} (--input-shape)"
+    example = ",".join(
+        str(dim.dim_value) if dim.HasField("dim_value") else f"<{dim.dim_param or 'size'}>"
+        for dim in tensor_type.shape.dim
+    ) or "<sizes>"
+    hint = f"give its whole shape (--input-shape {value.name}:{example})"
     if not tensor_type.HasField("shape"):
         if given is None:
             raise UsageError(f"input {value.name!r} has no declared shape; {hint}")

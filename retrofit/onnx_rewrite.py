@@ -13,8 +13,12 @@ Where sites are:
   original function's name when the original is no longer called.
 
 Each site gets its parameters as main-graph initializers named ``cadrelu.<site>.alpha`` and
-``cadrelu.<site>.beta`` (sanitised, numbered on a clash); ``site_values`` replaces their values,
-which is how trained values are written back after fine-tuning. Ranks and element types come
+``cadrelu.<site>.beta`` (scopes joined by dots, other odd characters ``_``, numbered on a
+clash); ``site_values`` replaces their values, which is how trained values are written back after
+fine-tuning. With ``as_functions=True`` each activation variant (element type, axes) is one
+model-local function in domain ``cadrelu`` and every site is one call of it with its own
+initializers; model-local functions need IR version 8, so a lower IR version is raised to 8 and
+the result says so in its notes. Ranks and element types come
 from onnx shape inference (per subgraph and per function call, with the enclosing scope's types);
 see :func:`retrofit.onnx_activations.competition_axes` for what an unknown rank allows.
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 import re
 from collections import ChainMap
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import onnx
 from onnx import helper
@@ -39,13 +43,13 @@ from retrofit.onnx_activations import (
     FUNCTION_NAMES,
     MAX_OPSET,
     MIN_OPSET,
+    Fresh,
     SitePlan,
     activation_call,
     activation_function,
     competition_axes,
     compute_type,
     emit_activation,
-    local_fresh,
     parameter_names,
     parameter_tensor,
     parameter_values,
@@ -62,7 +66,10 @@ _RNN_OPS = {"RNN", "GRU", "LSTM"}
 _SMALL_TENSOR_BYTES = 4096
 
 FunctionKey = tuple[str, str, str]
+"""A model-local function's identity: (domain, name, overload)."""
 Types = Mapping[str, onnx.TypeProto]
+Signature = tuple[Optional[SitePlan], ...]
+"""What one call of a function needs from its body: a plan per site, None where it stays ReLU."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +123,7 @@ def _tensor_info(types: Types, name: str) -> tuple[int, int | None]:
     return tensor_type.elem_type, rank
 
 
-def _rebuild(container, replacements: dict[int, list[onnx.NodeProto]]) -> None:  # type: ignore[no-untyped-def]
+def _rebuild(container: Any, replacements: dict[int, list[onnx.NodeProto]]) -> None:
     """Replace nodes of a repeated node field (graph or function body) by index, in order."""
     if not replacements:
         return
@@ -124,8 +131,8 @@ def _rebuild(container, replacements: dict[int, list[onnx.NodeProto]]) -> None: 
     new_nodes: list[onnx.NodeProto] = []
     for index, node in enumerate(nodes):
         new_nodes.extend(replacements.get(index, (node,)))
-    del container[:]  # type: ignore[union-attr]
-    container.extend(new_nodes)  # type: ignore[union-attr]
+    del container[:]
+    container.extend(new_nodes)
 
 
 class _Names:
@@ -142,7 +149,7 @@ class _Names:
         self.used.add(name)
         return name
 
-    def under(self, prefix: str):  # type: ignore[no-untyped-def]
+    def under(self, prefix: str) -> Fresh:
         return lambda hint: self.fresh(f"{prefix}.{hint}")
 
 
@@ -150,6 +157,7 @@ def _graph_names(graph: onnx.GraphProto, names: set[str]) -> set[str]:
     for value in (*graph.input, *graph.output, *graph.value_info):
         names.add(value.name)
     names.update(tensor.name for tensor in graph.initializer)
+    names.update(sparse.values.name for sparse in graph.sparse_initializer)
     for node in graph.node:
         _node_names(node, names)
     return names
@@ -310,7 +318,6 @@ class _Found:
     graph_key: int | None = None  # graph scope holding the node (None inside functions)
     index: int = -1  # node index in that scope
     call: _Call | None = None  # the function call this site belongs to
-    slot: int = -1  # position among the call's sites
 
 
 @dataclass
@@ -328,7 +335,7 @@ class _Layout:
     """A function's sites in body order, by structure alone: ``("relu", label)`` entries and
     ``("call", label, callee, count)`` entries that stand for ``count`` sites of the callee."""
 
-    entries: list[tuple] = field(default_factory=list)  # type: ignore[type-arg]
+    entries: list[tuple[Any, ...]] = field(default_factory=list)
     count: int = 0
     labels: list[str] = field(default_factory=list)
 
@@ -346,6 +353,7 @@ class _Discovery:
         self.graphs: dict[int, onnx.GraphProto] = {}
         self.notes: list[str] = []
         self._layouts: dict[FunctionKey, _Layout] = {}
+        self.reached: set[FunctionKey] = set()
 
     def run(self) -> None:
         main = self.model.graph
@@ -353,7 +361,14 @@ class _Discovery:
             main.node, main.input, main.initializer, main.value_info, {},
             self.model.opset_import, self.model.functions,
         )  # fmt: skip
-        self._walk(main.node, types, "", main.name or "main graph", main, self.opset, (), None)
+        owner = main.name or "main graph"
+        self._walk(main.node, types, "", owner, main, self.opset, self.model.opset_import, (), None)
+        for key, function in self.functions.items():
+            if key not in self.reached and self.layout(key).count:
+                self.notes.append(
+                    f"model-local function {function.name!r} holds Relu but is never called; "
+                    "left as it is"
+                )
 
     def _walk(
         self,
@@ -363,12 +378,13 @@ class _Discovery:
         owner: str,
         graph: onnx.GraphProto | None,
         opset: int | None,
+        opsets: Sequence[onnx.OperatorSetIdProto],
         stack: tuple[FunctionKey, ...],
         sink: list[_Found] | None,
     ) -> None:
         """Visit one scope. ``graph`` is the graph scope being walked (sites there are edited in
-        place); ``sink`` collects the sites of a function body instead (``graph`` is None)."""
-        opsets = self.model.opset_import
+        place); ``sink`` collects the sites of a function body instead (``graph`` is None).
+        ``opset`` and ``opsets`` are the scope's default-domain version and opset imports."""
         for index, node in enumerate(nodes):
             label = prefix + _label(node, index)
             if _is_relu(node):
@@ -391,7 +407,7 @@ class _Discovery:
                 scope = f"{label}/{attr_label}"
                 self._walk(
                     sub.node, sub_types, scope + "/", scope,
-                    sub if graph is not None else None, opset, stack, sink,
+                    sub if graph is not None else None, opset, opsets, stack, sink,
                 )  # fmt: skip
             function = self.functions.get(_call_key(node))
             if function is None:
@@ -404,8 +420,8 @@ class _Discovery:
                 sink.extend(sites)
                 continue
             call = _Call(id(graph), index, _function_key(function), sites)
-            for slot, site in enumerate(sites):
-                site.call, site.slot = call, slot
+            for site in sites:
+                site.call = call
             self.calls.append(call)
             self.found.extend(sites)
         if graph is not None:
@@ -424,6 +440,7 @@ class _Discovery:
             raise UnsupportedModelError(f"model-local function {function.name!r} calls itself")
         if self.layout(key).count == 0:
             return []
+        self.reached.add(key)
         body = _bind_attributes(function, call.attribute)
         inputs = []
         for position, name in enumerate(function.input):
@@ -436,7 +453,9 @@ class _Discovery:
         opset = _default_opset(function.opset_import) or self.opset
         sites: list[_Found] = []
         scope = f"{label}/{function.name}"
-        self._walk(body, body_types, scope + "/", scope, None, opset, (*stack, key), sites)
+        self._walk(
+            body, body_types, scope + "/", scope, None, opset, opset_imports, (*stack, key), sites
+        )
         return sites
 
     def layout(self, key: FunctionKey) -> _Layout:
@@ -514,6 +533,8 @@ class _Planned:
 
 
 class _Rewriter:
+    """Emits the new nodes, function variants and activation functions into the model copy."""
+
     def __init__(
         self,
         model: onnx.ModelProto,
@@ -529,13 +550,14 @@ class _Rewriter:
         self.replacements: dict[int, dict[int, list[onnx.NodeProto]]] = {}
         self.activation_functions: dict[tuple[SitePlan, int], onnx.FunctionProto] = {}
         self.function_names = {(f.domain, f.name) for f in model.functions}
-        self.variant_names: dict[tuple[FunctionKey, tuple], str] = {}  # type: ignore[type-arg]
+        self.variant_names: dict[tuple[FunctionKey, Signature], str] = {}
 
     # -- emission -------------------------------------------------------------------------
 
     def emit(
-        self, plan: SitePlan, relu: onnx.NodeProto, params: Sequence[str], fresh, opset: int  # type: ignore[no-untyped-def]
+        self, plan: SitePlan, relu: onnx.NodeProto, params: Sequence[str], fresh: Fresh, opset: int
     ) -> list[onnx.NodeProto]:
+        """The nodes that replace one Relu: inline, or one call of an activation function."""
         x, y = relu.input[0], relu.output[0]
         if not self.as_functions:
             return emit_activation(self.config, plan, x, y, opset=opset, fresh=fresh, params=params)
@@ -561,13 +583,14 @@ class _Rewriter:
 
     def rewrite_graph_site(self, planned: _Planned) -> None:
         found = planned.found
-        graph = self.discovery.graphs[found.graph_key]  # type: ignore[index]
-        relu = graph.node[found.index]
+        assert found.graph_key is not None and found.opset is not None
+        relu = self.discovery.graphs[found.graph_key].node[found.index]
         fresh = self.names.under(PARAMETER_PREFIX + _sanitize(planned.name))
-        nodes = self.emit(planned.plan, relu, planned.params, fresh, found.opset or 0)
-        self.replace(found.graph_key, found.index, nodes)  # type: ignore[arg-type]
+        nodes = self.emit(planned.plan, relu, planned.params, fresh, found.opset)
+        self.replace(found.graph_key, found.index, nodes)
 
-    def rewrite_call(self, call: _Call, signature: tuple, params: list[list[str]]) -> None:  # type: ignore[type-arg]
+    def rewrite_call(self, call: _Call, signature: Signature, params: list[list[str]]) -> None:
+        """Point a graph's call at the variant its signature needs, passing the sites' params."""
         if not any(signature):
             return
         graph = self.discovery.graphs[call.graph_key]
@@ -587,12 +610,12 @@ class _Rewriter:
 
     # -- function variants ----------------------------------------------------------------
 
-    def plan_variants(self, signatures: list[tuple[FunctionKey, tuple]]) -> set[FunctionKey]:  # type: ignore[type-arg]
+    def plan_variants(self, signatures: list[tuple[FunctionKey, Signature]]) -> set[FunctionKey]:
         """Decide which function variants exist and their names; return the originals kept."""
-        needed: dict[tuple[FunctionKey, tuple], None] = {}  # type: ignore[type-arg]
+        needed: dict[tuple[FunctionKey, Signature], None] = {}  # ordered set
         called_as_is: set[FunctionKey] = set()
 
-        def need(key: FunctionKey, signature: tuple) -> None:  # type: ignore[type-arg]
+        def need(key: FunctionKey, signature: Signature) -> None:
             if not any(signature):
                 called_as_is.add(key)
                 return
@@ -643,8 +666,10 @@ class _Rewriter:
                 yield from self._callees(inner)
 
     def build_variant(
-        self, key: FunctionKey, signature: tuple, opset: int  # type: ignore[type-arg]
+        self, key: FunctionKey, signature: Signature, opset: int
     ) -> onnx.FunctionProto:
+        """A copy of a function whose selected sites compute the new activation from parameters
+        appended to its inputs (in site order)."""
         original = self.discovery.functions[key]
         function = onnx.FunctionProto()
         function.CopyFrom(original)
@@ -660,14 +685,15 @@ class _Rewriter:
             function.input.extend(names)
         body_opset = _default_opset(original.opset_import) or opset
         self._rewrite_body(function.node, signature, slot_params, [0], fresh_names, body_opset, "")
-        if self.as_functions and not any(o.domain == FUNCTION_DOMAIN for o in function.opset_import):
+        imports_domain = any(o.domain == FUNCTION_DOMAIN for o in function.opset_import)
+        if self.as_functions and not imports_domain:
             function.opset_import.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
         return function
 
     def _rewrite_body(
         self,
-        container,  # type: ignore[no-untyped-def]
-        signature: tuple,  # type: ignore[type-arg]
+        container: Any,  # a repeated NodeProto field
+        signature: Signature,
         slot_params: list[list[str]],
         counter: list[int],
         names: _Names,
@@ -720,17 +746,17 @@ def rewrite_onnx_relus(
 
     Returns a new model (the input is not modified) whose inputs, outputs, metadata, doc
     strings, opset imports, IR version and untouched nodes are as they were, in the same order;
-    each replaced site computes its activation with its own parameters. ``as_functions=True``
-    emits each activation variant once as a model-local function in domain ``cadrelu`` called
-    per site (the IR version is raised to 8 when lower, with a note).
+    each replaced site computes its activation with its own parameters, initialised from the
+    config or from ``site_values[site]`` (``{"alpha": ..., "beta": ...}``, e.g. trained values).
+    ``as_functions=True`` emits each activation variant once as a model-local function in domain
+    ``cadrelu``, called per site (the IR version is raised to 8 when lower, with a note).
 
     Raises :class:`UnsupportedModelError` for a model without ReLU sites, a quantized or fused
     graph, an opset outside 9..28, or a site whose rank the configured reduction needs but
     inference cannot tell; :class:`SelectionError` when a rule matches no site;
-    :class:`UsageError` for ``site_values`` naming no site.
+    :class:`UsageError` for ``site_values`` naming no site or no parameter.
     """
     ensure_rewritable(model)
-    site_values = dict(site_values or {})
     out = onnx.ModelProto()
     out.CopyFrom(model)
     discovery = _Discovery(out)
@@ -742,6 +768,23 @@ def rewrite_onnx_relus(
         )
     names = unique_site_names([found.base_name for found in discovery.found])
     decisions = select.select(names)
+    site_values = dict(site_values or {})
+    _check_site_values(site_values, names, config)
+
+    rewriter = _Rewriter(out, discovery, config, as_functions)
+    sites, planned = _plan_sites(rewriter, names, decisions, site_values)
+    for item in planned.values():
+        if item.found.call is None:
+            rewriter.rewrite_graph_site(item)
+    _rewrite_calls(rewriter, planned)
+    rewriter.finish_graphs()
+    notes = [*discovery.notes, *_finish_model(out, sites, as_functions)]
+    return RetrofitResult(out, sites, config.name, notes)
+
+
+def _check_site_values(
+    site_values: Mapping[str, Mapping[str, float]], names: Sequence[str], config: ActivationConfig
+) -> None:
     unknown = sorted(set(site_values) - set(names))
     if unknown:
         raise UsageError(
@@ -750,12 +793,24 @@ def rewrite_onnx_relus(
         )
     if site_values and not parameter_names(config):
         raise UsageError(f"{config.name} has no per-site values; site_values apply to carelu")
+    for values in site_values.values():
+        parameter_values(config, values)  # names a parameter the activation does not have?
 
-    rewriter = _Rewriter(out, discovery, config, as_functions)
-    notes = list(discovery.notes)
+
+def _plan_sites(
+    rewriter: _Rewriter,
+    names: Sequence[str],
+    decisions: Mapping[str, str],
+    site_values: Mapping[str, Mapping[str, float]],
+) -> tuple[list[ReluSite], dict[int, _Planned]]:
+    """Decide every site; selected ones get a plan and their parameter initializers.
+
+    Returns the sites in graph order and the planned ones by position in graph order.
+    """
+    config, out = rewriter.config, rewriter.model
     sites: list[ReluSite] = []
-    planned: dict[int, _Planned] = {}  # by position in discovery.found
-    for position, (name, found) in enumerate(zip(names, discovery.found)):
+    planned: dict[int, _Planned] = {}
+    for position, (name, found) in enumerate(zip(names, rewriter.discovery.found)):
         reason = decisions[name]
         if not reason and found.elem_type and compute_type(found.elem_type) is None:
             reason = _not_float_reason(found.elem_type)
@@ -763,54 +818,15 @@ def rewrite_onnx_relus(
             sites.append(ReluSite(name, SITE_KIND, found.owner, False, reason))
             continue
         plan = _plan(config, found, name)
-        values = parameter_values(config, site_values.get(name))
         params = []
-        for param, value in values.items():
+        for param, value in parameter_values(config, site_values.get(name)).items():
             init_name = rewriter.names.fresh(f"{PARAMETER_PREFIX}{_sanitize(name)}.{param}")
             out.graph.initializer.append(parameter_tensor(init_name, value, plan))
             params.append(init_name)
         planned[position] = _Planned(found, name, plan, params)
-        remark = ""
-        if plan.axes is not None and (plan.axes.flatten or plan.axes.axes == ()):
-            remark = f"p measured {plan.axes.describe()}"
+        remark = f"p measured {plan.axes.describe()}" if plan.axes and plan.axes.flatten else ""
         sites.append(ReluSite(name, SITE_KIND, found.owner, True, remark, tuple(params)))
-
-    for item in planned.values():
-        if item.found.call is None:
-            rewriter.rewrite_graph_site(item)
-
-    position_of = {id(found): position for position, found in enumerate(discovery.found)}
-    call_signatures = []
-    for call in discovery.calls:
-        positions = [position_of[id(site)] for site in call.sites]
-        signature = tuple(planned[p].plan if p in planned else None for p in positions)
-        params = [planned[p].params if p in planned else [] for p in positions]
-        call_signatures.append((call, signature, params))
-    kept = rewriter.plan_variants([(call.function, sig) for call, sig, _ in call_signatures])
-    for call, signature, params in call_signatures:
-        rewriter.rewrite_call(call, signature, params)
-    rewriter.finish_graphs()
-    _replace_functions(out, rewriter, kept)
-
-    if any(site.replaced for site in sites):
-        if out.ir_version < 4:
-            new_inputs = [site_param for site in sites for site_param in site.parameters]
-            for tensor in out.graph.initializer:
-                if tensor.name in set(new_inputs):
-                    out.graph.input.append(
-                        helper.make_tensor_value_info(tensor.name, tensor.data_type, [])
-                    )
-            notes.append("IR version < 4: the new parameters are also listed as graph inputs")
-        if as_functions:
-            if not any(o.domain == FUNCTION_DOMAIN for o in out.opset_import):
-                out.opset_import.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
-            if out.ir_version < FUNCTION_MIN_IR_VERSION:
-                notes.append(
-                    f"IR version raised from {out.ir_version} to {FUNCTION_MIN_IR_VERSION}: "
-                    "model-local functions need it"
-                )
-                out.ir_version = FUNCTION_MIN_IR_VERSION
-    return RetrofitResult(out, sites, config.name, notes)
+    return sites, planned
 
 
 def _plan(config: ActivationConfig, found: _Found, name: str) -> SitePlan:
@@ -831,21 +847,59 @@ def _plan(config: ActivationConfig, found: _Found, name: str) -> SitePlan:
     return SitePlan(found.elem_type)
 
 
-def _replace_functions(out: onnx.ModelProto, rewriter: _Rewriter, kept: set[FunctionKey]) -> None:
-    """Originals still called stay; each rewritten function's variants follow it; the
-    activation functions come last."""
-    opset = rewriter.discovery.opset or MIN_OPSET
-    variants_by_key: dict[FunctionKey, list[onnx.FunctionProto]] = {}
-    for (key, signature) in rewriter.variant_names:
-        variants_by_key.setdefault(key, []).append(rewriter.build_variant(key, signature, opset))
-    if not variants_by_key and not rewriter.activation_functions:
+def _rewrite_calls(rewriter: _Rewriter, planned: Mapping[int, _Planned]) -> None:
+    """Give each function call the body its sites need and replace the model's functions:
+    originals still called stay, each rewritten function's variants follow it, and the
+    activation functions (``as_functions``) come last."""
+    discovery = rewriter.discovery
+    position_of = {id(found): position for position, found in enumerate(discovery.found)}
+    calls = []
+    for call in discovery.calls:
+        positions = [position_of[id(site)] for site in call.sites]
+        signature = tuple(planned[p].plan if p in planned else None for p in positions)
+        params = [planned[p].params if p in planned else [] for p in positions]
+        calls.append((call, signature, params))
+    kept = rewriter.plan_variants([(call.function, signature) for call, signature, _ in calls])
+    for call, signature, params in calls:
+        rewriter.rewrite_call(call, signature, params)
+
+    opset = discovery.opset or MIN_OPSET
+    variants: dict[FunctionKey, list[onnx.FunctionProto]] = {}
+    for key, signature in rewriter.variant_names:
+        variants.setdefault(key, []).append(rewriter.build_variant(key, signature, opset))
+    if not variants and not rewriter.activation_functions:
         return
+    model = rewriter.model
     functions = []
-    for function in out.functions:
+    for function in model.functions:
         key = _function_key(function)
         if key in kept:
             functions.append(function)
-        functions.extend(variants_by_key.get(key, []))
+        functions.extend(variants.get(key, []))
     functions.extend(rewriter.activation_functions.values())
-    del out.functions[:]
-    out.functions.extend(functions)
+    del model.functions[:]
+    model.functions.extend(functions)
+
+
+def _finish_model(out: onnx.ModelProto, sites: Sequence[ReluSite], as_functions: bool) -> list[str]:
+    """Model-level consequences of the new parameters and functions; returns the notes."""
+    notes: list[str] = []
+    if not any(site.replaced for site in sites):
+        return notes
+    parameters = {name for site in sites for name in site.parameters}
+    if out.ir_version < 4 and parameters:  # before IR 4 every initializer is a graph input
+        for tensor in out.graph.initializer:
+            if tensor.name in parameters:
+                value = helper.make_tensor_value_info(tensor.name, tensor.data_type, [])
+                out.graph.input.append(value)
+        notes.append("IR version < 4: the new parameters are also listed as graph inputs")
+    if as_functions:
+        if not any(o.domain == FUNCTION_DOMAIN for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
+        if out.ir_version < FUNCTION_MIN_IR_VERSION:
+            notes.append(
+                f"IR version raised from {out.ir_version} to {FUNCTION_MIN_IR_VERSION}: "
+                "model-local functions need it"
+            )
+            out.ir_version = FUNCTION_MIN_IR_VERSION
+    return notes

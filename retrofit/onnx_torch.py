@@ -24,20 +24,27 @@ What callers may rely on:
   ``torch.export.export``, dynamic batch included. Arguments an op needs as Python values
   (Reshape targets, Slice bounds, Squeeze axes, Resize scales) must be constants or shape
   arithmetic; an initializer read that way is a constant, not a parameter.
+* An initializer used at several places is one parameter. Exporters store equal tensors once
+  (a fresh BatchNorm's running variance *is* its weight), so such values train together, which
+  is what the written-back ONNX model then computes.
 * ``Dropout`` is the identity and ``BatchNormalization`` uses its running statistics: the module
-  computes what the ONNX model computes at inference, also while it is being trained.
+  computes what the ONNX model computes at inference, in ``train()`` and ``eval()`` mode alike.
+* Tensors the graph creates (from shapes, ConstantOfShape, Range) are made on the device of the
+  tensor they derive from, so ``module.to("cuda")`` works. Every fx node records the ONNX node it
+  came from in ``node.meta["onnx_node"]``.
 * An op or op feature this module cannot express raises :class:`UnsupportedModelError` before
   any work is done (op types) or when the node is reached (features); the input is never changed.
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import keyword
 import math
 import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -47,7 +54,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, numpy_helper
 from torch import fx, nn
 
-from retrofit.errors import BadInputError, UnsupportedModelError
+from retrofit.errors import BadInputError, RetrofitError, UnsupportedModelError
 from retrofit.sites import unique_site_names
 
 __all__ = [
@@ -75,6 +82,8 @@ _TORCH_DTYPES: dict[int, torch.dtype] = {
 }
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# Names a placeholder must not take: the generated forward() uses them.
+_RESERVED_NAMES = frozenset(dir(builtins)) | {"self", "torch", "inf", "nan", "operator", "fx"}
 # Slice bounds at or beyond this mean "to the end" (exporters write INT64_MAX / INT64_MIN).
 _BIG = 2**62
 
@@ -119,6 +128,8 @@ class _Sizes:
     elems: tuple[int | fx.Node, ...]
     scalar: bool
     dtype: torch.dtype = torch.int64
+    # A run-time tensor the sizes were read from: tensors made from them go to its device.
+    anchor: fx.Node | None = None
 
 
 @dataclass(frozen=True)
@@ -128,10 +139,6 @@ class _Weight:
 
     name: str
     tensor: torch.Tensor
-
-
-# A value: a run-time fx node, a build-time constant tensor, symbolic sizes, or a weight.
-_Value = "fx.Node | torch.Tensor | _Sizes | _Weight"
 
 
 def _contains_node(obj: Any) -> bool:
@@ -232,6 +239,9 @@ def _value_infos(model: onnx.ModelProto) -> dict[str, tuple[torch.dtype | None, 
 class _Builder:
     """Builds the fx graph for one ONNX model: holds the value of every ONNX name and adds nodes.
 
+    A value is a run-time ``fx.Node``, a build-time constant ``torch.Tensor``, :class:`_Sizes`
+    (shape arithmetic) or a :class:`_Weight` (a float initializer).
+
     ``call``/``method`` run the torch call at once when no argument is a run-time node (constant
     folding), so one handler serves constants, shape arithmetic and run-time tensors alike.
     """
@@ -246,11 +256,13 @@ class _Builder:
         self.attr_nodes: dict[str, fx.Node] = {}
         self.constant_buffers: set[str] = set()
         self.size_nodes: dict[fx.Node, fx.Node] = {}
+        self.device_nodes: dict[fx.Node, fx.Node] = {}
         self.sizes_tensors: dict[_Sizes, fx.Node] = {}
         # id(tensor) -> (ONNX-level name, tensor); holding the tensor keeps its id unique.
         self.const_names: dict[int, tuple[str, torch.Tensor]] = {}
         self.current: onnx.NodeProto | None = None
         self.current_label = ""
+        self.initializer_names = {init.name for init in model.graph.initializer}
         self.stat_only = self._statistics_only_initializers()
 
     # ---- errors
@@ -286,7 +298,8 @@ class _Builder:
     def _attr_node(self, attr: str, tensor: torch.Tensor, kind: str) -> fx.Node:
         if attr not in self.attr_nodes:
             if kind == "parameter":
-                self.root.register_parameter(attr, nn.Parameter(tensor.clone(), requires_grad=True))
+                # Initializer tensors are fresh copies: the parameter can own the memory.
+                self.root.register_parameter(attr, nn.Parameter(tensor, requires_grad=True))
             else:
                 self.root.register_buffer(attr, tensor.clone())
                 if kind == "constant":
@@ -393,6 +406,17 @@ class _Builder:
             return [int(v) for v in const.reshape(-1).tolist()]
         return self.method("tolist", value)
 
+    def shape_tensor(self, x: fx.Node) -> fx.Node:
+        """``x``'s shape as an int64 tensor on ``x``'s device (data: not exportable)."""
+        return self.method("to", self.call(torch._shape_as_tensor, x), self.device_of(x))
+
+    def anchor(self, name: str) -> fx.Node | None:
+        """The run-time tensor a value depends on (for the device of tensors made from it)."""
+        value = self.value(name)
+        if isinstance(value, _Sizes):
+            return value.anchor
+        return value if isinstance(value, fx.Node) else None
+
     def dtype(self, name: str) -> torch.dtype | None:
         value = self.value(name)
         if isinstance(value, _Weight):
@@ -426,8 +450,9 @@ class _Builder:
             tensor = torch.tensor(sizes.elems, dtype=sizes.dtype)
             return tensor.reshape(()) if sizes.scalar else tensor
         if sizes not in self.sizes_tensors:
+            options = {"dtype": sizes.dtype, "device": self.device_of(sizes.anchor)}
             parts = [
-                self._new_node("call_function", torch.scalar_tensor, (e,), {"dtype": sizes.dtype})
+                self._new_node("call_function", torch.scalar_tensor, (e,), options)
                 for e in sizes.elems
             ]
             node = (
@@ -457,6 +482,17 @@ class _Builder:
         return _Sizes(tuple(int(v) for v in value.reshape(-1).tolist()), value.dim() == 0,
                       value.dtype)
 
+    def device_of(self, anchor: fx.Node | None) -> fx.Node | None:
+        """A node reading ``anchor.device`` (cached), so that tensors the graph creates follow
+        the module to the GPU; None (the default device) without an anchor."""
+        if anchor is None:
+            return None
+        if anchor not in self.device_nodes:
+            self.device_nodes[anchor] = self._new_node(
+                "call_function", getattr, (anchor, "device"), {}
+            )
+        return self.device_nodes[anchor]
+
     # ---- storing results
 
     def store(self, name: str, value: Any) -> None:
@@ -464,19 +500,13 @@ class _Builder:
             value = torch.tensor(value.elems, dtype=value.dtype).reshape(
                 () if value.scalar else -1
             )
-        if isinstance(value, (int, float, bool)) and not isinstance(value, fx.Node):
+        if isinstance(value, (int, float, bool)):
             value = torch.tensor(value)
         if isinstance(value, torch.Tensor):
             self.const_names.setdefault(id(value), (name, value))
         self.values[name] = value
 
     # ---- set-up
-
-    @property
-    def initializer_names(self) -> set[str]:
-        if not hasattr(self, "_initializer_names"):
-            self._initializer_names = {init.name for init in self.model.graph.initializer}
-        return self._initializer_names
 
     def _statistics_only_initializers(self) -> set[str]:
         """Float initializers used only as BatchNormalization running statistics: buffers."""
@@ -515,7 +545,7 @@ class _Builder:
             if graph_input.name in self.initializer_names:
                 continue
             name = _UNSAFE_CHARS.sub("_", graph_input.name) or "input"
-            if name[0].isdigit() or keyword.iskeyword(name) or name == "self":
+            if name[0].isdigit() or keyword.iskeyword(name) or name in _RESERVED_NAMES:
                 name = f"input_{name}"
             while name in used:
                 name += "_"
@@ -530,7 +560,15 @@ class _Builder:
         for node in _topological_order(nodes, set(self.values)):
             self.current = node
             self.current_label = node.name or (node.output[0] if node.output else node.op_type)
-            outputs = _HANDLERS[node.op_type](self, node)
+            try:
+                outputs = _HANDLERS[node.op_type](self, node)
+            except RetrofitError:
+                raise
+            except Exception as error:  # noqa: BLE001 - one line for the user, cause chained
+                raise UnsupportedModelError(
+                    f"cannot fine-tune this ONNX model: {node.op_type} node "
+                    f"{self.current_label!r} cannot be built: {error}".splitlines()[0]
+                ) from error
             if not isinstance(outputs, (list, tuple)):
                 outputs = [outputs]
             for name, value in zip(node.output, outputs):
@@ -652,7 +690,8 @@ def _sizes_elementwise(
             elems.append(on_ints(*args))
         else:
             elems.append(b.call(on_nodes, *args))
-    return _Sizes(tuple(elems), all(op.scalar for op in operands), operands[0].dtype)
+    anchor = next((op.anchor for op in operands if op.anchor is not None), None)
+    return _Sizes(tuple(elems), all(op.scalar for op in operands), operands[0].dtype, anchor)
 
 
 def _trunc_div(a: int, c: int) -> int:
@@ -776,6 +815,15 @@ def _prelu(b: _Builder, node: onnx.NodeProto) -> Any:
     x = b.tensor(node.input[0])
     negative = b.call(torch.mul, x, b.tensor(node.input[1]))
     return b.call(torch.where, b.call(torch.lt, x, 0), negative, x)
+
+
+@_op("Swish")
+def _swish(b: _Builder, node: onnx.NodeProto) -> Any:
+    alpha = _attributes(node).get("alpha", 1.0)
+    x = b.tensor(node.input[0])
+    if alpha == 1.0:
+        return b.call(F.silu, x)
+    return b.call(torch.mul, x, b.call(torch.sigmoid, b.call(torch.mul, x, alpha)))
 
 
 @_op("Softplus")
@@ -1073,15 +1121,14 @@ def _instance_norm(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(F.instance_norm, x, weight=scale, bias=bias, eps=eps)
 
 
-@_op("LayerNormalization")
+@_op("LayerNormalization", "RMSNormalization")
 def _layer_norm(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     if any(name for name in node.output[1:]):
-        raise b.unsupported("LayerNormalization with Mean/InvStdDev outputs")
+        raise b.unsupported(f"{node.op_type} with Mean/InvStdDev outputs")
     axis, eps = attrs.get("axis", -1), attrs.get("epsilon", 1e-5)
     if axis >= 0:
-        axis -= b.rank(node.input[0], "LayerNormalization with a non-negative axis")
-    count = -axis
+        axis -= b.rank(node.input[0], f"{node.op_type} with a non-negative axis")
     x = b.tensor(node.input[0])
     scale = b.tensor(node.input[1])
     bias = b.tensor(node.input[2]) if b.has(node, 2) else None
@@ -1089,13 +1136,20 @@ def _layer_norm(b: _Builder, node: onnx.NodeProto) -> Any:
     bias_shape = b.shape(node.input[2]) if bias is not None else None
     if (
         scale_shape is not None
-        and len(scale_shape) == count
+        and len(scale_shape) == -axis
         and all(isinstance(d, int) and d > 1 for d in scale_shape)
         and (bias is None or bias_shape == scale_shape)
-    ):
-        return b.call(F.layer_norm, x, list(scale_shape), scale, bias, eps)
+    ):  # scale (and bias) have exactly the normalized shape: torch's affine form
+        shape = list(scale_shape)
+        if node.op_type == "RMSNormalization":
+            return b.call(F.rms_norm, x, shape, scale, eps)
+        return b.call(F.layer_norm, x, shape, scale, bias, eps)
     normalized = [b.dim(x, i) for i in range(axis, 0)]
-    result = b.call(torch.mul, b.call(F.layer_norm, x, normalized, None, None, eps), scale)
+    if node.op_type == "RMSNormalization":
+        plain = b.call(F.rms_norm, x, normalized, None, eps)
+    else:
+        plain = b.call(F.layer_norm, x, normalized, None, None, eps)
+    result = b.call(torch.mul, plain, scale)  # a scale that broadcasts
     return result if bias is None else b.call(torch.add, result, bias)
 
 
@@ -1108,18 +1162,24 @@ def _shape(b: _Builder, node: onnx.NodeProto) -> Any:
     value = b.value(node.input[0])
     if isinstance(value, (_Weight, torch.Tensor, _Sizes)):
         dims = list(b.shape(node.input[0]))
+    elif b.rank(node.input[0]) is None:  # read at run time: traces, but does not export
+        shape = b.shape_tensor(value)
+        start, end = attrs.get("start", 0), attrs.get("end")
+        return shape if (start, end) == (0, None) else b.call(
+            operator.getitem, shape, slice(start, end)
+        )
     else:
-        rank = b.rank(node.input[0], "Shape")
-        dims = [b.dim(value, i) for i in range(rank)]
+        dims = [b.dim(value, i) for i in range(b.rank(node.input[0]))]
     start, end = attrs.get("start", 0), attrs.get("end")
-    return _Sizes(tuple(dims[start:end]), False)
+    anchor = value if isinstance(value, fx.Node) else None
+    return _Sizes(tuple(dims[start:end]), False, anchor=anchor)
 
 
 @_op("Size")
 def _size(b: _Builder, node: onnx.NodeProto) -> Any:
     value = b.value(node.input[0])
     if isinstance(value, fx.Node):
-        return _Sizes((b.method("numel", value),), True)
+        return _Sizes((b.method("numel", value),), True, anchor=value)
     return torch.tensor(math.prod(b.shape(node.input[0])), dtype=torch.int64)
 
 
@@ -1143,7 +1203,8 @@ def _constant(b: _Builder, node: onnx.NodeProto) -> Any:
 def _constant_of_shape(b: _Builder, node: onnx.NodeProto) -> Any:
     fill = _attributes(node).get("value", torch.zeros(1, dtype=torch.float32))
     shape = b.sizes(node.input[0])
-    return b.call(torch.full, shape, fill.reshape(()).item(), dtype=fill.dtype)
+    device = b.device_of(b.anchor(node.input[0]))
+    return b.call(torch.full, shape, fill.reshape(()).item(), dtype=fill.dtype, device=device)
 
 
 @_op("Cast", "CastLike")
@@ -1159,7 +1220,7 @@ def _cast(b: _Builder, node: onnx.NodeProto) -> Any:
             raise b.unsupported("CastLike to a type shape inference could not find")
     value = b.value(node.input[0])
     if isinstance(value, _Sizes) and dtype in _INT_DTYPES:
-        return _Sizes(value.elems, value.scalar, dtype)
+        return replace(value, dtype=dtype)
     return b.method("to", b.tensor(node.input[0]), dtype)
 
 
@@ -1175,7 +1236,7 @@ def _reshape(b: _Builder, node: onnx.NodeProto) -> Any:
     ):
         count = len(value.elems)
         if (not target and count == 1) or (len(target) == 1 and target[0] in (-1, count)):
-            return _Sizes(value.elems, not target, value.dtype)
+            return replace(value, scalar=not target)
     x = b.tensor(node.input[0])
     if isinstance(target, list):
         if not allow_zero:
@@ -1189,7 +1250,7 @@ def _reshape(b: _Builder, node: onnx.NodeProto) -> Any:
         length = (b.shape(node.input[1]) or (None,))[0]
         if length is None:
             raise b.unsupported("Reshape to a run-time shape of unknown length")
-        full = b.call(torch._shape_as_tensor, x)
+        full = b.shape_tensor(x)
         current = b.call(operator.getitem, full, slice(0, length))
         target_tensor = b.call(torch.where, b.call(torch.eq, target_tensor, 0), current,
                                target_tensor)
@@ -1229,7 +1290,7 @@ def _squeeze(b: _Builder, node: onnx.NodeProto) -> Any:
         axes = b.ints(node.input[1], "Squeeze axes")
     value = b.value(node.input[0])
     if isinstance(value, _Sizes) and len(value.elems) == 1 and axes in (None, [0], [-1]):
-        return _Sizes(value.elems, True, value.dtype)
+        return replace(value, scalar=True)
     x = b.tensor(node.input[0])
     if axes is None:
         return b.call(torch.squeeze, x)
@@ -1244,7 +1305,7 @@ def _unsqueeze(b: _Builder, node: onnx.NodeProto) -> Any:
         axes = b.ints(node.input[1], "Unsqueeze axes")
     value = b.value(node.input[0])
     if isinstance(value, _Sizes) and value.scalar and list(axes) in ([0], [-1]):
-        return _Sizes(value.elems, False, value.dtype)
+        return replace(value, scalar=False)
     x = b.tensor(node.input[0])
     if all(a >= 0 for a in axes):
         order = sorted(axes)
@@ -1266,7 +1327,8 @@ def _concat(b: _Builder, node: onnx.NodeProto) -> Any:
         b.is_sizes_like(n) and not b.as_sizes(n).scalar for n in names
     ):
         parts = [b.as_sizes(n) for n in names]
-        return _Sizes(tuple(e for p in parts for e in p.elems), False, parts[0].dtype)
+        anchor = next((p.anchor for p in parts if p.anchor is not None), None)
+        return _Sizes(tuple(e for p in parts for e in p.elems), False, parts[0].dtype, anchor)
     return b.call(torch.cat, [b.tensor(n) for n in names], axis)
 
 
@@ -1311,7 +1373,7 @@ def _slice(b: _Builder, node: onnx.NodeProto) -> Any:
     if isinstance(value, _Sizes) and axes in ([0], [-1]):
         if isinstance(starts[0], int) and isinstance(ends[0], int):
             window = slice(_slice_bound(starts[0]), _slice_bound(ends[0]), steps[0])
-            return _Sizes(value.elems[window], False, value.dtype)
+            return replace(value, elems=value.elems[window], scalar=False)
     x = b.tensor(node.input[0])
     rank = b.rank(node.input[0])
     if any(a < 0 for a in axes) and not all(a < 0 for a in axes):
@@ -1345,7 +1407,7 @@ def _gather(b: _Builder, node: onnx.NodeProto) -> Any:
     indices = b.static(node.input[1])
     if isinstance(value, _Sizes) and indices is not None and indices.dim() <= 1:
         picked = tuple(value.elems[int(i)] for i in indices.reshape(-1).tolist())
-        return _Sizes(picked, indices.dim() == 0, value.dtype)
+        return replace(value, elems=picked, scalar=indices.dim() == 0)
     x = b.tensor(node.input[0])
     index: Any = indices.item() if indices is not None and indices.dim() == 0 else b.tensor(
         node.input[1]
@@ -1390,7 +1452,8 @@ def _tile(b: _Builder, node: onnx.NodeProto) -> Any:
 def _range(b: _Builder, node: onnx.NodeProto) -> Any:
     start, limit, delta = (b.scalar(name, "Range bounds") for name in node.input[:3])
     dtype = b.dtype(node.input[0]) or torch.int64
-    return b.call(torch.arange, start, limit, delta, dtype=dtype)
+    anchor = next(filter(None, (b.anchor(name) for name in node.input[:3])), None)
+    return b.call(torch.arange, start, limit, delta, dtype=dtype, device=b.device_of(anchor))
 
 
 @_op("Pad")
@@ -1507,8 +1570,9 @@ def _resize_mode(b: _Builder, attrs: dict[str, Any], integer_upscale: bool) -> t
         rounding = "floor" if legacy else attrs.get("nearest_mode", "round_prefer_floor")
         if transform == "asymmetric" and rounding == "floor":
             return "nearest", None
+        no_ties = rounding == "round_prefer_floor" and integer_upscale
         if transform in ("half_pixel", "pytorch_half_pixel") and (
-            rounding == "round_prefer_ceil" or (rounding == "round_prefer_floor" and integer_upscale)
+            rounding == "round_prefer_ceil" or no_ties
         ):
             return "nearest-exact", None  # floor((x + 0.5) / scale): no ties at integer scales
         raise b.unsupported(f"Resize nearest with {transform} and {rounding}")
@@ -1591,15 +1655,18 @@ def onnx_to_torch(model: onnx.ModelProto) -> fx.GraphModule:
         if any(op in _CONTROL_FLOW for op in unsupported):
             message += " (control flow cannot be fine-tuned)"
         raise UnsupportedModelError(message)
+    if len(model.graph.sparse_initializer):
+        raise UnsupportedModelError("cannot fine-tune this ONNX model: it has sparse initializers")
     initializer_torch_names(model)  # refuses the (theoretical) name collision up front
     builder = _Builder(model)
     builder.add_inputs()
     builder.add_nodes()
     builder.add_outputs()
     graph = builder.graph
-    graph.eliminate_dead_code(
-        is_impure_node=lambda n: "site_name" in n.meta or n.op in ("placeholder", "output")
-    )
+    for node in reversed(list(graph.nodes)):  # drop unused shape nodes; ReLU sites all stay
+        if node.op in ("call_function", "call_method", "get_attr") and not node.users:
+            if "site_name" not in node.meta:
+                graph.erase_node(node)
     graph.lint()
     module = fx.GraphModule(builder.root, graph, class_name="OnnxGraphModule")
     for name in builder.constant_buffers:

@@ -9,6 +9,7 @@ data and the same weights.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,15 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
+def export_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    """The CNN as ONNX (opset 17, dynamic batch), for trying the ONNX path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example, str(path), dynamo=False, opset_version=17,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+
+
 def main() -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -74,6 +84,8 @@ def main() -> None:
         program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
         torch.export.save(program, HERE / "models" / f"{name}.pt2")
         torch.save(model.state_dict(), HERE / "models" / f"{name}.state.pt")
+        if name == "digits_cnn":
+            export_onnx(model, example, HERE / "models" / f"{name}.onnx")
         print(f"{name}: validation accuracy {accuracy(model, x_val, y_val):.4f}")
 
 

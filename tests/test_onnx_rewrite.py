@@ -1,4 +1,4 @@
-"""The ONNX rewrite: sites found everywhere, exact math, every supported opset, nothing else moved."""
+"""The ONNX rewrite: sites found everywhere, exact math at every opset, nothing else moved."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def mlp_model(opset):
 
 
 def cnn_model(opset):
-    """Conv -> BatchNormalization -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm."""
+    """Conv -> BatchNormalization -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm"""
     rng = _rng(2)
     inits = [
         _init("C1", (rng.standard_normal((6, 3, 3, 3)) * 0.5).astype(np.float32)),
@@ -348,11 +348,12 @@ def carelu_reference(z, alpha, beta, *, measure="energy", k=2.0, eps=1e-6, axes=
     """activations.md's CAReLU in float64, written the paper's (naive) way."""
     z = np.asarray(z, np.float64)
     if measure == "energy":
-        p = (np.maximum(z, 0) ** 2).sum(axes, keepdims=True) / ((z**2).sum(axes, keepdims=True) + eps)
+        positive = (np.maximum(z, 0) ** 2).sum(axes, keepdims=True)
+        p = positive / ((z**2).sum(axes, keepdims=True) + eps)
     elif measure == "l1":
         p = np.maximum(z, 0).sum(axes, keepdims=True) / (np.abs(z).sum(axes, keepdims=True) + eps)
     else:
-        p = (z > 0).mean(axes, keepdims=True) if axes != () else (z > 0).astype(np.float64)
+        p = (z > 0).mean(axes, keepdims=True)
     s = k * np.tanh(alpha * p + beta)
     return np.maximum(s * z, 0)
 
@@ -400,9 +401,10 @@ def test_identity_retrofit_reproduces_the_model_for_every_opset_and_measure(kind
             assert_close_to_scale(got, want)
 
 
+@pytest.mark.parametrize("opset", [9, 13, 28])
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
-def test_identity_retrofit_as_functions_runs_and_matches(kind):
-    model = BUILDERS[kind](13)
+def test_identity_retrofit_as_functions_runs_and_matches(kind, opset):
+    model = BUILDERS[kind](opset)
     inputs = make_onnx_inputs(model, SHAPES.get(kind))
     expected = run_onnx(model, inputs)
     result = rewrite_and_check(model, CompetitiveReLUConfig(), as_functions=True)
@@ -443,7 +445,7 @@ def test_identity_retrofit_of_torch_exports_reproduces_them(name):
         ((2, 3, 4, 5), "channel", (2, 3)),
         ((2, 3, 4, 5), "last", (3,)),
         ((3, 4, 6), "sample", (1, 2)),
-        ((4, 6), "channel", ()),
+        ((4, 6), "channel", (1,)),  # no spatial axes: falls back to the sample, as in torch
         ((7,), "sample", None),
     ],
 )
@@ -516,9 +518,12 @@ def test_unknown_rank_last_uses_axis_minus_one_from_opset_11():
 
 @pytest.mark.parametrize("reduce", ["auto", "channel"])
 def test_unknown_rank_with_auto_or_channel_is_refused_naming_the_site(reduce):
+    model = unknown_rank_model()
+    before = model.SerializeToString()
     with pytest.raises(UnsupportedModelError, match="'act'.*rank") as error:
-        rewrite_onnx_relus(unknown_rank_model(), CompetitiveReLUConfig(reduce=reduce))
+        rewrite_onnx_relus(model, CompetitiveReLUConfig(reduce=reduce))
     assert "\n" not in str(error.value)
+    assert model.SerializeToString() == before
     with pytest.raises(UnsupportedModelError):
         competition_axes("last", None, 9)
 
@@ -547,7 +552,7 @@ def test_mrepu_with_other_power_and_shift_and_repu_match_reference():
     assert_close_to_scale(got, np.maximum(x.astype(np.float64), 0) ** 2.5)
 
 
-def test_float16_sites_compute_in_float32_and_cast_back():
+def test_float16_sites_compute_in_float32_and_saturate_when_cast_back():
     model = single_relu_model([2, 8], TensorProto.FLOAT16)
     x = np.linspace(-40, 40, 16).astype(np.float16).reshape(2, 8)
     result = rewrite_and_check(model, MRePUConfig())
@@ -555,10 +560,9 @@ def test_float16_sites_compute_in_float32_and_cast_back():
     assert [helper.get_attribute_value(n.attribute[0]) for n in casts] == [F32, TensorProto.FLOAT16]
     (got,) = run_onnx(result.model, {"x": x})
     assert got.dtype == np.float16
-    with np.errstate(over="ignore"):
-        want = mrepu_reference(x.astype(np.float32)).astype(np.float32).astype(np.float16)
-    np.testing.assert_array_equal(got, want)  # 40 * 41^2 overflows float16 only when cast back
-    assert np.isinf(got).any() and not np.isnan(got).any()
+    want = np.clip(mrepu_reference(x.astype(np.float32)), -65504, 65504).astype(np.float16)
+    np.testing.assert_array_equal(got, want)  # 40 * 41^2 is beyond float16: 65504, not inf
+    assert got.max() == 65504 and np.isfinite(got).all()
     result = rewrite_and_check(model, CompetitiveReLUConfig())
     (got,) = run_onnx(result.model, {"x": x})
     np.testing.assert_array_equal(got, np.maximum(x, 0))
@@ -575,6 +579,71 @@ def test_integer_relu_is_kept_with_a_reason():
     model = single_relu_model([2, 3], TensorProto.INT32, opset=14)
     result = rewrite_and_check(model, CompetitiveReLUConfig())
     assert not result.sites[0].replaced and "int32" in result.sites[0].reason
+
+
+# --------------------------------------------------------------------------------------------
+# The same numbers as the torch modules (retrofit/activations.py)
+
+
+def test_competition_axes_are_the_torch_modules_axes():
+    activations = pytest.importorskip("retrofit.activations")
+    for rank in range(6):
+        for reduce in ("auto", "sample", "channel", "last"):
+            axes = competition_axes(reduce, rank, 17).axes
+            want = activations.competition_axes(rank, reduce)
+            assert list(range(rank) if axes is None else axes) == list(want), (rank, reduce)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("reduce", ["auto", "sample", "channel", "last"])
+@pytest.mark.parametrize(
+    "shape, elem",
+    [((3, 4, 5, 6), F32), ((2, 5, 8), F32), ((4, 7), F64), ((2, 3, 4, 4), TensorProto.FLOAT16)],
+)
+def test_competitive_relu_computes_what_the_torch_module_computes(measure, reduce, shape, elem):
+    torch = pytest.importorskip("torch")
+    from retrofit.activations import competitive_relu
+
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    x = (_rng(12).standard_normal(shape) * 3).astype(dtype)
+    x.flat[:3] = 0
+    alpha, beta = 1.3, -0.2
+    result = rewrite_and_check(
+        single_relu_model(list(shape), elem), CompetitiveReLUConfig(measure=measure, reduce=reduce),
+        site_values={"act": {"alpha": alpha, "beta": beta}},
+    )  # fmt: skip
+    (got,) = run_onnx(result.model, {"x": x})
+    param_dtype = torch.float64 if elem == F64 else torch.float32
+    want = competitive_relu(
+        torch.from_numpy(x), torch.tensor(alpha, dtype=param_dtype),
+        torch.tensor(beta, dtype=param_dtype), measure=measure, reduce=reduce,
+    ).numpy()  # fmt: skip
+    assert got.dtype == want.dtype
+    tolerance = {F32: 1e-6, F64: 1e-14, TensorProto.FLOAT16: 1e-3}[elem]
+    assert_close_to_scale(got, want, tolerance)
+
+
+@pytest.mark.parametrize("config", [MRePUConfig(), MRePUConfig(p=3.0, c=0.5, blend=0.4),
+                                    MRePUConfig(blend=0.0), RePUConfig(p=2.5)])  # fmt: skip
+@pytest.mark.parametrize("elem", [F32, F64, TensorProto.FLOAT16])
+def test_mrepu_and_repu_compute_what_the_torch_modules_compute(config, elem):
+    torch = pytest.importorskip("torch")
+    from retrofit.activations import blended_mrepu, repu
+
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    x = np.linspace(-50, 50, 40).astype(dtype).reshape(4, 10)
+    if elem == F32:
+        x[0, -1] = 1e13  # x^3 beyond float32: saturates at its largest value
+    result = rewrite_and_check(single_relu_model([4, 10], elem), config)
+    (got,) = run_onnx(result.model, {"x": x})
+    t = torch.from_numpy(x)
+    if isinstance(config, RePUConfig):
+        want = repu(t, config.p).numpy()
+    else:
+        want = blended_mrepu(t, config.blend, config.p, config.c).numpy()
+    assert got.dtype == want.dtype and np.isfinite(got).all() == np.isfinite(want).all()
+    assert_close_to_scale(got, want, 1e-3 if elem == TensorProto.FLOAT16 else 1e-6)
+    np.testing.assert_array_equal(got == np.finfo(dtype).max, want == np.finfo(dtype).max)
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,7 +719,9 @@ def test_excluding_one_call_keeps_relu_there_through_a_function_variant():
 def test_relu_in_a_nested_function_is_a_site_per_outer_call():
     model = function_model(17, nested=True)
     sites = find_onnx_relu_sites(model)
-    assert [s.name for s in sites] == ["block1/Outer/inner/Block/act", "block2/Outer/inner/Block/act"]
+    assert [s.name for s in sites] == [
+        "block1/Outer/inner/Block/act", "block2/Outer/inner/Block/act",
+    ]  # fmt: skip
     inputs = make_onnx_inputs(model)
     expected = run_onnx(model, inputs)
     values = {sites[1].name: {"alpha": 0.8, "beta": -0.1}}
@@ -665,6 +736,49 @@ def test_relu_in_a_nested_function_is_a_site_per_outer_call():
     assert_close_to_scale(run_onnx(rewrite_and_check(model, MRePUConfig()).model, inputs)[0],
                           mrepu_reference(-mrepu_reference(-x @ w1) @ w2))  # fmt: skip
     del expected
+
+
+def test_calls_that_see_different_ranks_get_their_own_function_variants():
+    model = function_model(17)
+    model.graph.input[0].CopyFrom(_vi("x", ["N", "T", 4]))  # call 1 sees rank 3, call 2 too
+    model.graph.output[0].CopyFrom(_vi("y", ["N", "T", 6]))
+    flat = helper.make_node("Flatten", ["h1"], ["h1_flat"], name="flat", axis=2)
+    model.graph.node.insert(1, flat)  # ... now call 2 sees rank 2
+    model.graph.node[2].input[0] = "h1_flat"
+    model.graph.output[0].CopyFrom(_vi("y", [None, 6]))
+    config = CompetitiveReLUConfig(reduce="sample")
+    values = {"block1/Block/act": {"alpha": 1.0, "beta": 0.1},
+              "block2/Block/act": {"alpha": 0.5, "beta": -0.3}}  # fmt: skip
+    result = rewrite_and_check(model, config, site_values=values)
+    assert sorted(f.name for f in result.model.functions) == ["Block", "Block_cadrelu2"]
+    x = _rng(13).standard_normal((2, 3, 4)).astype(np.float32)
+    (got,) = run_onnx(result.model, {"x": x})
+    w1, w2 = (numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer)
+    h1 = carelu_reference(x @ w1, 1.0, 0.1, axes=(1, 2)).reshape(6, 6)
+    assert_close_to_scale(got, carelu_reference(h1 @ w2, 0.5, -0.3, axes=(1,)))
+
+
+def test_a_function_with_relu_that_is_never_called_is_noted_and_left_alone():
+    model = function_model(17)
+    model.graph.node[0].op_type = model.graph.node[1].op_type = "MatMul"
+    model.graph.node[0].domain = model.graph.node[1].domain = ""
+    model.graph.node.append(helper.make_node("Relu", ["y0"], ["y"], name="last"))
+    model.graph.node[1].output[0] = "y0"
+    result = rewrite_and_check(model, MRePUConfig(), as_functions=True)
+    assert [s.name for s in result.sites] == ["last"]
+    assert any("'Block'" in note and "never called" in note for note in result.notes)
+    assert result.model.functions[0] == model.functions[0]
+
+
+def test_as_functions_for_float16_sites_keeps_the_casts_inside_the_function():
+    model = single_relu_model([2, 8], TensorProto.FLOAT16)
+    x = np.linspace(-3, 3, 16).astype(np.float16).reshape(2, 8)
+    for config in (MRePUConfig(), CompetitiveReLUConfig()):
+        plain = run_onnx(rewrite_and_check(model, config).model, {"x": x})[0]
+        result = rewrite_and_check(model, config, as_functions=True)
+        (function,) = result.model.functions
+        assert [n.op_type for n in function.node].count("Cast") == 2
+        np.testing.assert_array_equal(run_onnx(result.model, {"x": x})[0], plain)
 
 
 def test_parameter_names_never_clash_with_existing_names():
@@ -688,7 +802,8 @@ def test_include_selects_only_matching_sites():
 
 
 def test_exclude_by_regex_keeps_matching_sites():
-    result = rewrite_and_check(if_model(13), MRePUConfig(), select=SiteSelector(exclude=(r".*_relu",)))
+    selector = SiteSelector(exclude=(r".*_relu",))
+    result = rewrite_and_check(if_model(13), MRePUConfig(), select=selector)
     assert [s.replaced for s in result.sites] == [True, False, False]
     assert all(s.reason == "excluded" for s in result.kept)
 
