@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig, RePUConfig
+from retrofit.distributed import is_main_process
 from retrofit.errors import ExitCode, RetrofitError
 from retrofit.inputs import InputShape
 from retrofit.job import DataOptions, Gates, RetrofitRequest, evaluate_file, inspect_file, retrofit_file
@@ -74,8 +75,10 @@ def _run(job: Callable[[], T]) -> T:
     except RetrofitError as error:
         err.print(f"[red]error:[/] {error}", highlight=False)
         raise typer.Exit(int(error.exit_code)) from None
-    except KeyboardInterrupt:
-        err.print("interrupted")
+    except KeyboardInterrupt as interrupt:
+        saved = getattr(interrupt, "checkpoint", None)
+        hint = f"; {saved} was saved: run the same command with --resume to go on" if saved else ""
+        err.print(f"interrupted{hint}", highlight=False)
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     except typer.Exit:
         raise
@@ -219,6 +222,8 @@ def retrofit(
 
     job = _run(request)
     report = _run(lambda: retrofit_file(job))
+    if not is_main_process():
+        return
     if json:
         print(report_to_json(report))
     else:

@@ -8,6 +8,7 @@ same report objects. The format-specific work is done by a :class:`~retrofit.sub
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import torch
 
 from retrofit.atomic import check_output_path
-from retrofit.config import ActivationConfig, CompetitiveReLUConfig
+from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.data import ClassificationData, load_dataset, split_train_val
+from retrofit.distributed import is_main_process
 from retrofit.errors import UsageError
 from retrofit.evaluate import EvalResult, evaluate
 from retrofit.inputs import InputShape
@@ -25,6 +27,13 @@ from retrofit.model_io import ModelFormat, default_output_path, detect_format
 from retrofit.sites import ReluSite, SiteSelector
 from retrofit.subjects import Subject, TorchSubject, open_subject
 from retrofit.verify import OutputParity
+
+
+_MREPU_GROWTH = (
+    "MRePU grows like |x|^3, and pre-activations of a few units compound through deep or "
+    "residual stacks: give the blend more room (--blend-ramp 0.9 with more --epochs) or use "
+    "CompetitiveReLU, which starts as ReLU"
+)
 
 
 @dataclass(frozen=True)
@@ -245,11 +254,15 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
     elif not report.preserves_function:
         report.notes.append(f"{request.config.name} does not start as ReLU: the model computes a "
                             "different function now; fine-tune it (--finetune) to recover accuracy")
+    if isinstance(request.config, MRePUConfig) and report.parity and not math.isfinite(
+            report.parity.max_abs_diff):
+        report.notes.append(f"MRePU overflows in this network right after the swap. {_MREPU_GROWTH}")
     _compare(report, request.seed)
     report.gates = _gates(report, request.gates)
-    subject.save(final, output)
-    if request.export_onnx is not None:
-        _export(subject, final, request, report)
+    if is_main_process():
+        subject.save(final, output)
+        if request.export_onnx is not None:
+            _export(subject, final, request, report)
     return report
 
 
@@ -270,13 +283,11 @@ def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationD
               val: ClassificationData, report: RetrofitReport) -> Any:
     """Fine-tune the retrofitted model (and the ReLU control when asked); returns the final
     model in the subject's format."""
-    from retrofit.train import finetune
-
     assert report.output is not None
-    config = replace(request.finetune, device=request.device,
-                     checkpoint=request.finetune.checkpoint
-                     or report.output.with_name(report.output.name + ".ckpt"))
-    trained = finetune(subject.trainable(request.config, request.select), train, val, config)
+    checkpoint = request.finetune.checkpoint or report.output.with_name(report.output.name + ".ckpt")
+    config = replace(request.finetune, device=request.device, checkpoint=checkpoint)
+    trained = _finetune_once(subject.trainable(request.config, request.select), train, val,
+                             config, request)
     report.finetune = trained
     if request.plot is not None:
         from retrofit.plots import save_training_plot
@@ -289,9 +300,31 @@ def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationD
                                       "the fine-tuned ONNX model disagrees with torch")
     report.stages.append(_score(subject, final, val, request, "after fine-tune"))
     if request.control:
-        control = finetune(subject.trainable_original(), train, val, config)
+        control_checkpoint = checkpoint.with_name(checkpoint.stem + ".control" + checkpoint.suffix)
+        control = _finetune_once(subject.trainable_original(), train, val,
+                                 replace(config, checkpoint=control_checkpoint), request)
         report.control = Stage("control", _score_torch(control.model, val, request))
     return final
+
+
+def _finetune_once(model: Any, train: ClassificationData, val: ClassificationData,
+                   config: Any, request: RetrofitRequest) -> Any:
+    """One fine-tuning run. Its checkpoint is kept while it may be resumed (interrupted or
+    failed runs) and removed after success unless the user named it."""
+    from retrofit.train import TrainingDiverged, finetune
+
+    checkpoint = Path(config.checkpoint)
+    if request.force and not config.resume:
+        checkpoint.unlink(missing_ok=True)
+    try:
+        result = finetune(model, train, val, config)
+    except TrainingDiverged as diverged:
+        if isinstance(request.config, MRePUConfig):
+            raise TrainingDiverged(f"{diverged} {_MREPU_GROWTH}", diverged.result) from None
+        raise
+    if request.finetune.checkpoint is None and is_main_process():
+        checkpoint.unlink(missing_ok=True)
+    return result
 
 
 def _score_torch(module: Any, val: ClassificationData, request: RetrofitRequest) -> EvalResult:

@@ -3,20 +3,27 @@
 Formats: ``torch.export`` programs (``.pt2``), state dicts (``torch.save`` or safetensors) with
 an architecture factory (``--arch package.module:factory``), pickled ``nn.Module`` files, and
 ONNX. Loading never unpickles arbitrary objects unless the caller passes ``trust_pickle=True``:
-unpickling runs code from the file. Saving never touches the input and is atomic.
+unpickling runs code from the file. That includes ``.pt2`` archives: ``torch.export.load`` unpickles
+some members without ``weights_only``, so an archive is checked first (:func:`check_exported_archive`).
+Saving never touches the input and is atomic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import json
+import logging
 import pickle
 import struct
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -187,7 +194,7 @@ def load_torch_model(
     path = Path(path)
     model_format = model_format or detect_format(path)
     if model_format is ModelFormat.EXPORTED:
-        return _load_exported(path)
+        return _load_exported(path, trust_pickle)
     if model_format is ModelFormat.PICKLED_MODULE:
         if not trust_pickle:
             raise UntrustedPickleError(
@@ -227,26 +234,150 @@ def _read_state(path: Path, model_format: ModelFormat) -> dict[str, torch.Tensor
         raise BadInputError(f"{path}: cannot read the weights ({_line(error)})") from error
 
 
-def _load_exported(path: Path) -> TorchModel:
+# Members of a .pt2 archive that torch.export.load reads as JSON or short text, never unpickles.
+_PT2_TEXT_RECORDS = frozenset(
+    {"archive_format", "archive_version", "version", "byteorder", "serialization_id",
+     ".format_version", ".storage_alignment", ".data/version"}
+)
+_PT2_CODE_FOLDERS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
+
+
+def check_exported_archive(path: Path) -> None:
+    """Refuse a ``.pt2`` archive whose loading would run code stored in it.
+
+    ``torch.export.load`` unpickles some members with ``weights_only=False`` (weights and
+    constants saved with ``use_pickle``, opaque and script objects, example inputs that the safe
+    loader refuses, the pre-2.7 layout) and loads AOTInductor libraries. Here every member that
+    is not JSON, a short text record or a raw tensor payload named by the weights/constants
+    configs must load with ``weights_only=True``; a member that does not raises
+    :class:`UntrustedPickleError` naming it.
+    """
     try:
-        program = torch.export.load(path)
+        with zipfile.ZipFile(path) as archive:
+            names = [name for name in archive.namelist() if not name.endswith("/")]
+            raw = _raw_tensor_members(archive, names)
+            for name in names:
+                inner = name.partition("/")[2]  # below the archive's root folder
+                if any(inner.startswith(folder) for folder in _PT2_CODE_FOLDERS):
+                    raise UntrustedPickleError(
+                        f"{path} holds compiled code ({name}); loading it would run that code. "
+                        "Pass --trust-pickle only if you trust its source"
+                    )
+                if (name in raw or name.endswith(".json") or inner in _PT2_TEXT_RECORDS
+                        or name.rpartition("/")[2] in _PT2_TEXT_RECORDS
+                        or inner.startswith("extra/")):
+                    continue
+                if not _loads_weights_only(archive.read(name)):
+                    raise UntrustedPickleError(
+                        f"{path} holds {name}, which is not plain tensor data: loading it would "
+                        "unpickle objects, which runs code stored in the file. Pass "
+                        "--trust-pickle only if you trust its source"
+                    )
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+        raise BadInputError(f"{path}: damaged zip archive ({_line(error)})") from error
+
+
+def _raw_tensor_members(archive: zipfile.ZipFile, names: list[str]) -> set[str]:
+    """Members the weights/constants configs name as raw tensor bytes (read, never unpickled)."""
+    raw: set[str] = set()
+    for name in names:
+        if not name.endswith(("_weights_config.json", "_constants_config.json")):
+            continue
+        try:
+            config = json.loads(archive.read(name))["config"]
+            entries = [(entry["path_name"], entry.get("use_pickle")) for entry in config.values()]
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise BadInputError(f"{archive.filename}: damaged torch.export record {name} "
+                                f"({_line(error)})") from error
+        folder = name.rpartition("/")[0]
+        for path_name, use_pickle in entries:
+            if (not use_pickle and isinstance(path_name, str)
+                    and path_name.startswith(("weight_", "tensor_"))):
+                raw.add(f"{folder}/{path_name}")
+    return raw
+
+
+def _loads_weights_only(data: bytes) -> bool:
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # any failure: torch.export.load would try again without weights_only
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _torch_export_logs() -> Iterator[list[logging.LogRecord]]:
+    """Keep torch's log records off stderr while a program is loaded or saved, and collect them.
+
+    torch.export logs a failure as a multi-line warning with a traceback (then raises "check the
+    warnings above"); the collected records let the error name its cause in one line. torch
+    gives many of its loggers their own stderr handler, so each one's handlers are swapped.
+    """
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    collect = Collect(logging.DEBUG)
+    swapped = []
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (name == "torch" or name.startswith("torch.")) and isinstance(logger, logging.Logger):
+            if logger.handlers:
+                swapped.append((logger, logger.handlers))
+                logger.handlers = [collect]
+    try:
+        yield records
+    finally:
+        for logger, handlers in swapped:
+            logger.handlers = handlers
+
+
+def _logged_cause(records: list[logging.LogRecord], error: BaseException) -> str:
+    """The error's first line, or the exception torch.export logged before raising its own
+    "check the warnings above"."""
+    for record in reversed(records):
+        if record.exc_info and record.exc_info[1] is not None:
+            return _line(record.exc_info[1])
+    return _line(error)
+
+
+def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
+    if not trust_pickle:
+        check_exported_archive(path)
+    records: list[logging.LogRecord] = []
+    try:
+        # An open file, not a path: torch.export wants a name ending in .pt2 otherwise.
+        with _torch_export_logs() as records, open(path, "rb") as handle:
+            program = torch.export.load(handle)
     except Exception as error:
-        raise BadInputError(f"{path}: cannot load the torch.export program ({_line(error)})") from error
-    placeholders = [
-        node for node in program.graph_module.graph.nodes
-        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
-    ]
-    dynamic = tuple(
-        tuple(i for i, dim in enumerate(node.meta["val"].shape) if not isinstance(dim, int))
-        for node in placeholders
-    )
-    example = program.example_inputs[0] if program.example_inputs else None
-    if example is None:
-        example = tuple(
-            torch.randn(_concrete_shape(node.meta["val"].shape), dtype=node.meta["val"].dtype)
+        cause = _logged_cause(records, error)
+        raise BadInputError(f"{path}: cannot load the torch.export program ({cause})") from error
+    try:
+        placeholders = [
+            node for node in program.graph_module.graph.nodes
+            if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
+        ]
+        dynamic = tuple(
+            tuple(i for i, dim in enumerate(node.meta["val"].shape) if not isinstance(dim, int))
             for node in placeholders
         )
-    return TorchModel(program.module(), ModelFormat.EXPORTED, path, tuple(example), dynamic)
+        example = program.example_inputs[0] if program.example_inputs else None
+        if example is None:
+            example = tuple(
+                torch.randn(_concrete_shape(node.meta["val"].shape), dtype=node.meta["val"].dtype)
+                for node in placeholders
+            )
+        example = tuple(example)
+        module = program.module()
+    except Exception as error:  # a damaged or hand-made program
+        raise BadInputError(f"{path}: the torch.export program is not usable ({_line(error)})") from error
+    if len(example) != len(placeholders) or not all(isinstance(t, torch.Tensor) for t in example):
+        raise BadInputError(
+            f"{path}: the program's example inputs are not {len(placeholders)} tensor(s), one per "
+            "model input; the file is damaged"
+        )
+    return TorchModel(module, ModelFormat.EXPORTED, path, example, dynamic)
 
 
 def _concrete_shape(shape: Sequence[Any]) -> tuple[int, ...]:
@@ -285,7 +416,9 @@ def save_torch_model(model: TorchModel, module: nn.Module, path: Path,
         if model_format is ModelFormat.EXPORTED:
             if model.example_inputs is None:
                 raise UsageError("saving a .pt2 needs sample inputs: pass --input-shape or --data")
-            torch.export.save(export_program(module, model.example_inputs, model.dynamic_dims), temp)
+            program = export_program(module, model.example_inputs, model.dynamic_dims)
+            with _torch_export_logs(), open(temp, "wb") as handle:  # a file: any suffix works
+                torch.export.save(program, handle)
         elif model_format is ModelFormat.SAFETENSORS:
             from safetensors.torch import save_file
 

@@ -100,3 +100,73 @@ def test_outputs_are_checked_before_any_work(cnn):
     with pytest.raises(UsageError, match="same file"):
         retrofit_file(RetrofitRequest(cnn, output=cnn.with_name("x.pt2"),
                                       export_onnx=cnn.with_name("x.pt2")))
+
+
+def test_readme_documents_every_json_key():
+    readme = (SAMPLES.parent / "README.md").read_text()
+    table = readme[readme.index("## JSON report"):readme.index("## Layout")]
+    documented = set()
+    for row in table.splitlines():
+        if row.startswith("| `"):
+            documented |= {part.strip("` ") for part in row.split("|")[1].split(",")}
+    assert documented == DOCUMENTED_KEYS
+
+
+def _finetune_config(**fields):
+    from retrofit.train import FinetuneConfig
+
+    return FinetuneConfig(**{"epochs": 1, "batch_size": 64, "lr": 1e-3, "activation_lr": 1e-2,
+                             "device": "cpu", **fields})
+
+
+TRAIN = SAMPLES / "data" / "digits_train.npz"
+
+
+def test_finetune_torch_with_control_and_no_checkpoint_left(cnn):
+    report = retrofit_file(RetrofitRequest(
+        cnn, data=DataOptions(val=VAL, train=TRAIN), device="cpu",
+        finetune=_finetune_config(), control=True))
+    names = [stage.name for stage in report.stages]
+    assert names == ["before", "after swap", "after fine-tune"]
+    assert report.control is not None and set(report.deltas) == {"swap", "finetune", "vs_control"}
+    assert report.finetune.best_val_top1 == report.stages[-1].result.top1
+    assert not list(cnn.parent.glob("*.ckpt")) and report.output.exists()
+
+
+def test_finetune_onnx_round_trip_keeps_the_graph(tmp_path):
+    import onnx
+
+    source = tmp_path / "cnn.onnx"
+    source.write_bytes((SAMPLES / "models" / "digits_cnn.onnx").read_bytes())
+    config = CompetitiveReLUConfig(measure="l1")
+    swapped = retrofit_file(RetrofitRequest(source, config, output=tmp_path / "swap.onnx",
+                                            device="cpu"))
+    report = retrofit_file(RetrofitRequest(
+        source, config, data=DataOptions(val=VAL, train=TRAIN),
+        device="cpu", finetune=_finetune_config(activation_lr=0.1)))
+    original, result = onnx.load(str(source)), onnx.load(str(report.output))
+    plain = onnx.load(str(swapped.output))
+    assert [i.name for i in result.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in result.graph.output] == [o.name for o in original.graph.output]
+    assert result.opset_import == original.opset_import
+    assert not any(node.op_type == "Relu" for node in result.graph.node)
+    untouched = [n for n in original.graph.node if n.op_type != "Relu"]
+    assert [n.name for n in result.graph.node if n.name in {u.name for u in untouched}] == \
+        [n.name for n in untouched]
+    assert len(result.graph.node) == len(plain.graph.node)
+    assert report.trained_parity is not None and report.trained_parity.relative <= 1e-4
+    trained_alpha = [t for t in result.graph.initializer if t.name.endswith(".alpha")]
+    assert len(trained_alpha) == 5 and any(onnx.numpy_helper.to_array(t) != 0 for t in trained_alpha)
+
+
+def test_mrepu_blend_recovers_the_mlp_and_ends_as_mrepu(tmp_path):
+    from retrofit.activations import MRePU
+
+    source = tmp_path / "mlp.pt2"
+    source.write_bytes((SAMPLES / "models" / "digits_mlp.pt2").read_bytes())
+    report = retrofit_file(RetrofitRequest(
+        source, MRePUConfig(), data=DataOptions(val=VAL, train=TRAIN), device="cpu",
+        finetune=_finetune_config(epochs=3, blend_ramp_fraction=0.5)))
+    before, swapped, tuned = (stage.result.top1 for stage in report.stages)
+    assert tuned > swapped + 2 and report.deltas["finetune"].ci_high > -3
+    assert all(m.blend == 1.0 for m in report.finetune.model.modules() if isinstance(m, MRePU))
