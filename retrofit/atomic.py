@@ -3,12 +3,15 @@
 Everything the tool writes (models, checkpoints, reports) goes through :func:`atomic_output`:
 the data is written to a temporary file in the target folder, flushed to disk, then renamed
 over the target. On any error the temporary file is removed and the target is untouched.
+The new file gets the permissions an ordinary ``open(path, "w")`` would give it (those of the file
+it replaces, else ``0o666`` less the umask), not the private ``0o600`` of a temporary file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,7 +27,7 @@ def check_output_path(
     path = Path(path)
     resolved = path.resolve()
     for source in inputs:
-        if Path(source).resolve() == resolved:
+        if Path(source).resolve() == resolved or _same_file(path, Path(source)):
             raise OutputError(f"output {path} is the input file; choose another path with -o")
     if path.is_dir():
         raise OutputError(f"output {path} is a folder; give a file path")
@@ -38,6 +41,24 @@ def check_output_path(
     return path
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """True when both paths exist and are one file (a hard link of the input, say)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _new_file_mode(target: Path) -> int:
+    """The mode a file written in place at ``target`` would have."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
@@ -47,8 +68,9 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     try:
-        handle, temp_name = tempfile.mkstemp(
-            prefix=f".{target.stem}.", suffix=f".partial{target.suffix}", dir=target.parent
+        handle, temp_name = tempfile.mkstemp(  # short enough for any name the target may have
+            prefix=f".{target.stem[:64]}.", suffix=f".partial{target.suffix[:16]}",
+            dir=target.parent,
         )
     except OSError as error:
         raise OutputError(f"cannot write {target}: {error.strerror}") from error
@@ -58,6 +80,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield temp
         with open(temp, "rb+") as written:
             os.fsync(written.fileno())
+        os.chmod(temp, _new_file_mode(target))
         os.replace(temp, target)
     except OSError as error:
         raise OutputError(f"cannot write {target}: {error.strerror or error}") from error

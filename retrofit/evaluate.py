@@ -85,7 +85,7 @@ class TorchPredictor:
             )
             with autocast:
                 output = self.module(x)
-            return _logits_of(output).float().cpu()
+            return logits_of(output).float().cpu()
 
 
 def torch_predictor(
@@ -100,7 +100,9 @@ def torch_predictor(
     return TorchPredictor(module, device=device, autocast_dtype=autocast_dtype)
 
 
-def _logits_of(output: Any) -> Tensor:
+def logits_of(output: Any) -> Tensor:
+    """The logits in a model's output: a tensor, a ``logits`` key or attribute, or the first
+    element of a tuple (what Hugging Face-style and multi-output classifiers return)."""
     if isinstance(output, Tensor):
         return output
     if isinstance(output, dict) and "logits" in output:
@@ -285,7 +287,7 @@ def evaluate(
     num_outputs: int | None = None
     start = time.perf_counter()
     with _progress_bar(total, description, progress) as advance, contextlib.closing(
-        _batches(loader)
+        loader_batches(loader)
     ) as batches:
         for x, y in batches:
             y = torch.as_tensor(y).to(torch.int64).view(-1)
@@ -299,7 +301,7 @@ def evaluate(
                     f"the model gave {logits.shape[1]} outputs for one batch and {num_outputs} "
                     "for an earlier one"
                 )
-            _check_batch_labels(y, num_outputs)
+            check_batch_labels(y, num_outputs)
             correct1.append(topk_correct(logits, y, 1))
             if num_outputs > 5:
                 correct5.append(topk_correct(logits, y, 5))
@@ -330,7 +332,7 @@ def _predict(predictor: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         raise
     except MODEL_CALL_ERRORS as error:
         raise model_input_error(error, x.shape[1:]) from error
-    logits = _logits_of(logits)
+    logits = logits_of(logits)
     if logits.ndim > 2 and all(d == 1 for d in logits.shape[2:]):
         logits = logits.reshape(logits.shape[0], logits.shape[1])
     if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
@@ -341,7 +343,9 @@ def _predict(predictor: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return logits.float().cpu()
 
 
-def _check_batch_labels(y: Tensor, num_outputs: int) -> None:
+def check_batch_labels(y: Tensor, num_outputs: int) -> None:
+    """Refuse labels the model cannot predict, naming the offending label, instead of letting
+    cross-entropy fail with an index error deep inside torch."""
     if y.numel() and (int(y.max()) >= num_outputs or int(y.min()) < 0):
         bad = int(y.max()) if int(y.max()) >= num_outputs else int(y.min())
         raise BadInputError(
@@ -350,7 +354,7 @@ def _check_batch_labels(y: Tensor, num_outputs: int) -> None:
         )
 
 
-def _batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+def loader_batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
     """The loader's batches; a BadInputError raised in a worker process comes back as one line."""
     iterator = iter(loader)
     try:

@@ -1,4 +1,6 @@
-"""ONNX model I/O: load with clear errors, save atomically, check, make inputs, run, compare.
+"""ONNX model I/O: load with clear errors, save atomically, check, make inputs, run.
+
+Parity of outputs is :func:`retrofit.verify.compare_outputs`, shared with the torch path.
 
 Everything a caller needs around an ONNX rewrite, with the project's error contract: a file that
 is not a usable ONNX model raises :class:`BadInputError` (or :class:`UnsupportedModelError` for a
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -486,7 +488,7 @@ def _input_shape(value: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> t
     if not tensor_type.HasField("shape"):
         if given is None:
             raise UsageError(f"input {value.name!r} has no declared shape; {hint}")
-        return given
+        return _affordable(value.name, given, UsageError)
     dims = tensor_type.shape.dim
     if given is not None:
         if len(given) != len(dims):
@@ -499,10 +501,15 @@ def _input_shape(value: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> t
                     f"input {value.name!r} has size {dim.dim_value} at axis {axis}, "
                     f"the shape given says {size}"
                 )
-        return given
+        return _affordable(value.name, given, UsageError)
     shape = []
     for axis, dim in enumerate(dims):
         if dim.HasField("dim_value"):
+            if dim.dim_value < 0:
+                raise BadInputError(
+                    f"input {value.name!r} declares size {dim.dim_value} at axis {axis}; "
+                    "sizes cannot be negative (the model file is damaged)"
+                )
             shape.append(dim.dim_value)
         elif axis == 0:
             shape.append(1)
@@ -511,7 +518,24 @@ def _input_shape(value: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> t
             raise UsageError(
                 f"input {value.name!r} has a dynamic dimension{label} at axis {axis}; {hint}"
             )
-    return tuple(shape)
+    return _affordable(value.name, tuple(shape), BadInputError)
+
+
+MAX_SAMPLE_ELEMENTS = 2**28
+"""Most elements one sample input may have (1 GiB of float32): a declared shape beyond it is
+refused in one line instead of exhausting memory."""
+
+
+def _affordable(name: str, shape: tuple[int, ...], error: type[Exception]) -> tuple[int, ...]:
+    elements = 1
+    for size in shape:
+        elements *= size
+    if elements > MAX_SAMPLE_ELEMENTS:
+        raise error(
+            f"input {name!r} of shape {shape} has {elements:,} elements, more than the "
+            f"{MAX_SAMPLE_ELEMENTS:,} cadrelu allocates for a sample input"
+        )
+    return shape
 
 
 def _random_array(
@@ -577,59 +601,3 @@ def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> list[n
         return list(session.run(None, dict(inputs), options))
     except Exception as error:  # onnxruntime's pybind exception types
         raise BadInputError(f"onnxruntime failed to run the model: {_one_line(error)}") from error
-
-
-@dataclass(frozen=True)
-class OnnxParity:
-    """How far a candidate model's outputs are from a reference's on the same inputs.
-
-    ``max_abs_diff`` is the largest absolute difference over all outputs; ``max_rel_diff`` the
-    largest of each output's ``max|diff| / max|reference|`` (the scale is 1 for an all-zero
-    output), which is the figure to hold against a tolerance. NaN against NaN counts as equal.
-    """
-
-    max_abs_diff: float
-    max_rel_diff: float
-    outputs: int
-
-    def within(self, tolerance: float) -> bool:
-        """True when every output agrees to ``tolerance`` relative to its scale."""
-        return self.max_rel_diff <= tolerance
-
-
-def compare_outputs(
-    reference: Iterable[np.ndarray], candidate: Iterable[np.ndarray]
-) -> OnnxParity:
-    """:class:`OnnxParity` of two lists of output arrays (shapes must agree)."""
-    reference, candidate = list(reference), list(candidate)
-    if len(reference) != len(candidate):
-        raise ParityError(
-            f"the models have {len(reference)} and {len(candidate)} outputs; they must match"
-        )
-    worst_abs = worst_rel = 0.0
-    for index, (ref, cand) in enumerate(zip(reference, candidate)):
-        ref, cand = np.asarray(ref), np.asarray(cand)
-        if ref.shape != cand.shape:
-            raise ParityError(f"output {index} has shape {cand.shape}, expected {ref.shape}")
-        if ref.size == 0:
-            continue
-        a, b = ref.astype(np.float64), cand.astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            diff = np.abs(a - b)
-        both_nan = np.isnan(a) & np.isnan(b)
-        same_inf = np.isinf(a) & (a == b)
-        diff = np.where(both_nan | same_inf, 0.0, diff)
-        diff = np.where(np.isnan(diff), np.inf, diff)
-        finite = np.abs(a[np.isfinite(a)])
-        scale = float(finite.max()) if finite.size else 0.0
-        largest = float(diff.max())
-        worst_abs = max(worst_abs, largest)
-        worst_rel = max(worst_rel, largest / scale if scale > 0 else largest)
-    return OnnxParity(worst_abs, worst_rel, len(reference))
-
-
-def onnx_parity(
-    reference: onnx.ModelProto, candidate: onnx.ModelProto, inputs: Mapping[str, np.ndarray]
-) -> OnnxParity:
-    """Run both models on ``inputs`` and compare every output (see :class:`OnnxParity`)."""
-    return compare_outputs(run_onnx(reference, inputs), run_onnx(candidate, inputs))

@@ -83,11 +83,11 @@ from retrofit.errors import (
     UnsupportedModelError,
     UsageError,
 )
-from retrofit.evaluate import (  # the private helpers keep training and evaluation alike
-    _batches,
-    _check_batch_labels,
-    _logits_of,
+from retrofit.evaluate import (  # shared so that training and evaluation read batches alike
+    check_batch_labels,
     evaluate,
+    loader_batches,
+    logits_of,
     torch_predictor,
 )
 
@@ -620,7 +620,7 @@ class _Finetuning:
                 pin_memory=self.device.type == "cuda")
             seen, started = 0, time.perf_counter()
             with _epoch_bar(self.show, f"epoch {self.epoch + 1}/{cfg.epochs}", self.n, done
-                            ) as advance, contextlib.closing(_batches(loader)) as batches:
+                            ) as advance, contextlib.closing(loader_batches(loader)) as batches:
                 for (x, y), planned in zip(batches, plan):
                     self._step(x, y, planned)
                     seen += planned.global_size
@@ -644,7 +644,7 @@ class _Finetuning:
                     if self.amp_dtype is not None else contextlib.nullcontext())
         with autocast:
             logits = self._forward(x)
-        _check_batch_labels(y, logits.shape[1])
+        check_batch_labels(y, logits.shape[1])
         y = y.to(self.device, non_blocking=True)
         weight = torch.full((y.shape[0],), 1.0 if planned.real else 0.0, device=self.device)
         losses = F.cross_entropy(logits.float(), y, reduction="none") * weight
@@ -684,7 +684,7 @@ class _Finetuning:
             if self.num_outputs is not None:
                 raise
             raise model_input_error(error, x.shape[1:]) from error
-        logits = _logits_of(output)
+        logits = logits_of(output)
         if logits.ndim > 2 and all(d == 1 for d in logits.shape[2:]):
             logits = logits.reshape(logits.shape[0], logits.shape[1])
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:

@@ -15,44 +15,67 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrofit.errors import ParityError
+from retrofit.errors import BadInputError, ParityError
 
 
 @dataclass(frozen=True)
 class OutputParity:
-    """``max_abs_diff`` over all outputs; ``scale`` = max(1, largest |reference| value)."""
+    """``max_abs_diff`` over all outputs; ``scale`` = max(1, largest finite |reference| value).
+
+    Values that are NaN in both outputs, or the same infinity, agree. ``nonfinite_reference``
+    counts the reference's NaN/Inf values: a model that already computes NaN or Inf on the sample
+    inputs cannot show that a rewrite kept its function, which :meth:`require` reports as a bad
+    input rather than a parity failure.
+    """
 
     max_abs_diff: float
     scale: float
+    nonfinite_reference: int = 0
 
     @property
     def relative(self) -> float:
         return self.max_abs_diff / self.scale
 
     def require(self, tolerance: float, what: str) -> None:
-        """Raise :class:`ParityError` when the relative difference exceeds ``tolerance``."""
-        if not self.relative <= tolerance:  # also catches NaN
-            raise ParityError(
-                f"{what}: outputs differ by {self.max_abs_diff:.3g} "
-                f"({self.relative:.3g} of the output scale; tolerance {tolerance:g})"
+        """Raise :class:`ParityError` when the relative difference exceeds ``tolerance``
+        (:class:`BadInputError` when the reference itself holds NaN or Inf there)."""
+        if self.relative <= tolerance:  # "not <=" below also catches NaN
+            return
+        if self.nonfinite_reference:
+            raise BadInputError(
+                f"{what}: the original model computes NaN or Inf on the sample inputs "
+                f"({self.nonfinite_reference} output value(s)), so the outputs cannot be "
+                "compared; check its weights or give sample inputs it handles (--input-shape, "
+                "--data)"
             )
+        raise ParityError(
+            f"{what}: outputs differ by {self.max_abs_diff:.3g} "
+            f"({self.relative:.3g} of the output scale; tolerance {tolerance:g})"
+        )
 
 
 def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> OutputParity:
     """Parity of two lists of outputs with the same shapes."""
     if len(reference) != len(candidate):
         raise ParityError(f"the models return {len(reference)} and {len(candidate)} outputs")
-    diff, scale = 0.0, 1.0
+    diff, scale, nonfinite = 0.0, 1.0, 0
     for ref, cand in zip(reference, candidate):
         ref64, cand64 = np.asarray(ref, np.float64), np.asarray(cand, np.float64)
         if ref64.shape != cand64.shape:
             raise ParityError(f"output shapes differ: {ref64.shape} and {cand64.shape}")
-        if ref64.size:
-            gap = float(np.max(np.abs(ref64 - cand64)))
-            # NaN or inf anywhere is an infinite difference, never hidden by max().
-            diff = max(diff, gap if np.isfinite(gap) else float("inf"))
-            scale = max(scale, float(np.max(np.abs(ref64))))
-    return OutputParity(diff, scale)
+        if not ref64.size:
+            continue
+        finite = np.isfinite(ref64)
+        nonfinite += int(ref64.size - np.count_nonzero(finite))
+        agree = (np.isnan(ref64) & np.isnan(cand64)) | (np.isinf(ref64) & (ref64 == cand64))
+        with np.errstate(invalid="ignore", over="ignore"):
+            gaps = np.where(agree, 0.0, np.abs(ref64 - cand64))
+        # NaN or inf where the outputs disagree is an infinite difference, never hidden by max().
+        gap = float(np.max(np.where(np.isnan(gaps), np.inf, gaps)))
+        diff = max(diff, gap)
+        if finite.any():
+            scale = max(scale, float(np.max(np.abs(ref64[finite]))))
+    return OutputParity(diff, scale, nonfinite)
 
 
 def flatten_outputs(output: object) -> list[np.ndarray]:
