@@ -14,6 +14,22 @@ What the rest of the project may rely on:
   competition scale-invariantly; a result beyond the dtype's range *saturates* at its largest
   finite value instead of becoming inf. bfloat16/float16 inputs are computed in float32 and
   returned in their own dtype.
+
+Each activation has two implementations of one formula, which agree to rounding:
+
+* The plain tensor formulas (``_competitive_relu``, ``_mrepu``) are what graph capture sees:
+  TorchScript, ``torch.jit.trace``, ``torch.export`` and the ONNX exporter record them as they
+  are. Under ``torch.compile`` the competition is summed in float64 instead of rescaling by
+  max|z| first, so Inductor needs one reduction pass and one pointwise pass per site.
+* Eager calls take a fast path: the competition is reduced over a contiguous ``(rows, D)`` view
+  (PyTorch's multi-axis ``amax`` is ~100x slower on CPU than a last-axis one), work buffers are
+  reused in place, and under autograd a custom ``torch.autograd.Function`` saves only the input
+  and a few numbers per row and recomputes the elementwise terms in backward (the plain formulas
+  keep three or four input-sized tensors per call). Its backward is not itself differentiable
+  (no double backward).
+
+Which one runs is decided from the mode (tracing, compiling, exporting, grad enabled) and tensor
+metadata, never from tensor values.
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ from typing import Any, List, Optional
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from retrofit.config import (
     CONFIGS,
@@ -120,6 +137,25 @@ def _competition(z: torch.Tensor, measure: str, eps: float, reduce: str) -> torc
     raise UsageError("unknown measure " + measure + "; choose one of: energy, l1, count")
 
 
+def _competition_wide(z: torch.Tensor, measure: str, eps: float, reduce: str) -> torch.Tensor:
+    """``_competition`` for float32/half inputs with float64 sums instead of the max-abs scale:
+    squares of any float32 value are finite in float64 (< 1.2e77) and none underflows, so one
+    reduction pass suffices. What ``torch.compile`` fuses (it reads z once for the sums)."""
+    dims = competition_axes(z.dim(), reduce)
+    acc = _compute_dtype(z.dtype)
+    if measure == "count" or z.dtype == torch.float64:
+        return _competition(z, measure, eps, reduce)
+    wide = z.to(torch.float64)
+    positive = wide.clamp_min(0.0)
+    if measure == "energy":
+        share = (positive * positive).sum(dims, keepdim=True) / (
+            (wide * wide).sum(dims, keepdim=True) + eps
+        )
+    else:
+        share = positive.sum(dims, keepdim=True) / (wide.abs().sum(dims, keepdim=True) + eps)
+    return share.to(acc)
+
+
 def competition(
     z: torch.Tensor, measure: str = "energy", eps: float = 1e-6, reduce: str = "auto"
 ) -> torch.Tensor:
@@ -145,7 +181,12 @@ def _competitive_relu(
     reduce: str,
 ) -> torch.Tensor:
     # Positional core: TorchScript rejects keyword-only arguments with defaults.
-    p = _competition(z, measure, eps, reduce)
+    if torch.jit.is_scripting():
+        p = _competition(z, measure, eps, reduce)
+    elif _compiling_not_exporting():
+        p = _competition_wide(z, measure, eps, reduce)
+    else:
+        p = _competition(z, measure, eps, reduce)
     s = k * torch.tanh(alpha * p + beta)
     # max(s*z, 0) as a clamp, never a relu; the upper bound turns an overflow of |s| > 1
     # into the dtype's largest finite value.
@@ -170,6 +211,8 @@ def competitive_relu(
     """
     _check_choice(measure, MEASURES, "measure")
     _check_choice(reduce, REDUCTIONS, "reduce")
+    if _eager_carelu_applies(z, alpha, beta):
+        return _eager_competitive_relu(z, alpha, beta, float(k), float(eps), measure, reduce)
     # Python floats work as alpha/beta too; the annotation is TorchScript's.
     return _competitive_relu(
         z, alpha, beta, float(k), float(eps), measure, reduce  # type: ignore[arg-type]
@@ -224,6 +267,11 @@ class CompetitiveReLU(nn.Module):
             self.beta.fill_(float(self.config.beta))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript compiles only the plain formula
+            if _eager_carelu_applies(z, self.alpha, self.beta):
+                return _eager_competitive_relu(
+                    z, self.alpha, self.beta, self.k, self.eps, self.measure, self.reduce
+                )
         return _competitive_relu(
             z, self.alpha, self.beta, self.k, self.eps, self.measure, self.reduce
         )
@@ -243,6 +291,9 @@ def _mrepu(x: torch.Tensor, p: float, c: float) -> torch.Tensor:
 def mrepu(x: torch.Tensor, p: float = 2.0, c: float = 1.0) -> torch.Tensor:
     """MRePU ``x * max(0, x + c)^p``. It grows like |x|^(p+1), so half inputs are computed in
     float32, and results beyond the dtype's range saturate at its largest finite value."""
+    if not torch.jit.is_scripting():
+        if _eager_mrepu_applies(x, p):
+            return _MRePUFunction.apply(x, 1.0, float(p), float(c))
     return _saturate(_mrepu(_cast(x, _compute_dtype(x.dtype)), p, c), x.dtype)
 
 
@@ -256,6 +307,9 @@ def blended_mrepu(x: torch.Tensor, blend: float, p: float = 2.0, c: float = 1.0)
         return mrepu(x, p, c)
     if blend == 0.0:
         return x.clamp_min(0.0)
+    if not torch.jit.is_scripting():
+        if _eager_mrepu_applies(x, p):
+            return _MRePUFunction.apply(x, float(blend), float(p), float(c))
     xa = _cast(x, _compute_dtype(x.dtype))
     return _saturate((1.0 - blend) * xa.clamp_min(0.0) + blend * _mrepu(xa, p, c), x.dtype)
 
@@ -318,6 +372,265 @@ class RePU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager fast path: fewer passes over memory, and a lean autograd record
+
+
+def _compiling_not_exporting() -> bool:
+    """torch.compile (not torch.export): the graph is fused, not stored, so float64 sums, one
+    reduction pass, are the cheaper spelling; exported graphs keep the portable scaled one."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() and not (exporting is not None and exporting())
+
+
+def _capturing_graph() -> bool:
+    """True while any tracer or compiler captures a graph: it gets the plain formulas."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return (
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or (exporting is not None and exporting())
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def _is_scalar_tensor_or_float(value: Any) -> bool:
+    return isinstance(value, float) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
+def _eager_carelu_applies(z: torch.Tensor, alpha: Any, beta: Any) -> bool:
+    """Whether the fast CAReLU may run: eager, a real floating tensor, scalar alpha/beta.
+    Decided on metadata only (dtype, size, mode), never on values."""
+    return (
+        not _capturing_graph()
+        and z.is_floating_point()
+        and z.numel() > 0
+        and _is_scalar_tensor_or_float(alpha)
+        and _is_scalar_tensor_or_float(beta)
+    )
+
+
+def _eager_mrepu_applies(x: torch.Tensor, p: float) -> bool:
+    return not _capturing_graph() and x.is_floating_point() and x.numel() > 0 and p > 1.0
+
+
+def _row_length(z: torch.Tensor, reduce: str) -> int:
+    """D such that ``z.reshape(-1, D)`` has one competition group per row: the competition
+    axes are always trailing, so the groups are contiguous runs of a contiguous tensor."""
+    d = 1
+    for axis in competition_axes(z.dim(), reduce):
+        d *= z.shape[axis]
+    return d
+
+
+class _CAReLUStats:
+    """Per-row numbers the forward computes and the backward reuses (shapes (R, 1))."""
+
+    __slots__ = ("s", "p", "m", "den")
+
+    def __init__(self, s: torch.Tensor, p: torch.Tensor, m: Optional[torch.Tensor],
+                 den: Optional[torch.Tensor]) -> None:
+        self.s, self.p, self.m, self.den = s, p, m, den
+
+
+def _carelu_rows(
+    rows: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    k: float,
+    eps: float,
+    measure: str,
+    big: float,
+) -> tuple[torch.Tensor, _CAReLUStats]:
+    """CAReLU of each row of ``rows`` (R, D) in the compute dtype, without autograd.
+
+    Passes over the data: two read-only reductions (max, min) for the scale m, one scaled copy
+    u = z/m, one norm, an in-place clamp, one norm, and the output written into u's buffer and
+    clamped in place. The result is a new tensor; ``rows`` is never written.
+    """
+    if measure == "count":
+        work = torch.gt(rows, 0.0, out=torch.empty_like(rows))  # 1.0 / 0.0, summed below
+        p = work.sum(1, keepdim=True).div_(rows.shape[1])
+        s = torch.addcmul(beta, alpha, p).tanh_().mul_(k)
+        y = torch.mul(rows, s, out=work)
+        return y.clamp_(0.0, big), _CAReLUStats(s, p, None, None)
+    # The same scale-invariant measurement as _competition: |u| <= 1 cannot overflow.
+    m = torch.maximum(rows.amax(1, keepdim=True), rows.amin(1, keepdim=True).neg_())
+    m = m.clamp_min_(1.0)
+    u = rows / m
+    if measure == "energy":
+        den = torch.linalg.vector_norm(u, 2.0, 1, keepdim=True).square_()
+        den.add_(eps / (m * m))
+        p = torch.linalg.vector_norm(u.clamp_min_(0.0), 2.0, 1, keepdim=True).square_()
+    else:
+        den = torch.linalg.vector_norm(u, 1.0, 1, keepdim=True).add_(eps / m)
+        p = u.clamp_min_(0.0).sum(1, keepdim=True)
+    p.div_(den)
+    s = torch.addcmul(beta, alpha, p).tanh_().mul_(k)
+    y = torch.mul(rows, s, out=u)  # u is spent: its buffer takes the output
+    return y.clamp_(0.0, big), _CAReLUStats(s, p, m, den)
+
+
+def _carelu_rows_backward(
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    alpha: torch.Tensor,
+    k: float,
+    measure: str,
+    big: float,
+    stats: _CAReLUStats,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CAReLU backward over rows: (dL/d rows, dL/dt and p * dL/dt per row), t = alpha*p + beta.
+
+    y = clamp(s*z, 0, big) lets the gradient through where 0 <= s*z <= big (clamp's rule, also
+    at z = 0). With u = z/m (|u| <= 1), G_u = sum_j g_j u_j [kept_j] and
+    dt = dL/dt = k (1 - tanh^2) G_u m:
+    dL/dz_j = s g_j [kept_j] + q * (energy: 2 (max(u_j, 0) - p u_j);
+                                    l1: [u_j >= 0] - p sign u_j),  q = alpha k (1 - tanh^2) G_u / den
+    (p is the same for any m, so m is a constant). Working in u keeps every intermediate finite:
+    where dL/ds itself overflows, dt becomes inf but no 0 * inf turns a gradient into NaN.
+    """
+    # Two input-sized buffers, everything else in place: on CPU a fresh buffer costs more than
+    # a pass (page faults), and torch.where with per-row operands is ~30x slower than a pass.
+    s, p, m, den = stats.s, stats.p, stats.m, stats.den
+    if m is None:  # count: the forward needed no scale
+        m = torch.maximum(rows.amax(1, keepdim=True), rows.amin(1, keepdim=True).neg_())
+        m = m.clamp_min_(1.0)
+    work = torch.mul(rows, s)
+    grad_rows = work.clamp(0.0, big).eq_(work)  # 1.0 where clamp passes the gradient, else 0.0
+    grad_rows.mul_(grad)
+    slope = (1.0 - (s / k) ** 2).mul_(k)  # d s / d t
+    # sum_j g_j [kept_j] u_j into the spare buffer (vecdot would allocate a third one)
+    g_u = torch.div(rows, m, out=work).mul_(grad_rows).sum(1, keepdim=True).mul_(slope)
+    dt = g_u * m
+    grad_rows.mul_(s)
+    if measure != "count":
+        assert den is not None
+        q = alpha * g_u / den
+        if measure == "energy":
+            u = torch.div(rows, m, out=work)
+            grad_rows.addcmul_(u, (-2.0) * q * p)
+            grad_rows.addcmul_(u.clamp_min_(0.0), 2.0 * q)
+        else:
+            grad_rows.addcmul_(torch.ge(rows, 0.0, out=work), q)
+            grad_rows.addcmul_(torch.sign(rows, out=work), -q * p)
+    # d L / d alpha per row: (g_u * p) * m, finite factors, so inf at worst, never NaN
+    return grad_rows, dt, (g_u * p).mul_(m)
+
+
+def _as_param(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+class _CompetitiveReLUFunction(torch.autograd.Function):
+    """CAReLU with a lean autograd record: saves z, alpha and four numbers per row (instead of
+    z, u = z/m, max(u, 0) and s*z), and recomputes the elementwise terms in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        z: torch.Tensor,
+        alpha: torch.Tensor,
+        beta: torch.Tensor,
+        k: float,
+        eps: float,
+        measure: str,
+        reduce: str,
+    ) -> torch.Tensor:
+        acc = _compute_dtype(z.dtype)
+        big = _finite_max(z.dtype)
+        rows = _cast(z.reshape(-1, _row_length(z, reduce)), acc)
+        y, stats = _carelu_rows(rows, alpha, beta, k, eps, measure, big)
+        ctx.save_for_backward(z, alpha, stats.s, stats.p, stats.m, stats.den)
+        ctx.setup = (k, measure, reduce, big, acc)
+        return _cast(y, z.dtype).view(z.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor):  # type: ignore[override]
+        z, alpha, s, p, m, den = ctx.saved_tensors
+        k, measure, reduce, big, acc = ctx.setup
+        d = _row_length(z, reduce)
+        rows = _cast(z.reshape(-1, d), acc)
+        grad = _cast(grad_y.reshape(-1, d), acc)
+        stats = _CAReLUStats(s, p, m, den)
+        grad_rows, dt, dt_p = _carelu_rows_backward(rows, grad, alpha, k, measure, big, stats)
+        grad_z = _cast(grad_rows, z.dtype).view(z.shape) if ctx.needs_input_grad[0] else None
+        grad_alpha = grad_beta = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = _cast(dt_p.sum(), alpha.dtype).reshape(alpha.shape)
+        if ctx.needs_input_grad[2]:
+            grad_beta = _cast(dt.sum(), alpha.dtype).reshape(alpha.shape)
+        return grad_z, grad_alpha, grad_beta, None, None, None, None
+
+
+def _eager_competitive_relu(
+    z: torch.Tensor,
+    alpha: Any,
+    beta: Any,
+    k: float,
+    eps: float,
+    measure: str,
+    reduce: str,
+) -> torch.Tensor:
+    acc = _compute_dtype(z.dtype)
+    a = _as_param(alpha, acc, z.device)
+    b = _as_param(beta, acc, z.device)
+    if b.dtype != a.dtype:  # the backward returns both gradients in alpha's dtype
+        return _competitive_relu(z, a, b, k, eps, measure, reduce)
+    needs_grad = torch.is_grad_enabled() and (z.requires_grad or a.requires_grad or b.requires_grad)
+    if needs_grad:
+        return _CompetitiveReLUFunction.apply(z, a, b, k, eps, measure, reduce)
+    rows = _cast(z.reshape(-1, _row_length(z, reduce)), acc)
+    y, _ = _carelu_rows(rows, a, b, k, eps, measure, _finite_max(z.dtype))
+    return _cast(y, z.dtype).view(z.shape)
+
+
+class _MRePUFunction(torch.autograd.Function):
+    """Blended MRePU ``(1-lam)*max(x, 0) + lam*x*max(x+c, 0)^p``, saturated, computed with one
+    work buffer in place; saves only x and recomputes the derivative
+    ``lam*t^(p-1)*(t + p*x) + (1-lam)*[x >= 0]`` (t = max(x+c, 0)) in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, blend: float, p: float, c: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.setup = (blend, p, c)
+        return _cast(_mrepu_inplace(_cast(x, _compute_dtype(x.dtype)), blend, p, c,
+                                    _finite_max(x.dtype)), x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        blend, p, c = ctx.setup
+        xa = _cast(x, _compute_dtype(x.dtype))
+        t = (xa + c).clamp_min_(0.0)
+        slope = torch.pow(t, p - 1.0)  # t^(p-1); 0 where t = 0 since p > 1
+        value = t.mul_(slope)  # t^p
+        slope.mul_(xa)
+        torch.add(value, slope, alpha=p, out=slope)  # t^p + p*x*t^(p-1)
+        value.mul_(xa)  # x*t^p, before saturation
+        if blend != 1.0:
+            relu = xa.clamp_min(0.0)
+            value.mul_(blend).add_(relu, alpha=1.0 - blend)
+            slope.mul_(blend).add_(torch.ge(xa, 0.0, out=relu), alpha=1.0 - blend)
+        # clamp(-big, big) passes |y| <= big; masked_fill, not a product: slope may be inf there
+        slope.masked_fill_(value.abs_() > _finite_max(x.dtype), 0.0)
+        grad = slope.mul_(grad_y)
+        return _cast(grad, x.dtype), None, None, None
+
+
+def _mrepu_inplace(xa: torch.Tensor, blend: float, p: float, c: float, big: float) -> torch.Tensor:
+    y = (xa + c).clamp_min_(0.0).pow_(p).mul_(xa)
+    if blend != 1.0:
+        y.mul_(blend).add_(xa.clamp_min(0.0), alpha=1.0 - blend)
+    return y.clamp_(-big, big)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -903,7 +903,7 @@ def test_rnn_with_relu_activation_is_noted():
 
 
 # --------------------------------------------------------------------------------------------
-# Performance (a sanity bound, not a benchmark: see bench/bench_onnx_rewrite.py)
+# Performance (a sanity bound, not a benchmark: see bench/bench_rewrite.py)
 
 
 def test_rewriting_200_sites_takes_well_under_a_few_seconds():
