@@ -218,7 +218,8 @@ def retrofit(
                         arch=arch, trust_pickle=trust_pickle, tolerance=tolerance, seed=seed,
                         device=device, data=data_options, finetune=finetune_config,
                         control=control, gates=Gates(max_drop, min_gain),
-                        export_onnx=export_onnx, onnx_functions=onnx_functions, plot=plot)
+                        export_onnx=export_onnx, onnx_functions=onnx_functions, plot=plot,
+                        markdown=markdown)
 
     job = _run(request)
     report = _run(lambda: retrofit_file(job))

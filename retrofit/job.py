@@ -86,6 +86,8 @@ class RetrofitRequest:
     export_onnx: Path | None = None
     onnx_functions: bool = False
     plot: Path | None = None
+    markdown: Path | None = None
+    """Where the caller will write the Markdown report; only checked here, before any work."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,16 @@ def _check_outputs(request: RetrofitRequest, model_format: ModelFormat) -> Path:
         if request.export_onnx.resolve() == output.resolve():
             raise UsageError("--export-onnx and -o name the same file")
         check_output_path(request.export_onnx, inputs=[request.model], force=request.force)
+    # Reports follow the model's --force rule. The checkpoint's own rule (resume or refuse) is
+    # the fine-tuning's; only its folder is checked here. All of it now, not after a fine-tune
+    # whose result would then be lost.
+    inputs = [path for path in (request.model, request.data.val, request.data.train) if path]
+    for report in (request.plot, request.markdown):
+        if report is not None:
+            check_output_path(report, inputs=inputs, force=request.force)
+    if request.finetune is not None and request.data.train is not None:
+        checkpoint = request.finetune.checkpoint or output.with_name(output.name + ".ckpt")
+        check_output_path(checkpoint, inputs=inputs, force=True)
     return output
 
 

@@ -98,8 +98,8 @@ def detect_format(path: Path) -> ModelFormat:
     if _looks_like_onnx(path):
         return ModelFormat.ONNX
     raise BadInputError(
-        f"{path}: not a model file cadrelu can read "
-        "(expected .pt2, torch.save, safetensors or ONNX content)"
+        f"{path}: not a model file cadrelu can read (expected .pt2, torch.save, safetensors "
+        "or ONNX content; a truncated or damaged file reads like this too)"
     )
 
 

@@ -432,9 +432,50 @@ def check_onnx_model(model: onnx.ModelProto, *, is_input: bool = False) -> None:
         onnx.checker.check_model(target, full_check=True)
         onnx.shape_inference.infer_shapes(target, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        problem = _unrunnable_graph(model.graph)
+        if problem is not None:  # the checker calls both "not topologically sorted"
+            raise error_type(f"{what} is not a runnable graph: {problem}") from error
         raise error_type(f"{what} fails the ONNX checker: {_one_line(error)}") from error
     except (RuntimeError, ValueError) as error:
         raise error_type(f"{what} cannot be checked: {_one_line(error)}") from error
+
+
+def _unrunnable_graph(graph: onnx.GraphProto) -> str | None:
+    """Why the main graph cannot run in any order: a value that nothing produces, or a cycle.
+
+    None when every node can run (the checker's own message then says what is wrong).
+    """
+    available = {value.name for value in graph.input} | {t.name for t in graph.initializer}
+    available |= {t.values.name for t in graph.sparse_initializer} | {""}
+    produced = {name for node in graph.node for name in node.output}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name not in available and name not in produced:
+                return (f"node {node.name or f'#{index}'!r} ({node.op_type}) reads {name!r}, "
+                        "which no node, graph input or initializer produces")
+    for value in graph.output:
+        if value.name not in available and value.name not in produced:
+            return f"graph output {value.name!r} is produced by no node"
+    waiting = [sum(name not in available for name in set(node.input)) for node in graph.node]
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in set(node.input) - available:
+            consumers.setdefault(name, []).append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    while ready:  # Kahn's topological sort; a value made twice counts once, the checker says more
+        for name in graph.node[ready.pop()].output:
+            if name not in available:
+                available.add(name)
+                for index in consumers.get(name, ()):
+                    waiting[index] -= 1
+                    if waiting[index] == 0:
+                        ready.append(index)
+    stuck = [node for node, count in zip(graph.node, waiting) if count > 0]
+    if stuck:
+        names = ", ".join(repr(node.name or node.op_type) for node in stuck[:4])
+        more = f" and {len(stuck) - 4} more" if len(stuck) > 4 else ""
+        return f"it has a cycle: node(s) {names}{more} wait on each other's outputs"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

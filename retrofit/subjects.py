@@ -19,6 +19,7 @@ from torch import nn
 
 from retrofit.census import take_census
 from retrofit.config import ActivationConfig, MRePUConfig
+from retrofit.errors import BadInputError
 from retrofit.evaluate import Predictor, onnx_predictor, torch_predictor
 from retrofit.inputs import InputShape, random_inputs
 from retrofit.model_io import ModelFormat, TorchModel, load_torch_model, save_torch_model
@@ -196,7 +197,10 @@ def open_subject(
         from retrofit.onnx_io import check_onnx_model, load_onnx, make_onnx_inputs
 
         model = load_onnx(path)
-        check_onnx_model(model, is_input=True)
+        try:
+            check_onnx_model(model, is_input=True)
+        except BadInputError as error:  # name the file: the checker's message cannot
+            raise BadInputError(f"{path}: {error}") from error
         shapes = {shape.name or "": shape.dims for shape in input_shapes}
         if "" in shapes:
             shapes[_feed_names(model)[0]] = shapes.pop("")

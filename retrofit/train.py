@@ -157,8 +157,6 @@ class FinetuneConfig:
             (self.blend_ramp_fraction is None or 0 <= self.blend_ramp_fraction <= 1,
              f"blend ramp fraction must lie in [0, 1], got {self.blend_ramp_fraction}"),
             (self.num_workers >= 0, f"num_workers must be 0 or more, got {self.num_workers}"),
-            (not self.resume or self.checkpoint is not None,
-             "resume needs a checkpoint path to resume from"),
         ]
         for ok, message in checks:
             if not ok:
@@ -824,6 +822,9 @@ def finetune(
     """
     if len(train) == 0:  # type: ignore[arg-type]
         raise BadInputError(f"{getattr(train, 'source', 'the training data')} holds no samples")
+    # Checked here, not in FinetuneConfig: the job fills in a default checkpoint path later.
+    if config.resume and config.checkpoint is None:
+        raise UsageError("resume needs a checkpoint path to resume from")
     if config.checkpoint is not None:
         path = Path(config.checkpoint)
         if not config.resume and path.exists():
@@ -836,6 +837,9 @@ def finetune(
     show = progress is not False and ctx.is_main and sys.stderr.isatty()
     try:
         with _determinism(config.deterministic), deferred_interrupts() as stop:
-            return _Finetuning(model, train, val, config, ctx, device, show, on_epoch, stop).run()
+            result = _Finetuning(model, train, val, config, ctx, device, show, on_epoch,
+                                 stop).run()
+        barrier(ctx)  # no process tears the group down while another still talks through it
+        return result
     finally:
         teardown_distributed(ctx)
