@@ -25,6 +25,7 @@ from retrofit.inputs import InputShape
 from retrofit.job import DataOptions, Gates, RetrofitRequest, evaluate_file, inspect_file, retrofit_file
 from retrofit.report import append_step_summary, print_report, report_to_json, report_to_markdown
 from retrofit.sites import SiteSelector
+from retrofit.train import FinetuneConfig
 from retrofit.atomic import write_text_atomic
 
 app = typer.Typer(
@@ -101,6 +102,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when there is a GPU), cpu or cuda.")]
 DATA = "Data"
 FINETUNE = "Fine-tuning"
+TRAINING = FinetuneConfig()  # the fine-tuning options' defaults are the library's
 CI = "CI gates and reports"
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Validation data: an image folder (one sub-folder per class), .npz/.pt with x and y, or CSV. Accuracy is scored on it before and after.", rich_help_panel=DATA)]
 ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Resize images' shorter side to this many pixels (default: native size).", rich_help_panel=DATA)]
@@ -171,14 +173,14 @@ def retrofit(
     onnx_functions: Annotated[bool, typer.Option("--onnx-functions", help="ONNX input: emit each activation as a model-local function instead of inlined nodes.")] = False,
     data: DataOpt = None,
     finetune: Annotated[Optional[Path], typer.Option("--finetune", help="Training data to fine-tune on (same formats as --data); without --data a validation split is taken from it.", rich_help_panel=FINETUNE)] = None,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", rich_help_panel=FINETUNE)] = 3,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", rich_help_panel=FINETUNE)] = TRAINING.epochs,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer.", rich_help_panel=FINETUNE)] = Optimizer.adamw,
-    lr: Annotated[float, typer.Option(help="Learning rate of the network's weights.", rich_help_panel=FINETUNE)] = 1e-4,
-    activation_lr: Annotated[float, typer.Option(help="Learning rate of the new activation parameters.", rich_help_panel=FINETUNE)] = 1e-2,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (not applied to activation parameters, biases and norms).", rich_help_panel=FINETUNE)] = 1e-4,
-    warmup: Annotated[float, typer.Option(help="Fraction of steps spent in linear warm-up before the cosine decay.", rich_help_panel=FINETUNE)] = 0.1,
-    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: off).", rich_help_panel=FINETUNE)] = 1.0,
-    blend_ramp: Annotated[float, typer.Option(help="MRePU: ramp the blend from ReLU (0) to MRePU (1) over this fraction of the steps (0: MRePU from the start).", rich_help_panel=FINETUNE)] = 0.5,
+    lr: Annotated[float, typer.Option(help="Learning rate of the network's weights.", rich_help_panel=FINETUNE)] = TRAINING.lr,
+    activation_lr: Annotated[float, typer.Option(help="Learning rate of the new activation parameters.", rich_help_panel=FINETUNE)] = TRAINING.activation_lr,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (not applied to activation parameters, biases and norms).", rich_help_panel=FINETUNE)] = TRAINING.weight_decay,
+    warmup: Annotated[float, typer.Option(help="Fraction of steps spent in linear warm-up before the cosine decay.", rich_help_panel=FINETUNE)] = TRAINING.warmup_fraction,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: off).", rich_help_panel=FINETUNE)] = TRAINING.grad_clip,
+    blend_ramp: Annotated[float, typer.Option(help="MRePU: ramp the blend from ReLU (0) to MRePU (1) over this fraction of the steps (0: MRePU from the start).", rich_help_panel=FINETUNE)] = MRePUConfig().ramp_fraction,
     amp: Annotated[Amp, typer.Option(help="Mixed precision: auto (bf16 on GPU, off on CPU), bf16 or off.", rich_help_panel=FINETUNE)] = Amp.auto,
     deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms (slower on GPU).", rich_help_panel=FINETUNE)] = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file written each epoch and on Ctrl-C (default: OUTPUT.ckpt).", rich_help_panel=FINETUNE)] = None,
@@ -205,8 +207,6 @@ def retrofit(
     def request() -> RetrofitRequest:
         finetune_config = None
         if finetune is not None:
-            from retrofit.train import FinetuneConfig
-
             finetune_config = FinetuneConfig(
                 epochs=epochs, batch_size=batch_size, optimizer=optimizer.value, lr=lr,
                 activation_lr=activation_lr, weight_decay=weight_decay, warmup_fraction=warmup,

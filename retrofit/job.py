@@ -31,8 +31,9 @@ from retrofit.verify import OutputParity
 
 _MREPU_GROWTH = (
     "MRePU grows like |x|^3, and pre-activations of a few units compound through deep or "
-    "residual stacks: give the blend more room (--blend-ramp 0.9 with more --epochs) or use "
-    "CompetitiveReLU, which starts as ReLU"
+    "residual stacks (a longer --blend-ramp delays this but did not prevent it on the sample "
+    "CNN, bench/results/repro_retrofit_budget.md); MRePU retrofits shallow networks such as the "
+    "sample MLP, and CompetitiveReLU, which starts as ReLU, retrofits both"
 )
 
 

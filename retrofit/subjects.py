@@ -9,7 +9,6 @@ are written back into the original graph.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +24,9 @@ from retrofit.inputs import InputShape, random_inputs
 from retrofit.model_io import ModelFormat, TorchModel, load_torch_model, save_torch_model
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
 from retrofit.torch_rewrite import retrofit_torch_model
-from retrofit.verify import OutputParity, compare_outputs, torch_outputs, torch_parity
+from retrofit.verify import (
+    OutputParity, compare_outputs, copy_module, torch_outputs, torch_parity,
+)
 
 
 def final_config(config: ActivationConfig) -> ActivationConfig:
@@ -108,7 +109,7 @@ class TorchSubject:
         return retrofit_torch_model(self.original, config, select).model
 
     def trainable_original(self) -> nn.Module:
-        return copy.deepcopy(self.original)
+        return copy_module(self.original)
 
     def from_trained(self, trained: nn.Module, config: ActivationConfig,
                      select: SiteSelector) -> tuple[nn.Module, None]:

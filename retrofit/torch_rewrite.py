@@ -18,7 +18,6 @@ The input model is never modified: the rewrite works on a deep copy.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,6 +29,7 @@ from retrofit.activations import make_activation
 from retrofit.config import ActivationConfig
 from retrofit.errors import UnsupportedModelError
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
+from retrofit.verify import copy_module
 
 _aten = torch.ops.aten
 
@@ -394,7 +394,7 @@ def retrofit_torch_model(
     has no ReLU site, :class:`~retrofit.errors.SelectionError` when a rule matches nothing.
     """
     select = select or SiteSelector()
-    rewrite = _collect(copy.deepcopy(model))
+    rewrite = _collect(copy_module(model))
     if not rewrite.candidates:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no ReLU site to replace "

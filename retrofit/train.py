@@ -39,7 +39,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +89,7 @@ from retrofit.evaluate import (  # shared so that training and evaluation read b
     logits_of,
     torch_predictor,
 )
+from retrofit.verify import copy_module
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 AMP_MODES: tuple[str, ...] = ("auto", "bf16", "off")
@@ -124,10 +124,10 @@ class FinetuneConfig:
     batch_size: int = 64
     optimizer: str = "adamw"
     lr: float = 1e-4
-    activation_lr: float | None = None
-    weight_decay: float = 0.01
+    activation_lr: float | None = 1e-2
+    weight_decay: float = 1e-4
     momentum: float = 0.9
-    warmup_fraction: float = 0.05
+    warmup_fraction: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
     deterministic: bool = False
@@ -443,9 +443,7 @@ class _Finetuning:
             ctx, device, show, on_epoch, stop)
         self.checkpoint = Path(config.checkpoint) if config.checkpoint is not None else None
         try:
-            with warnings.catch_warnings():  # torch.export modules warn about their own pytrees
-                warnings.filterwarnings("ignore", ".*LeafSpec", FutureWarning)
-                self.model = copy.deepcopy(source).to(device)
+            self.model = copy_module(source).to(device)
         except (TypeError, RuntimeError, copy.Error) as error:
             raise UnsupportedModelError(
                 f"cannot copy the model for fine-tuning: {first_error_line(error)}") from error

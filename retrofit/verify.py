@@ -7,8 +7,10 @@ a tolerance means the same thing for logits of size 10 and of size 1e-3.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -106,6 +108,14 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         if was_training:
             module.train()
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy; modules of ``torch.export`` programs warn about their own pytree specs when
+    copied (a torch-internal FutureWarning the user can do nothing about), so that is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*LeafSpec", FutureWarning)
+        return copy.deepcopy(module)
 
 
 def torch_outputs(module: nn.Module, inputs: Iterable[torch.Tensor]) -> list[np.ndarray]:
