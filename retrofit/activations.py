@@ -228,12 +228,18 @@ class CompetitiveReLU(nn.Module):
     and the module computes ReLU. ``device``/``dtype`` place the parameters; pass
     ``dtype=torch.float64`` for a float64 model rather than calling ``.double()``, which keeps
     beta's float32 rounding (|s - 1| ~ 1.5e-8), or call :meth:`reset_parameters` afterwards.
+
+    ``inplace`` means what it means for ``nn.ReLU``: the caller no longer needs the input, so
+    eager inference (no autograd, CPU, a contiguous float32/float64 input, s >= 0 for every
+    input) may write the result into the input's memory. Training and graph capture never do.
+    The rewriters set it where the replaced ReLU was in-place.
     """
 
     def __init__(
         self,
         config: Optional[CompetitiveReLUConfig] = None,
         *,
+        inplace: bool = False,
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
         **overrides: Any,
@@ -251,6 +257,7 @@ class CompetitiveReLU(nn.Module):
         self.reduce: str = config.reduce
         self.k: float = float(config.k)
         self.eps: float = float(config.eps)
+        self.inplace: bool = inplace
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.empty((), **factory))
         self.beta = nn.Parameter(torch.empty((), **factory))
@@ -270,14 +277,16 @@ class CompetitiveReLU(nn.Module):
         if not torch.jit.is_scripting():  # TorchScript compiles only the plain formula
             if _eager_carelu_applies(z, self.alpha, self.beta):
                 return _eager_competitive_relu(
-                    z, self.alpha, self.beta, self.k, self.eps, self.measure, self.reduce
+                    z, self.alpha, self.beta, self.k, self.eps, self.measure, self.reduce,
+                    self.inplace,
                 )
         return _competitive_relu(
             z, self.alpha, self.beta, self.k, self.eps, self.measure, self.reduce
         )
 
     def extra_repr(self) -> str:
-        return f"measure={self.measure}, reduce={self.reduce}, k={self.k}, eps={self.eps}"
+        inplace = ", inplace=True" if self.inplace else ""
+        return f"measure={self.measure}, reduce={self.reduce}, k={self.k}, eps={self.eps}{inplace}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,6 +585,7 @@ def _eager_competitive_relu(
     eps: float,
     measure: str,
     reduce: str,
+    inplace: bool = False,
 ) -> torch.Tensor:
     acc = _compute_dtype(z.dtype)
     a = _as_param(alpha, acc, z.device)
@@ -586,8 +596,55 @@ def _eager_competitive_relu(
     if needs_grad:
         return _CompetitiveReLUFunction.apply(z, a, b, k, eps, measure, reduce)
     rows = _cast(z.reshape(-1, _row_length(z, reduce)), acc)
-    y, _ = _carelu_rows(rows, a, b, k, eps, measure, _finite_max(z.dtype))
+    big = _finite_max(z.dtype)
+    y = None
+    if z.device.type == "cpu" and measure != "count":  # its checks read values: no GPU syncs
+        in_place = inplace and rows.dtype == z.dtype and z.is_contiguous()  # rows is z's memory
+        y = _carelu_rows_inference(rows, a, b, k, eps, measure, big, in_place)
+    if y is None:
+        y, _ = _carelu_rows(rows, a, b, k, eps, measure, big)
     return _cast(y, z.dtype).view(z.shape)
+
+
+def _carelu_rows_inference(
+    rows: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    k: float,
+    eps: float,
+    measure: str,
+    big: float,
+    inplace: bool = False,
+) -> Optional[torch.Tensor]:
+    """CAReLU (energy or l1) of each row of ``rows`` (R, D) for inference: four passes.
+
+    ``max(z, 0)`` is the output's buffer; the measure is the ratio of two norms, one of the rows
+    and one of that buffer, formed in float64 from the (R, 1) norms; then the buffer is scaled
+    in place: ``max(s*z, 0) = |s|*max(sign(s)*z, 0)``, rounded once as the formula is. Without the max|z| rescaling of
+    :func:`_carelu_rows` this is only exact while the norms and ``k * norm`` stay below the
+    dtype's range, so it returns None otherwise (NaN, Inf or huge inputs) and the caller falls
+    back to the scaled path. A norm that underflows to 0 changes nothing: eps dominates then.
+    ``inplace``: ``rows`` may be overwritten, which is done only when the parameters alone show
+    that s >= 0 in every row (beta >= 0 and alpha + beta >= 0, as p lies in [0, 1]).
+    """
+    order = 2.0 if measure == "energy" else 1.0
+    norm = torch.linalg.vector_norm(rows, order, 1, keepdim=True)
+    if not bool((norm * k < big).all()):  # also False for NaN
+        return None
+    overwrite = inplace and bool(torch.minimum(beta, alpha + beta) >= 0)
+    positive = rows.clamp_min_(0.0) if overwrite else rows.clamp_min(0.0)
+    part = torch.linalg.vector_norm(positive, order, 1, keepdim=True).double()
+    total = norm.double()
+    if measure == "energy":
+        part, total = part.square_(), total.square_()
+    p = part.div_(total.add_(eps)).to(rows.dtype)
+    s = torch.addcmul(beta, alpha, p).tanh_().mul_(k)
+    if overwrite:  # s >= 0 in exact arithmetic; no rounding may send a row down the z path
+        s.clamp_min_(0.0)
+    negative = s < 0
+    if bool(negative.any()):  # those rows turn into max(-z, 0) = max(z, 0) - z, exactly
+        positive.addcmul_(rows, negative.to(rows.dtype), value=-1.0)
+    return positive.mul_(s.abs())
 
 
 class _MRePUFunction(torch.autograd.Function):

@@ -289,6 +289,7 @@ def _graph_attach(
     """
 
     def attach(activation: nn.Module) -> str:
+        _pass_on_inplace(activation, inplace)
         if len(calls) > 1:
             holder_path, _, index = target.rpartition(".")
             holder = gm.get_submodule(holder_path) if _has_submodule(gm, holder_path) else None
@@ -328,7 +329,8 @@ def _opaque_candidates(rewrite: _Rewrite, module: nn.Module, path: str) -> None:
         child_path = _join(path, name)
         if _is_relu_module(child):
             rewrite.candidates.append(
-                _Candidate(child_path, "nn.ReLU", path, _attribute_attach(module, name, path),
+                _Candidate(child_path, "nn.ReLU", path,
+                           _attribute_attach(module, name, path, inplace=bool(child.inplace)),
                            remark="module swap: calls of this module share its parameters")
             )
         elif fx.Tracer().is_leaf_module(child, child_path):
@@ -337,8 +339,11 @@ def _opaque_candidates(rewrite: _Rewrite, module: nn.Module, path: str) -> None:
             _module_candidates(rewrite, child, child_path, holder=(module, name))
 
 
-def _attribute_attach(module: nn.Module, attr: str, path: str) -> Callable[[nn.Module], str]:
+def _attribute_attach(
+    module: nn.Module, attr: str, path: str, inplace: bool = False
+) -> Callable[[nn.Module], str]:
     def attach(activation: nn.Module) -> str:
+        _pass_on_inplace(activation, inplace)
         if attr in module._modules:
             module._modules[attr] = activation
         else:
@@ -350,6 +355,13 @@ def _attribute_attach(module: nn.Module, attr: str, path: str) -> Callable[[nn.M
         return _join(path, attr)
 
     return attach
+
+
+def _pass_on_inplace(activation: nn.Module, inplace: bool) -> None:
+    """An in-place ReLU's caller gave up its input; the activation may use that in inference
+    (see :class:`~retrofit.activations.CompetitiveReLU`), which saves a buffer per site."""
+    if inplace and hasattr(activation, "inplace"):
+        activation.inplace = True
 
 
 def _module_candidates(

@@ -441,6 +441,44 @@ def test_fast_carelu_matches_the_plain_formula_in_float64_values_and_gradients(m
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("measure", ("energy", "l1"))
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+def test_inference_carelu_matches_the_plain_formula(measure, reduce):
+    """The no-grad CPU path measures with unscaled norms; it must agree with the scaled formula
+    for every sign of the scale, and hand rows whose norms overflow to the scaled path."""
+    g = torch.Generator().manual_seed(8)
+    for shape, (alpha, beta) in itertools.product((*SHAPES, (9,)), SCALES):
+        for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            module = CompetitiveReLU(measure=measure, reduce=reduce, alpha_init=alpha,
+                                     beta_init=beta, dtype=dtype)
+            z = torch.randn(shape, generator=g, dtype=dtype) * 3
+            z.view(-1)[0] = 1e25  # its square overflows float32: energy falls back to scaling
+            with torch.no_grad():
+                got, want = module(z), plain_carelu(z, module)
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("measure", ("energy", "l1"))
+def test_inplace_inference_writes_into_the_input_only_where_that_is_exact(measure):
+    z = torch.randn(4, 3, 5, 5)
+    settings = {"measure": measure, "alpha_init": 1.3, "beta_init": 0.4}
+    want = plain_carelu(z, CompetitiveReLU(**settings))
+    module = CompetitiveReLU(**settings, inplace=True)
+    x = z.clone()
+    with torch.no_grad():
+        y = module(x)
+    assert y.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    # autograd, a scale that can turn negative, a non-contiguous or half input: out of place
+    negative = CompetitiveReLU(measure=measure, alpha_init=-2.5, beta_init=0.3, inplace=True)
+    for run, x in ((module, z.clone().requires_grad_()), (negative, z.clone()),
+                   (module, z.clone().transpose(2, 3)), (module, z.clone().half())):
+        before = x.detach().clone()
+        with torch.set_grad_enabled(x.requires_grad):
+            run(x)
+        assert torch.equal(x.detach(), before)
+
+
 def test_eager_calls_take_the_fast_path_and_gradcheck_it():
     module = CompetitiveReLU(alpha_init=1.3, beta_init=0.4, dtype=torch.float64)
     z = away_from_zero((2, 3, 2, 2), torch.Generator().manual_seed(6)).requires_grad_()

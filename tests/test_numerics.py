@@ -57,23 +57,27 @@ def extreme_rows(dtype: torch.dtype) -> dict[str, list[float]]:
     }
 
 
+@pytest.mark.parametrize("autograd", (True, False), ids=("training", "inference"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_finite_extreme_inputs_give_finite_outputs_in_every_dtype(dtype):
+def test_finite_extreme_inputs_give_finite_outputs_in_every_dtype(dtype, autograd):
     for name, row in extreme_rows(dtype).items():
         x = torch.tensor([row, row[::-1]], dtype=dtype)
         for shaped in (x, x.reshape(2, 2, 4), x.reshape(2, 2, 2, 2)):
             for module in modules():
-                y = module(shaped)
+                with torch.set_grad_enabled(autograd):
+                    y = module(shaped)
                 assert y.dtype == dtype and y.shape == shaped.shape
                 assert not torch.isnan(y).any() and torch.isfinite(y).all(), (name, module)
 
 
+@pytest.mark.parametrize("autograd", (True, False), ids=("training", "inference"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_identity_carelu_is_relu_on_subnormals_and_extremes(dtype):
+def test_identity_carelu_is_relu_on_subnormals_and_extremes(dtype, autograd):
     for measure in MEASURES:
         for name, row in extreme_rows(dtype).items():
             x = torch.tensor([row], dtype=dtype)
-            y = CompetitiveReLU(measure=measure)(x)
+            with torch.set_grad_enabled(autograd):
+                y = CompetitiveReLU(measure=measure)(x)
             torch.testing.assert_close(y.float(), x.float().clamp_min(0), rtol=1e-2, atol=0,
                                        msg=f"{measure}, {name}")
 

@@ -79,6 +79,22 @@ def test_in_place_relu_whose_input_is_read_again_keeps_its_meaning():
     assert torch.allclose(result.model(x), expected)
 
 
+def test_in_place_sites_may_overwrite_their_input_in_inference_and_keep_their_meaning():
+    model = models.AllSpellings().eval()
+    result = retrofit_torch_model(model, CARELU)
+    inplace = {site.kind: result.model.get_submodule(
+        site.parameters[0].rpartition(".")[0]).inplace for site in result.sites}
+    assert inplace == {"nn.ReLU": False, "nn.ReLU(inplace)": True, "F.relu": False,
+                       "F.relu(inplace)": True, "torch.relu": False, "Tensor.relu": False,
+                       "Tensor.relu_": True}
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        assert _parity(model, result.model, x) <= 1e-6
+        read_again = models.InplaceReadAgain().eval()
+        rewritten = retrofit_torch_model(read_again, CARELU).model
+        assert torch.equal(rewritten(x[:, :5]), read_again(x[:, :5]))
+
+
 def test_transformer_encoder_layer_functional_relu_is_reached():
     model = models.Encoder().eval()
     x = torch.randn(2, 5, 8)
