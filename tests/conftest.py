@@ -1,4 +1,4 @@
-"""Shared fixtures: sample paths and a malicious pickle."""
+"""Shared fixtures and helpers: sample paths, a malicious pickle, running the CLI in-process."""
 
 from __future__ import annotations
 
@@ -49,4 +49,17 @@ def no_partial_files(folder: Path) -> bool:
     return not [name for name in os.listdir(folder) if ".partial" in name]
 
 
+def run_cli(*args: object):
+    """``cadrelu ARGS`` run in-process (paths may be given as Path objects)."""
+    from typer.testing import CliRunner
 
+    from cli.main import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def one_line(result) -> str:
+    """The one non-empty stderr line of a command; fails on a traceback or on several lines."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]

@@ -12,29 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cli.main import app
 from retrofit.atomic import atomic_output, write_text_atomic
 from retrofit.checkpoint import load_checkpoint, save_checkpoint
 from retrofit.errors import ExitCode, OutputError
 from retrofit.model_io import ModelFormat, detect_format
-from tests.conftest import SAMPLES, no_partial_files, sha256
+from tests.conftest import SAMPLES, no_partial_files, one_line, run_cli as cli, sha256
 
-runner = CliRunner()
 MLP = SAMPLES / "models" / "digits_mlp.pt2"
 CNN_ONNX = SAMPLES / "models" / "digits_cnn.onnx"
 OLD = b"the previous, complete output"
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def one_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 class Boom(RuntimeError):

@@ -22,22 +22,15 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-from typer.testing import CliRunner
 
-from cli.main import app
 from retrofit.errors import ExitCode
 from retrofit.model_io import ModelFormat, detect_format
-from tests.conftest import SAMPLES, _WritesMarker, no_partial_files, sha256
+from tests.conftest import SAMPLES, _WritesMarker, no_partial_files, run_cli as cli, sha256
 
-runner = CliRunner()
 MLP = SAMPLES / "models" / "digits_mlp.pt2"
 CNN_ONNX = SAMPLES / "models" / "digits_cnn.onnx"
 VAL = SAMPLES / "data" / "digits_val.npz"
 TRAIN = SAMPLES / "data" / "digits_train.npz"
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 def copy(source: Path, folder: Path, name: str | None = None) -> Path:

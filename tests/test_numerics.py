@@ -21,13 +21,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cli.main import app
 from retrofit.activations import CompetitiveReLU, MRePU
 from retrofit.checkpoint import load_checkpoint
 from retrofit.errors import ExitCode
-from tests.conftest import SAMPLES, no_partial_files, sha256
+from tests.conftest import SAMPLES, no_partial_files, one_line, run_cli as cli, sha256
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MEASURES = ("energy", "l1", "count")
@@ -136,18 +134,6 @@ def test_a_non_finite_value_stays_in_its_own_sample(dtype, bad):
 
 
 # --------------------------------------------------------------------------- through the CLI
-
-runner = CliRunner()
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def one_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 @pytest.mark.parametrize("where", ["--data", "--finetune"])
