@@ -22,10 +22,12 @@ from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.distributed import is_main_process
 from retrofit.errors import ExitCode, RetrofitError
 from retrofit.inputs import InputShape
-from retrofit.job import DataOptions, Gates, RetrofitRequest, evaluate_file, inspect_file, retrofit_file
+from retrofit.job import (
+    DataOptions, Gates, RetrofitReport, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
+)
 from retrofit.report import append_step_summary, print_report, report_to_json, report_to_markdown
 from retrofit.sites import SiteSelector
-from retrofit.train import FinetuneConfig
+from retrofit.train import FinetuneConfig, TrainingDiverged
 from retrofit.atomic import write_text_atomic
 
 app = typer.Typer(
@@ -222,18 +224,31 @@ def retrofit(
                         markdown=markdown)
 
     job = _run(request)
-    report = _run(lambda: retrofit_file(job))
+
+    def run() -> RetrofitReport:
+        try:
+            return retrofit_file(job)
+        except TrainingDiverged as diverged:  # show what was measured before it stopped
+            if diverged.report is not None and is_main_process():
+                _show(diverged.report, json, markdown)
+            raise
+
+    report = _run(run)
     if not is_main_process():
         return
+    _show(report, json, markdown)
+    if not report.gates_passed:
+        failed = ", ".join(gate.name for gate in report.gates if not gate.passed)
+        err.print(f"[red]error:[/] gate failed: {failed}", highlight=False)
+        raise typer.Exit(int(ExitCode.GATE))
+
+
+def _show(report: RetrofitReport, json: bool, markdown: Path | None) -> None:
     if json:
         print(report_to_json(report))
     else:
         print_report(report, out)
     _run(lambda: _write_markdown(report, markdown))
-    if not report.gates_passed:
-        failed = ", ".join(gate.name for gate in report.gates if not gate.passed)
-        err.print(f"[red]error:[/] gate failed: {failed}", highlight=False)
-        raise typer.Exit(int(ExitCode.GATE))
 
 
 def _write_markdown(report, path: Path | None) -> None:  # type: ignore[no-untyped-def]

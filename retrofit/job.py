@@ -263,7 +263,15 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
         report.stages.append(_score(subject, subject.original, val, request, "before"))
         report.stages.append(_score(subject, result.model, val, request, "after swap"))
     if train is not None and val is not None:
-        final = _finetune(subject, request, train, val, report)
+        from retrofit.train import TrainingDiverged
+
+        try:
+            final = _finetune(subject, request, train, val, report)
+        except TrainingDiverged as diverged:
+            report.notes.append(f"fine-tuning stopped: {diverged}; nothing was written")
+            _compare(report, request.seed)
+            diverged.report = report
+            raise
     elif not report.preserves_function:
         report.notes.append(f"{request.config.name} does not start as ReLU: the model computes a "
                             "different function now; fine-tune it (--finetune) to recover accuracy")

@@ -222,13 +222,16 @@ class FinetuneResult:
 
 class TrainingDiverged(RetrofitError):
     """The training loss became NaN or infinite. ``result`` holds the model restored to its
-    best state (see :class:`FinetuneResult`); the checkpoint on disk is the last good one."""
+    best state (see :class:`FinetuneResult`); the checkpoint on disk is the last good one.
+    ``report`` is set by :func:`retrofit.job.retrofit_file`: what the job had measured before
+    (sites, parity, accuracy before and after the swap), for the caller to show."""
 
     exit_code = ExitCode.BAD_INPUT
 
-    def __init__(self, message: str, result: FinetuneResult) -> None:
+    def __init__(self, message: str, result: FinetuneResult, report: Any = None) -> None:
         super().__init__(message)
         self.result = result
+        self.report = report
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -16,6 +16,7 @@ The contract tested here (tests/test_activations.py covers zeros and 1e30/3e38 f
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -161,7 +162,8 @@ def test_non_finite_data_is_refused_naming_the_sample(tmp_path, where, kind, bad
 def test_a_diverging_finetune_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         tmp_path, monkeypatch):
     """The loss turns NaN in epoch 2: exit 3, the message names the kept epoch, no model is
-    written, the checkpoint holds epoch 1 with finite best weights."""
+    written, the checkpoint holds epoch 1 with finite best weights, and the report of what was
+    measured before (here as JSON) is still printed."""
     import retrofit.train as train
 
     real_finetune = train.finetune
@@ -182,10 +184,14 @@ def test_a_diverging_finetune_stops_with_one_line_and_keeps_the_last_good_checkp
     monkeypatch.setattr(train, "finetune", poison_after_first_epoch)
     output = tmp_path / "out.pt2"
     result = cli("retrofit", MLP, "--finetune", SAMPLES / "data" / "digits_train.npz",
-                 "--epochs", "2", "--device", "cpu", "-o", output)
+                 "--epochs", "2", "--device", "cpu", "-o", output, "--json")
     assert result.exit_code == ExitCode.BAD_INPUT, result.output
     line = one_line(result)
     assert "NaN or infinite at epoch 2" in line and "kept the weights of epoch 1" in line
+    report = json.loads(result.stdout)
+    assert list(report["accuracy"]) == ["before", "after swap"]
+    assert report["deltas"]["swap"]["delta"] == 0.0
+    assert any("fine-tuning stopped" in note for note in report["notes"])
     assert not output.exists() and no_partial_files(tmp_path)
     state = load_checkpoint(tmp_path / "out.pt2.ckpt")
     assert state["epoch"] == 1
