@@ -620,10 +620,11 @@ def _carelu_rows_inference(
 
     ``max(z, 0)`` is the output's buffer; the measure is the ratio of two norms, one of the rows
     and one of that buffer, formed in float64 from the (R, 1) norms; then the buffer is scaled
-    in place: ``max(s*z, 0) = |s|*max(sign(s)*z, 0)``, rounded once as the formula is. Without the max|z| rescaling of
-    :func:`_carelu_rows` this is only exact while the norms and ``k * norm`` stay below the
-    dtype's range, so it returns None otherwise (NaN, Inf or huge inputs) and the caller falls
-    back to the scaled path. A norm that underflows to 0 changes nothing: eps dominates then.
+    in place: ``max(s*z, 0) = |s|*max(sign(s)*z, 0)``, rounded once as the formula is. Without
+    the max|z| rescaling of :func:`_carelu_rows` this is only exact while the norms and
+    ``k * norm`` stay below the dtype's range, so it returns None otherwise (NaN, Inf or huge
+    inputs) and the caller falls back to the scaled path. A norm that underflows to 0 changes
+    nothing: eps dominates then.
     ``inplace``: ``rows`` may be overwritten, which is done only when the parameters alone show
     that s >= 0 in every row (beta >= 0 and alpha + beta >= 0, as p lies in [0, 1]).
     """

@@ -232,9 +232,14 @@ def _check_outputs(request: RetrofitRequest, model_format: ModelFormat) -> Path:
         if report is not None:
             check_output_path(report, inputs=inputs, force=request.force)
     if request.finetune is not None and request.data.train is not None:
-        checkpoint = request.finetune.checkpoint or output.with_name(output.name + ".ckpt")
-        check_output_path(checkpoint, inputs=inputs, force=True)
+        check_output_path(_checkpoint_path(request, output), inputs=inputs, force=True)
     return output
+
+
+def _checkpoint_path(request: RetrofitRequest, output: Path) -> Path:
+    """The fine-tuning checkpoint: ``--checkpoint``, else ``OUTPUT.ckpt`` beside the output."""
+    assert request.finetune is not None
+    return Path(request.finetune.checkpoint or output.with_name(output.name + ".ckpt"))
 
 
 def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
@@ -305,7 +310,7 @@ def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationD
     """Fine-tune the retrofitted model (and the ReLU control when asked); returns the final
     model in the subject's format."""
     assert report.output is not None
-    checkpoint = request.finetune.checkpoint or report.output.with_name(report.output.name + ".ckpt")
+    checkpoint = _checkpoint_path(request, report.output)
     config = replace(request.finetune, device=request.device, checkpoint=checkpoint)
     trained = _finetune_once(subject.trainable(request.config, request.select), train, val,
                              config, request)

@@ -9,21 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cli.main import app
 from retrofit.errors import ExitCode
 from retrofit.model_io import load_torch_model
 from retrofit.verify import torch_parity
 from tests import models
-from tests.conftest import REPO, SAMPLES, no_partial_files, sha256
-
-runner = CliRunner()
-
-
-def _cli(*args: str):
-    return runner.invoke(app, [str(arg) for arg in args])
-
+from tests.conftest import REPO, SAMPLES, no_partial_files, run_cli as _cli, sha256
 
 def _copy(path: Path, folder: Path) -> Path:
     target = folder / path.name
