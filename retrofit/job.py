@@ -19,12 +19,12 @@ from retrofit.atomic import check_output_path
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.data import ClassificationData, load_dataset, split_train_val
 from retrofit.distributed import is_main_process
-from retrofit.errors import UsageError
+from retrofit.errors import UnsupportedModelError, UsageError
 from retrofit.evaluate import EvalResult, evaluate
 from retrofit.inputs import InputShape
 from retrofit.metrics import PairedDelta, paired_delta_ci
 from retrofit.model_io import ModelFormat, default_output_path, detect_format
-from retrofit.sites import ReluSite, SiteSelector
+from retrofit.sites import ReluSite, RetrofitResult, SiteSelector
 from retrofit.subjects import Subject, TorchSubject, open_subject
 from retrofit.verify import OutputParity
 
@@ -197,10 +197,19 @@ def _open(request: RetrofitRequest, val: ClassificationData | None) -> Subject:
                         seed=request.seed, as_functions=request.onnx_functions, data_sample=sample)
 
 
+def _rewrite(subject: Subject, request: RetrofitRequest) -> RetrofitResult[Any]:
+    """The subject's rewrite. A model it cannot rewrite (no ReLU site, say) is named by its
+    file: the rewriters only see a module or a graph."""
+    try:
+        return subject.rewrite(request.config, request.select)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"{request.model}: {error}") from error
+
+
 def inspect_file(request: RetrofitRequest) -> RetrofitReport:
     """A dry run: every ReLU site and whether the rewrite would replace it. Nothing is written."""
     subject = _open(request, None)
-    result = subject.rewrite(request.config, request.select)
+    result = _rewrite(subject, request)
     return RetrofitReport(request.model, subject.format, request.config.name, request.config,
                           result.sites, result.notes, subject.parity(result.model),
                           request.config.is_identity_init, request.tolerance)
@@ -255,7 +264,7 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
         raise UsageError("fine-tuning needs a FinetuneConfig (request.finetune)")
     val, train = _load_data(request.data, request.seed)
     subject = _open(request, val)
-    result = subject.rewrite(request.config, request.select)
+    result = _rewrite(subject, request)
     report = RetrofitReport(request.model, subject.format, request.config.name, request.config,
                             result.sites, result.notes, subject.parity(result.model),
                             request.config.is_identity_init, request.tolerance, output)

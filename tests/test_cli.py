@@ -75,7 +75,7 @@ def test_model_without_relu_exits_with_bad_input(tmp_path):
     torch.export.save(torch.export.export(models.NoRelu(), (torch.randn(2, 4),)), path)
     result = _cli("retrofit", path)
     assert result.exit_code == ExitCode.BAD_INPUT
-    assert "no ReLU site" in result.output
+    assert "no ReLU site" in result.output and f"{path}: " in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["norelu.pt2"]
 
 
