@@ -22,6 +22,7 @@ from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.distributed import is_main_process
 from retrofit.errors import ExitCode, RetrofitError
 from retrofit.inputs import InputShape
+from retrofit.model_io import parse_arch_kwargs
 from retrofit.job import (
     DataOptions, Gates, RetrofitReport, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
 )
@@ -96,6 +97,7 @@ def _run(job: Callable[[], T]) -> T:
 
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2, state dict/safetensors (with --arch), pickled module (with --trust-pickle) or ONNX; the format is read from the content.")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a state dict: package.module:factory (a class or function returning the nn.Module).")]
+ArchKwargsOpt = Annotated[Optional[list[str]], typer.Option("--arch-kwargs", help="Keyword argument for the --arch factory, name=value, the value read as a Python literal (else as text); repeatable, e.g. --arch-kwargs num_classes=10.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module. Unpickling RUNS CODE stored in the file: use only for files you trust.")]
 ShapeOpt = Annotated[Optional[list[str]], typer.Option("--input-shape", help="Shape of a sample input for verification, e.g. 1,3,32,32 (or name:1,3,32,32 for a named ONNX input); repeat for several inputs.")]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Only sites matching this name, scope prefix or regex (repeatable). A rule matching nothing is an error.")]
@@ -166,6 +168,7 @@ def retrofit(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the retrofitted model (default: MODEL.<activation>.<suffix> beside the input).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
     arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
     input_shape: ShapeOpt = None,
     tolerance: Annotated[float, typer.Option(help="Largest output difference, relative to the output scale, allowed for an identity-initialised retrofit and for ONNX vs torch.")] = 1e-5,
@@ -217,7 +220,8 @@ def retrofit(
                 resume=resume,
             )
         return _request(model, config, include, exclude, input_shape, output=output, force=force,
-                        arch=arch, trust_pickle=trust_pickle, tolerance=tolerance, seed=seed,
+                        arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
+                        trust_pickle=trust_pickle, tolerance=tolerance, seed=seed,
                         device=device, data=data_options, finetune=finetune_config,
                         control=control, gates=Gates(max_drop, min_gain),
                         export_onnx=export_onnx, onnx_functions=onnx_functions, plot=plot,
@@ -264,13 +268,15 @@ def inspect(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
     input_shape: ShapeOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """List every ReLU site and whether a retrofit would replace it (a dry run: writes nothing)."""
     request = _run(lambda: _request(model, CompetitiveReLUConfig(), include, exclude, input_shape,
-                                    arch=arch, trust_pickle=trust_pickle))
+                                    arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
+                                    trust_pickle=trust_pickle))
     report = _run(lambda: inspect_file(request))
     if json:
         print(report_to_json(report))
@@ -283,6 +289,7 @@ def evaluate(
     model: ModelArg,
     data: Annotated[Path, typer.Option("--data", help="Labelled data: an image folder, .npz/.pt with x and y, or CSV.")],
     arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "auto",
     image_size: ImageSizeOpt = None,
@@ -295,12 +302,16 @@ def evaluate(
 ) -> None:
     """Top-1 (and top-5) accuracy of any supported model on a dataset."""
     options = _data_options(data, None, image_size, crop_size, mean, std, label_column, batch_size)
-    result, dataset = _run(lambda: evaluate_file(model, options, arch=arch,
-                                                 trust_pickle=trust_pickle, device=device))
+    report = _run(lambda: evaluate_file(model, options, arch=arch,
+                                        arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
+                                        trust_pickle=trust_pickle, device=device))
+    result, dataset = report.result, report.dataset
     if json:
         print(dumps({"model": str(model), "dataset": dataset, "n": result.n, "top1": result.top1,
-                     "top5": result.top5}, indent=2, default=str))
+                     "top5": result.top5, "notes": report.notes}, indent=2, default=str))
         return
+    for note in report.notes:
+        out.print(f"[yellow]note:[/] {note}", highlight=False)
     top5 = "" if result.top5 is None else f", top-5 {result.top5:.2f}%"
     out.print(f"{model}: top-1 {result.top1:.2f}%{top5} on {result.n} samples of {dataset['validation']}")
 

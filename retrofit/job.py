@@ -25,7 +25,8 @@ from retrofit.inputs import InputShape
 from retrofit.metrics import PairedDelta, paired_delta_ci
 from retrofit.model_io import ModelFormat, default_output_path, detect_format
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector
-from retrofit.subjects import Subject, TorchSubject, open_subject
+from retrofit.retrofit_record import RetrofitStep
+from retrofit.subjects import Subject, TorchSubject, final_config, open_subject
 from retrofit.verify import OutputParity
 
 
@@ -75,6 +76,7 @@ class RetrofitRequest:
     output: Path | None = None
     force: bool = False
     arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_pickle: bool = False
     input_shapes: tuple[InputShape, ...] = ()
     tolerance: float = 1e-5
@@ -193,7 +195,7 @@ def _open(request: RetrofitRequest, val: ClassificationData | None) -> Subject:
     if val is not None:
         sample = torch.stack([val[i][0] for i in range(min(2, len(val)))])
     return open_subject(request.model, model_format, arch=request.arch,
-                        trust_pickle=request.trust_pickle, input_shapes=request.input_shapes,
+                        arch_kwargs=request.arch_kwargs, trust_pickle=request.trust_pickle, input_shapes=request.input_shapes,
                         seed=request.seed, as_functions=request.onnx_functions, data_sample=sample)
 
 
@@ -215,15 +217,29 @@ def inspect_file(request: RetrofitRequest) -> RetrofitReport:
                           request.config.is_identity_init, request.tolerance)
 
 
+@dataclass(frozen=True)
+class EvaluateReport:
+    """What ``cadrelu evaluate`` found: the scores, the dataset, and what loading changed that
+    the user must hear (a module saved in training mode, a rebuilt retrofit)."""
+
+    result: EvalResult
+    dataset: dict[str, Any]
+    notes: list[str]
+
+
 def evaluate_file(model: Path, data: DataOptions, *, arch: str | None = None,
-                  trust_pickle: bool = False, device: str = "auto") -> tuple[EvalResult, dict[str, Any]]:
-    """Top-1/top-5 of any supported model on a dataset, and a summary of the dataset."""
+                  arch_kwargs: dict[str, Any] | None = None, trust_pickle: bool = False,
+                  device: str = "auto") -> EvaluateReport:
+    """Top-1/top-5 of any supported model on a dataset."""
     val, _ = _load_data(data, seed=0)
     if val is None:
         raise UsageError("evaluate needs a dataset: pass --data")
-    request = RetrofitRequest(model, arch=arch, trust_pickle=trust_pickle, device=device, data=data)
+    request = RetrofitRequest(model, arch=arch, arch_kwargs=dict(arch_kwargs or {}),
+                              trust_pickle=trust_pickle, device=device, data=data)
     subject = _open(request, val)
-    return _score(subject, subject.original, val, request, "model").result, _dataset_summary(val, None)
+    notes = list(subject.loaded.notes) if isinstance(subject, TorchSubject) else []
+    result = _score(subject, subject.original, val, request, "model").result
+    return EvaluateReport(result, _dataset_summary(val, None), notes)
 
 
 def _check_outputs(request: RetrofitRequest, model_format: ModelFormat) -> Path:
@@ -295,10 +311,15 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
     _compare(report, request.seed)
     report.gates = _gates(report, request.gates)
     if is_main_process():
-        subject.save(final, output)
+        subject.save(final, output, _step(report))
         if request.export_onnx is not None:
             _export(subject, final, request, report)
     return report
+
+
+def _step(report: RetrofitReport) -> RetrofitStep:
+    """This retrofit as a weights file records it: the final activation and its sites."""
+    return RetrofitStep(final_config(report.config), tuple(site.name for site in report.replaced))
 
 
 def _compare(report: RetrofitReport, seed: int) -> None:

@@ -10,6 +10,7 @@ Saving never touches the input and is atomic.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import io
@@ -20,16 +21,17 @@ import struct
 import sys
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from retrofit.atomic import atomic_output
 from retrofit.errors import BadInputError, UntrustedPickleError, UsageError
+from retrofit.retrofit_record import METADATA_KEY, RetrofitRecord
 from retrofit.verify import eval_mode
 
 
@@ -50,6 +52,8 @@ class TorchModel:
     ``example_inputs`` come from the file where the format keeps them (``.pt2``); otherwise
     from the caller (``--input-shape`` or a dataset). ``dynamic_dims`` lists, per input, the
     axes that were dynamic in the exported program so a re-export keeps them dynamic.
+    ``record`` is the retrofit history a weights file carried (None for a plain file), and
+    ``notes`` what loading changed that the user must hear (a module saved in training mode).
     """
 
     module: nn.Module
@@ -58,6 +62,9 @@ class TorchModel:
     example_inputs: tuple[torch.Tensor, ...] | None = None
     dynamic_dims: tuple[tuple[int, ...], ...] | None = None
     arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    record: RetrofitRecord | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 _PICKLE_PROTOCOL_OPS = {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}
@@ -86,6 +93,14 @@ def detect_format(path: Path) -> ModelFormat:
             raise BadInputError(f"{path}: damaged zip archive ({error})") from error
         if any(name.endswith("archive_format") for name in names):
             return ModelFormat.EXPORTED
+        if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+            raise BadInputError(
+                f"{path} is TorchScript (torch.jit.save), whose compiled code cadrelu cannot "
+                "rewrite site by site; it reads torch.export programs, state dicts, pickled "
+                "modules and ONNX. From the model's Python code, save "
+                "torch.export.export(model, example_inputs) with torch.export.save as .pt2, or "
+                "torch.save(model.state_dict()) and pass --arch"
+            )
         if any(name.endswith("data.pkl") for name in names):
             return _torch_save_kind(path)
         raise BadInputError(f"{path}: a zip archive that is neither torch.save nor torch.export")
@@ -139,24 +154,52 @@ def _line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-def load_arch(spec: str) -> nn.Module:
-    """Build a fresh module from ``package.module:factory`` (a class or a function).
+def parse_arch_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """``["num_classes=10", "act=relu"]`` → ``{"num_classes": 10, "act": "relu"}``.
+
+    timm's ``--model-kwargs`` convention: each value is read as a Python literal (numbers,
+    booleans, None, tuples, lists, quoted strings) and kept as text when it is not one.
+    """
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--arch-kwargs {item!r} must look like name=value")
+        try:
+            kwargs[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            kwargs[key] = text.strip()
+    return kwargs
+
+
+def _import_from_current_folder() -> None:
+    """Make the current folder importable, as ``python -m`` does, so a project's own model
+    classes resolve (an ``--arch`` factory, the classes a pickled module names)."""
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+
+
+def load_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build a fresh module from ``package.module:factory`` (a class or a function), called
+    with ``kwargs``.
 
     The current folder is importable, as with ``python -m``, so a project's own models work.
     """
     module_name, _, factory_name = spec.partition(":")
     if not module_name or not factory_name:
         raise UsageError(f"--arch {spec!r} must look like package.module:factory")
-    if "" not in sys.path:
-        sys.path.insert(0, "")
+    _import_from_current_folder()
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as error:
-        raise UsageError(f"--arch {spec!r}: cannot import it ({_line(error)})") from error
+    except Exception as error:  # user code: a syntax error or any failure at import time
+        raise UsageError(f"--arch {spec!r}: cannot import it ({type(error).__name__}: "
+                         f"{_line(error)})") from error
     try:
-        model = factory()
+        model = factory(**dict(kwargs or {}))
     except Exception as error:  # user code: any failure is reported as one line
-        raise UsageError(f"--arch {spec!r}: calling it failed ({_line(error)})") from error
+        raise UsageError(f"--arch {spec!r}: calling it failed ({type(error).__name__}: "
+                         f"{_line(error)})") from error
     if not isinstance(model, nn.Module):
         raise UsageError(f"--arch {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -169,28 +212,45 @@ def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors and len(tensors) == len(obj):
-            return tensors
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj  # as loaded: a state dict's _metadata may hold a retrofit record
     raise BadInputError(f"{path}: holds no state dict (a mapping of names to tensors)")
 
 
 def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
-    result = model.load_state_dict(state, strict=False)
+    """Load strictly; a mismatch names the first missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    misshaped = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in state if key in expected and state[key].shape != expected[key].shape
+    ]
     problems = []
-    if result.missing_keys:
-        problems.append(f"missing {', '.join(result.missing_keys[:3])}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {', '.join(result.unexpected_keys[:3])}")
+    for label, keys in (("shapes differ (file vs --arch)", misshaped), ("missing", missing),
+                        ("unexpected", unexpected)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{label}: {', '.join(keys[:3])}{more}")
     if problems:
         raise BadInputError(f"{path}: the state dict does not fit --arch {arch}: {'; '.join(problems)}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # e.g. a dtype that cannot be copied into the parameter
+        raise BadInputError(f"{path}: the state dict does not load into --arch {arch} "
+                            f"({_line(error)})") from error
 
 
 def load_torch_model(
-    path: Path, *, arch: str | None = None, trust_pickle: bool = False,
-    model_format: ModelFormat | None = None,
+    path: Path, *, arch: str | None = None, arch_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False, model_format: ModelFormat | None = None,
 ) -> TorchModel:
-    """Load a PyTorch model of any supported format (ONNX is :mod:`retrofit.onnx_io`'s job)."""
+    """Load a PyTorch model of any supported format (ONNX is :mod:`retrofit.onnx_io`'s job).
+
+    The module comes back in eval mode, which is how it is verified, scored and saved; a module
+    saved in training mode gets a note saying so. A weights file written by a retrofit is
+    rebuilt: its recorded rewrite is applied to ``arch`` before the weights load.
+    """
     path = Path(path)
     model_format = model_format or detect_format(path)
     if model_format is ModelFormat.EXPORTED:
@@ -201,37 +261,81 @@ def load_torch_model(
                 f"{path} is a pickled module: loading it runs code stored in the file; "
                 "pass --trust-pickle only if you trust its source (or save a state dict / .pt2)"
             )
+        _import_from_current_folder()
         try:
             module = torch.load(path, map_location="cpu", weights_only=False)  # trusted by flag
+        except (AttributeError, ImportError) as error:
+            raise BadInputError(
+                f"{path}: cannot unpickle the module: it names code that cannot be imported "
+                f"here ({_line(error)}); run cadrelu where the model's own package is importable "
+                "(its folder, or PYTHONPATH), or save a .pt2 or a state dict instead"
+            ) from error
         except Exception as error:
             raise BadInputError(f"{path}: cannot unpickle the module ({_line(error)})") from error
         if not isinstance(module, nn.Module):
             raise BadInputError(f"{path}: the pickle holds {type(module).__name__}, not an nn.Module")
-        return TorchModel(module, model_format, path)
+        notes = [_TRAINING_MODE_NOTE] if _in_training_mode(module) else []
+        return TorchModel(module.eval(), model_format, path, notes=notes)
     if model_format in (ModelFormat.STATE_DICT, ModelFormat.SAFETENSORS):
+        state, record = _read_state(path, model_format)
         if arch is None:
+            made_from = f" (it was retrofitted from --arch {record.arch})" if record and record.arch else ""
             raise UsageError(
-                f"{path} holds only weights ({model_format.value}); "
+                f"{path} holds only weights ({model_format.value}){made_from}; "
                 "say which architecture they belong to with --arch package.module:factory"
             )
-        state = _read_state(path, model_format)
-        module = load_arch(arch)
+        module = load_arch(arch, arch_kwargs)
+        notes = []
+        if record is not None:
+            module = record.rebuild(module, path)
+            notes.append(f"{path.name} was written by a cadrelu retrofit ({record.summary()}); "
+                         "the retrofit was applied to --arch before loading its weights")
         _load_state_into(module, state, path, arch)
-        return TorchModel(module.eval(), model_format, path, arch=arch)
+        return TorchModel(module.eval(), model_format, path, arch=arch,
+                          arch_kwargs=dict(arch_kwargs or {}), record=record, notes=notes)
     raise BadInputError(f"{path}: {model_format.value} is not a PyTorch format")
 
 
-def _read_state(path: Path, model_format: ModelFormat) -> dict[str, torch.Tensor]:
+def load_model(path: Path, *, arch: str | None = None, arch_kwargs: Mapping[str, Any] | None = None,
+               trust_pickle: bool = False) -> nn.Module:
+    """The one-call loader for any file cadrelu reads or writes, ONNX aside: a ``.pt2``, a
+    pickled module (``trust_pickle``), or a state dict / safetensors file with its architecture,
+    retrofitted ones included. Returns the module in eval mode."""
+    return load_torch_model(path, arch=arch, arch_kwargs=arch_kwargs,
+                            trust_pickle=trust_pickle).module
+
+
+_TRAINING_MODE_NOTE = (
+    "the model was saved in training mode; it is verified, scored and written in eval mode "
+    "(BatchNorm uses its running statistics, Dropout is off)"
+)
+
+
+def _in_training_mode(module: nn.Module) -> bool:
+    return any(sub.training for sub in module.modules())
+
+
+def _read_state(path: Path, model_format: ModelFormat) -> tuple[dict[str, torch.Tensor], RetrofitRecord | None]:
+    """The tensors and, when a retrofit wrote the file, its record."""
     try:
         if model_format is ModelFormat.SAFETENSORS:
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        return _state_dict_from(torch.load(path, map_location="cpu", weights_only=True), path)
+            with safe_open(str(path), framework="pt") as handle:
+                text = (handle.metadata() or {}).get(METADATA_KEY)
+            state = load_file(str(path))
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            state = _state_dict_from(loaded, path)
+            metadata = getattr(state, "_metadata", None) or getattr(loaded, "_metadata", None)
+            root = metadata.get("") if isinstance(metadata, Mapping) else None
+            text = root.get(METADATA_KEY) if isinstance(root, Mapping) else None
     except BadInputError:
         raise
     except Exception as error:
         raise BadInputError(f"{path}: cannot read the weights ({_line(error)})") from error
+    return state, (RetrofitRecord.from_json(text, path) if isinstance(text, str) else None)
 
 
 # Members of a .pt2 archive that torch.export.load reads as JSON or short text, never unpickles.
@@ -370,6 +474,7 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
             )
         example = tuple(example)
         module = program.module()
+        notes = [_TRAINING_MODE_NOTE] if _exported_to_eval(module) else []
     except Exception as error:  # a damaged or hand-made program
         raise BadInputError(f"{path}: the torch.export program is not usable ({_line(error)})") from error
     if len(example) != len(placeholders) or not all(isinstance(t, torch.Tensor) for t in example):
@@ -377,7 +482,40 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
             f"{path}: the program's example inputs are not {len(placeholders)} tensor(s), one per "
             "model input; the file is damaged"
         )
-    return TorchModel(module, ModelFormat.EXPORTED, path, example, dynamic)
+    return TorchModel(module, ModelFormat.EXPORTED, path, example, dynamic, notes=notes)
+
+
+_aten = torch.ops.aten
+# Ops of programs exported in training mode, with the position of their ``training`` flag.
+_TRAINING_FLAGS = {
+    _aten.batch_norm.default: 5,
+    _aten.native_batch_norm.default: 5,
+    _aten._native_batch_norm_legit.default: 5,
+    _aten.dropout.default: 2,
+    _aten.native_dropout.default: 2,
+    _aten.feature_dropout.default: 2,
+    _aten.alpha_dropout.default: 2,
+    _aten.feature_alpha_dropout.default: 2,
+}
+
+
+def _exported_to_eval(module: torch.fx.GraphModule) -> bool:
+    """Switch the batch-norm and dropout calls of a program exported in training mode to
+    inference, in place; True when there were any.
+
+    The module of a ``torch.export`` program refuses ``.eval()``: its mode is baked into each
+    call's ``training`` argument, so that argument is what changes.
+    """
+    changed = False
+    for node in module.graph.nodes:
+        index = _TRAINING_FLAGS.get(node.target)
+        if node.op == "call_function" and index is not None and len(node.args) > index \
+                and node.args[index] is True:
+            node.update_arg(index, False)
+            changed = True
+    if changed:
+        module.recompile()
+    return changed
 
 
 def _concrete_shape(shape: Sequence[Any]) -> tuple[int, ...]:
@@ -409,9 +547,15 @@ def export_program(
 
 
 def save_torch_model(model: TorchModel, module: nn.Module, path: Path,
-                     model_format: ModelFormat | None = None) -> None:
-    """Write ``module`` to ``path`` atomically in ``model_format`` (default: the input's)."""
+                     model_format: ModelFormat | None = None,
+                     record: RetrofitRecord | None = None) -> None:
+    """Write ``module`` to ``path`` atomically in ``model_format`` (default: the input's).
+
+    Weights files get ``record`` (the retrofit history) in their metadata, so that
+    :func:`load_torch_model` can rebuild the module they fit; see :mod:`retrofit.retrofit_record`.
+    """
     model_format = model_format or model.format
+    record = record or model.record
     with atomic_output(path) as temp:
         if model_format is ModelFormat.EXPORTED:
             if model.example_inputs is None:
@@ -423,9 +567,12 @@ def save_torch_model(model: TorchModel, module: nn.Module, path: Path,
             from safetensors.torch import save_file
 
             state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-            save_file(state, str(temp), metadata={"cadrelu.arch": model.arch or ""})
+            save_file(state, str(temp), metadata={METADATA_KEY: record.to_json()} if record else None)
         elif model_format is ModelFormat.STATE_DICT:
-            torch.save(module.state_dict(), temp)
+            state = module.state_dict()
+            if record is not None:
+                state._metadata.setdefault("", {})[METADATA_KEY] = record.to_json()  # type: ignore[attr-defined]
+            torch.save(state, temp)
         elif model_format is ModelFormat.PICKLED_MODULE:
             torch.save(module, temp)
         else:

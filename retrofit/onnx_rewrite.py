@@ -28,7 +28,7 @@ The input model is never modified; on any error nothing is returned half-edited.
 from __future__ import annotations
 
 import re
-from collections import ChainMap
+from collections import ChainMap, Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -55,8 +55,10 @@ from retrofit.onnx_activations import (
     parameter_values,
     type_name,
 )
-from retrofit.onnx_io import ensure_rewritable
-from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
+from retrofit.onnx_io import ensure_rewritable, iter_nodes
+from retrofit.sites import (
+    ReluSite, RetrofitResult, SiteSelector, no_site_message, unique_site_names,
+)
 
 SITE_KIND = "onnx.Relu"
 PARAMETER_PREFIX = "cadrelu."
@@ -734,6 +736,13 @@ class _Rewriter:
         _rebuild(container, replacements)
 
 
+# ONNX ops that are activations other than ReLU (Clip is how exporters write ReLU6).
+_OTHER_ACTIVATION_OPS = frozenset({
+    "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Swish",
+})
+
+
 def rewrite_onnx_relus(
     model: onnx.ModelProto,
     config: ActivationConfig,
@@ -762,10 +771,10 @@ def rewrite_onnx_relus(
     discovery = _Discovery(out)
     discovery.run()
     if not discovery.found:
-        raise UnsupportedModelError(
-            f"the model {out.graph.name!r} has no ReLU site (no Relu node in its graph, "
-            "subgraphs or called functions); nothing to retrofit"
-        )
+        raise UnsupportedModelError(no_site_message(
+            "Relu nodes in the graph, its subgraphs and the functions it calls",
+            Counter(node.op_type for node in iter_nodes(model)
+                    if node.op_type in _OTHER_ACTIVATION_OPS)))
     names = unique_site_names([found.base_name for found in discovery.found])
     decisions = select.select(names)
     site_values = dict(site_values or {})

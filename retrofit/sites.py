@@ -54,6 +54,17 @@ def unique_site_names(base_names: Sequence[str]) -> list[str]:
     return names
 
 
+def no_site_message(searched: str, others: Counter[str]) -> str:
+    """The error for a model with nothing to rewrite: what was searched for, and which other
+    activations were found and left alone (ReLU6, GELU... are other functions)."""
+    if others:
+        listed = ", ".join(f"{count} {kind}" for kind, count in others.most_common())
+        found = f"found and left alone: {listed}"
+    else:
+        found = "it holds no other activation either"
+    return f"no ReLU site to replace ({searched} were searched); {found}"
+
+
 def _rule_matches(rule: str, name: str) -> bool:
     """A rule matches a site by exact name, as a scope prefix, or as a full regular expression."""
     if name == rule or name.startswith((rule + ".", rule + "#", rule + "/")):

@@ -22,6 +22,7 @@ from retrofit.errors import BadInputError
 from retrofit.evaluate import Predictor, onnx_predictor, torch_predictor
 from retrofit.inputs import InputShape, random_inputs
 from retrofit.model_io import ModelFormat, TorchModel, load_torch_model, save_torch_model
+from retrofit.retrofit_record import RetrofitRecord, RetrofitStep
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
 from retrofit.torch_rewrite import retrofit_torch_model
 from retrofit.verify import (
@@ -48,7 +49,7 @@ class Subject(Protocol):
     def trainable_original(self) -> nn.Module: ...
     def from_trained(self, trained: nn.Module, config: ActivationConfig,
                      select: SiteSelector) -> tuple[Any, OutputParity | None]: ...
-    def save(self, model: Any, path: Path) -> None: ...
+    def save(self, model: Any, path: Path, step: RetrofitStep | None = None) -> None: ...
 
 
 def _add_census(result: RetrofitResult[nn.Module], inputs: tuple[torch.Tensor, ...]) -> None:
@@ -93,6 +94,7 @@ class TorchSubject:
 
     def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[nn.Module]:
         result = retrofit_torch_model(self.original, config, select)
+        result.notes[:0] = self.loaded.notes
         if self.inputs is None:
             result.notes.append("no sample input: pass --input-shape (or --data) to verify outputs")
         else:
@@ -116,8 +118,15 @@ class TorchSubject:
         """The trained module is the result: nothing to translate, so nothing to compare."""
         return trained.cpu(), None
 
-    def save(self, model: nn.Module, path: Path) -> None:
-        save_torch_model(self.loaded, model, path)
+    def save(self, model: nn.Module, path: Path, step: RetrofitStep | None = None) -> None:
+        """Write in the input's format; a weights file records ``step`` after the history it
+        came with, so it can be rebuilt from ``--arch`` alone."""
+        loaded = self.loaded
+        record = None
+        if step is not None:
+            record = (loaded.record or RetrofitRecord(())).then(step, loaded.arch,
+                                                               loaded.arch_kwargs)
+        save_torch_model(loaded, model, path, record=record)
 
 
 @dataclass
@@ -175,7 +184,8 @@ class OnnxSubject:
         parity = compare_outputs(torch_outputs(trained, feeds), run_onnx(result.model, self.inputs))
         return result.model, parity
 
-    def save(self, model: Any, path: Path) -> None:
+    def save(self, model: Any, path: Path, step: RetrofitStep | None = None) -> None:
+        """The graph says what it computes: ``step`` needs no record here."""
         from retrofit.onnx_io import save_onnx
 
         save_onnx(model, path, source=self.path)
@@ -189,7 +199,7 @@ def _feed_names(model: Any) -> list[str]:
 
 def open_subject(
     path: Path, model_format: ModelFormat, *, arch: str | None, trust_pickle: bool,
-    input_shapes: tuple[InputShape, ...], seed: int, as_functions: bool = False,
+    arch_kwargs: dict[str, Any] | None = None, input_shapes: tuple[InputShape, ...], seed: int, as_functions: bool = False,
     data_sample: torch.Tensor | None = None,
 ) -> Subject:
     """Load the model and settle its sample inputs: given shapes first, then what the file
@@ -208,7 +218,8 @@ def open_subject(
         if data_sample is not None and not shapes and len(_feed_names(model)) == 1:
             shapes[_feed_names(model)[0]] = tuple(data_sample.shape)
         return OnnxSubject(model, path, make_onnx_inputs(model, shapes or None, seed), as_functions)
-    loaded = load_torch_model(path, arch=arch, trust_pickle=trust_pickle, model_format=model_format)
+    loaded = load_torch_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
+                              model_format=model_format)
     if input_shapes:
         loaded.example_inputs = random_inputs(input_shapes, seed=seed)
     elif loaded.example_inputs is None and data_sample is not None:

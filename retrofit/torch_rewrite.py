@@ -18,6 +18,7 @@ The input model is never modified: the rewrite works on a deep copy.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,7 +29,9 @@ from torch import fx, nn
 from retrofit.activations import make_activation
 from retrofit.config import ActivationConfig
 from retrofit.errors import UnsupportedModelError
-from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
+from retrofit.sites import (
+    ReluSite, RetrofitResult, SiteSelector, no_site_message, unique_site_names,
+)
 from retrofit.verify import copy_module
 
 _aten = torch.ops.aten
@@ -124,9 +127,10 @@ class _Untraceable(Exception):
 class _SiteTracer(fx.Tracer):
     """An fx tracer that keeps ReLU modules and known-untraceable submodules as leaves."""
 
-    def __init__(self, opaque: dict[str, str]) -> None:
+    def __init__(self, opaque: dict[str, str] | None = None) -> None:
+        # The default lets a pickled GraphModule, which records its tracer class, be unpickled.
         super().__init__()
-        self.opaque = opaque
+        self.opaque = opaque or {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.opaque or super().is_leaf_module(
@@ -408,10 +412,9 @@ def retrofit_torch_model(
     select = select or SiteSelector()
     rewrite = _collect(copy_module(model))
     if not rewrite.candidates:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no ReLU site to replace "
-            "(nn.ReLU, F.relu, torch.relu, Tensor.relu and their in-place forms were searched)"
-        )
+        raise UnsupportedModelError(no_site_message(
+            "nn.ReLU, F.relu, torch.relu, Tensor.relu and their in-place forms",
+            _other_activations(rewrite)))
     names = unique_site_names([c.base_name for c in rewrite.candidates])
     decisions = select.select(names)
     reference = next(iter(model.parameters()), None)
@@ -428,6 +431,70 @@ def retrofit_torch_model(
         sites.append(ReluSite(name, candidate.kind, candidate.owner, True,
                               candidate.remark, parameters))
     for gm in rewrite.graphs:
+        _drop_text_annotations(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return RetrofitResult(rewrite.root, sites, config.name, rewrite.notes)
+
+
+def _drop_text_annotations(graph: fx.Graph) -> None:
+    """Forget input annotations written as text (``from __future__ import annotations``).
+
+    fx turns them into globals of the generated code that are strings, which pickling the
+    module (``torch.save(model)``) cannot name; the annotations change nothing it computes.
+    """
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+
+
+# Activations that are not ReLU, named as reports spell them; what a model without ReLU holds.
+_OTHER_ACTIVATION_OPS = frozenset({
+    "relu6", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish",
+    "hardtanh", "hardswish", "hardsigmoid", "sigmoid", "tanh", "softplus", "softsign",
+    "threshold", "glu", "logsigmoid", "tanhshrink",
+})
+
+
+# Where activation modules are defined: torch's, and ours (a file retrofitted before).
+_ACTIVATION_MODULES = ("torch.nn.modules.activation", "retrofit.activations")
+
+
+def _other_activations(rewrite: _Rewrite) -> Counter[str]:
+    """Count the non-ReLU activation calls of the traced graphs and opaque modules."""
+    found: Counter[str] = Counter()
+    for gm in rewrite.graphs:
+        for node in gm.graph.nodes:
+            label = _activation_label(node, gm)
+            if label:
+                found[label] += 1
+    traced = {id(module) for gm in rewrite.graphs for module in gm.modules()}
+    for module in rewrite.root.modules():
+        if id(module) not in traced and type(module).__module__ in _ACTIVATION_MODULES:
+            found[_module_label(type(module))] += 1
+    return found
+
+
+def _module_label(kind: type) -> str:
+    """``nn.ReLU6`` for torch's modules, the bare name for ours (``CompetitiveReLU``)."""
+    return f"nn.{kind.__name__}" if kind.__module__.startswith("torch.") else kind.__name__
+
+
+def _activation_label(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        kind = type(module)
+        return _module_label(kind) if kind.__module__ in _ACTIVATION_MODULES else None
+    if node.op not in ("call_function", "call_method"):
+        return None
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0].rstrip("_")
+    if name not in _OTHER_ACTIVATION_OPS:
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:  # an exported graph: the module the op came from names it best
+        module_type = list(stack.values())[-1][1]
+        type_name = module_type if isinstance(module_type, str) else module_type.__qualname__
+        if ".activation." in str(getattr(module_type, "__module__", type_name)) or \
+                type_name.startswith("torch.nn.modules.activation."):
+            return f"nn.{type_name.rpartition('.')[2]}"
+    return f"Tensor.{name}" if node.op == "call_method" else f"{name}"

@@ -74,11 +74,11 @@ def test_markdown_report_is_appended_to_the_step_summary(cnn, tmp_path, monkeypa
 
 
 def test_evaluate_any_format(tmp_path):
-    result, dataset = evaluate_file(SAMPLES / "models" / "digits_mlp.pt2", DataOptions(val=VAL),
-                                    device="cpu")
+    result = evaluate_file(SAMPLES / "models" / "digits_mlp.pt2", DataOptions(val=VAL),
+                           device="cpu").result
     assert result.n == 450 and 90 < result.top1 <= 100 and result.top5 >= result.top1
-    state, _ = evaluate_file(SAMPLES / "models" / "digits_mlp.state.pt", DataOptions(val=VAL),
-                             arch="samples.architectures:digits_mlp", device="cpu")
+    state = evaluate_file(SAMPLES / "models" / "digits_mlp.state.pt", DataOptions(val=VAL),
+                          arch="samples.architectures:digits_mlp", device="cpu").result
     assert state.top1 == result.top1
     with pytest.raises(UsageError):
         evaluate_file(SAMPLES / "models" / "digits_mlp.pt2", DataOptions(), device="cpu")

@@ -877,12 +877,15 @@ def test_as_functions_raises_old_ir_versions_to_8_with_a_note():
 # Refusals
 
 
-def test_a_model_without_relu_is_refused():
-    graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"])], "g",
+def test_a_model_without_relu_is_refused_naming_what_it_left_alone():
+    graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["s"]),
+                               helper.make_node("Clip", ["s"], ["c"]),
+                               helper.make_node("Clip", ["c"], ["y"])], "g",
                               [_vi("x", [1, 2])], [_vi("y", [1, 2])])  # fmt: skip
-    with pytest.raises(UnsupportedModelError, match="has no ReLU site") as error:
+    with pytest.raises(UnsupportedModelError, match="no ReLU site") as error:
         rewrite_onnx_relus(_model(graph, 13), CompetitiveReLUConfig())
     assert "\n" not in str(error.value)
+    assert "found and left alone: 2 Clip, 1 Sigmoid" in str(error.value)
 
 
 def test_quantized_and_old_opset_models_are_refused():
