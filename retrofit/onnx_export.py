@@ -238,9 +238,21 @@ def _to_onnx(program: torch.export.ExportedProgram, opset: int, input_names: lis
             exported = torch.onnx.export(program, (), dynamo=True, opset_version=opset,
                                          input_names=input_names, output_names=output_names,
                                          optimize=True, verbose=False)
-            return exported.model_proto
+            model = exported.model_proto
     except Exception as error:  # the exporter raises many types for unsupported ops
         raise BadInputError(f"cannot export the model to ONNX: {_cause(error)}") from error
+    _fix_specialised_dims(model)
+    return model
+
+
+def _fix_specialised_dims(model: onnx.ModelProto) -> None:
+    """Sizes torch.export specialised keep a symbol's form and come out as ``dim_param: "2"``,
+    which declares a dynamic axis; they are written as the fixed sizes they are."""
+    graph = model.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param.isdecimal():
+                dim.dim_value = int(dim.dim_param)
 
 
 @contextlib.contextmanager
