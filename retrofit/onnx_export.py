@@ -31,7 +31,7 @@ from retrofit import onnx_io
 from retrofit.atomic import check_output_path
 from retrofit.errors import BadInputError, ParityError
 from retrofit.model_io import _torch_export_logs
-from retrofit.onnx_io import check_onnx_model, run_onnx, save_onnx
+from retrofit.onnx_io import check_onnx_model, iter_nodes, run_onnx, save_onnx
 from retrofit.verify import OutputParity, compare_outputs, copy_module, eval_mode, torch_outputs
 
 DEFAULT_OPSET = 20
@@ -241,18 +241,40 @@ def _to_onnx(program: torch.export.ExportedProgram, opset: int, input_names: lis
             model = exported.model_proto
     except Exception as error:  # the exporter raises many types for unsupported ops
         raise BadInputError(f"cannot export the model to ONNX: {_cause(error)}") from error
-    _fix_specialised_dims(model)
+    _name_dims(model)
+    _drop_trace_metadata(model)
     return model
 
 
-def _fix_specialised_dims(model: onnx.ModelProto) -> None:
+_TRACE_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+"""Per-node debug records of the exporter: source paths of the machine that exported the
+program, and the FX node text. They tripled the sample CNN's file; the module path of each
+node (``namespace``, ``pkg.torch.onnx.name_scopes``) stays."""
+
+
+def _drop_trace_metadata(model: onnx.ModelProto) -> None:
+    for node in iter_nodes(model):
+        kept = [prop for prop in node.metadata_props if prop.key not in _TRACE_KEYS]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+
+
+def _name_dims(model: onnx.ModelProto) -> None:
     """Sizes torch.export specialised keep a symbol's form and come out as ``dim_param: "2"``,
-    which declares a dynamic axis; they are written as the fixed sizes they are."""
+    which declares a dynamic axis: they become the fixed sizes they are. A batch symbol that
+    all inputs share (``s77``) is named ``batch``, as the file's users expect."""
     graph = model.graph
-    for value in [*graph.input, *graph.output, *graph.value_info]:
+    values = [*graph.input, *graph.output, *graph.value_info]
+    first = {value.type.tensor_type.shape.dim[0].dim_param for value in graph.input
+             if value.type.tensor_type.shape.dim}
+    batch = first.pop() if len(first) == 1 else ""
+    for value in values:
         for dim in value.type.tensor_type.shape.dim:
             if dim.HasField("dim_param") and dim.dim_param.isdecimal():
                 dim.dim_value = int(dim.dim_param)
+            elif batch and not batch.isdecimal() and dim.dim_param == batch:
+                dim.dim_param = "batch"
 
 
 @contextlib.contextmanager

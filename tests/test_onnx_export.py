@@ -288,3 +288,14 @@ def test_cli_export_onnx_of_the_sample_cnn_runs_in_plain_onnxruntime(tmp_path):
     (x,) = original.example_inputs
     for batch in (x, torch.cat([x, x, x[:1]])):  # identity init: the original's outputs
         assert_matches(run_file(out, batch), original.module(batch))
+
+
+def test_file_names_its_batch_axis_and_holds_no_source_paths(tmp_path):
+    module = retrofitted(ConvNet().eval())
+    result = export_onnx(module, (torch.randn(2, 2, 5, 5),), tmp_path / "named.onnx")
+    model = onnx.load(str(result.path))
+    values = [*model.graph.input, *model.graph.output]
+    assert [v.type.tensor_type.shape.dim[0].dim_param for v in values] == ["batch", "batch"]
+    keys = {prop.key for node in model.graph.node for prop in node.metadata_props}
+    assert "namespace" in keys and "pkg.torch.onnx.stack_trace" not in keys
+    assert __file__.encode() not in result.path.read_bytes()
