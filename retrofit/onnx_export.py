@@ -183,11 +183,16 @@ def _export_program(
     """
     source = dynamic_dims or tuple(() for _ in example_inputs)
     dims = tuple(_with_batch(x, axes) for x, axes in zip(example_inputs, source))
+    traced = _traceable_batch(example_inputs)
     try:
-        return _capture(module, _traceable_batch(example_inputs), dims), None
+        program = _capture(module, traced, dims)
     except Exception as error:  # torch.export raises many types for code it cannot trace
         failure = f"torch.export cannot trace a dynamic batch ({_cause(error)})"
-    return _export_static(module, example_inputs, dynamic_dims), failure
+        return _export_static(module, example_inputs, dynamic_dims), failure
+    if traced is not example_inputs and not any(_dynamic_batch(program)):
+        # the batch of two was fixed by the code: the file takes the sample's batch instead
+        return _export_static(module, example_inputs, dynamic_dims), None
+    return program, None
 
 
 def _export_static(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
@@ -202,6 +207,7 @@ def _export_static(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
 
 
 def _with_batch(x: torch.Tensor, axes: tuple[int, ...]) -> dict[int, Any]:
+    """One input's ``dynamic_shapes`` entry: the source's dynamic axes, and axis 0 if allowed."""
     dims: dict[int, Any] = {axis: torch.export.Dim.DYNAMIC for axis in axes}
     if x.dim() and 0 not in axes:
         dims[0] = torch.export.Dim.AUTO

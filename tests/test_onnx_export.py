@@ -299,3 +299,21 @@ def test_file_names_its_batch_axis_and_holds_no_source_paths(tmp_path):
     keys = {prop.key for node in model.graph.node for prop in node.metadata_props}
     assert "namespace" in keys and "pkg.torch.onnx.stack_trace" not in keys
     assert __file__.encode() not in result.path.read_bytes()
+
+
+class FixedBatchOfOne(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(x.view(1, -1)))
+
+
+def test_sample_batch_of_one_that_the_code_fixes_stays_one(tmp_path):
+    module = retrofitted(FixedBatchOfOne().eval())
+    x = torch.randn(1, 3, 4)
+    result = export_onnx(module, (x,), tmp_path / "one.onnx")
+    assert not result.dynamic_batch and "fixed batch of 1 (input)" in result.note
+    assert batch_axes(result.path) == [1]
+    assert_matches(run_file(result.path, x), module(x))
