@@ -195,8 +195,11 @@ def _export_program(
     return program, None
 
 
-def _export_static(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
-                   dynamic_dims: tuple[tuple[int, ...], ...] | None) -> torch.export.ExportedProgram:
+def _export_static(
+    module: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    dynamic_dims: tuple[tuple[int, ...], ...] | None,
+) -> torch.export.ExportedProgram:
     """The export that keeps the sample's batch: the source's dynamic axes except axis 0."""
     source = dynamic_dims or tuple(() for _ in example_inputs)
     dims = tuple({axis: torch.export.Dim.DYNAMIC for axis in axes if axis} for axes in source)

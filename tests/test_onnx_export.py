@@ -50,9 +50,8 @@ def run_file(path: Path, *inputs: torch.Tensor) -> list[np.ndarray]:
 
 def batch_axes(path: Path) -> list[str | int]:
     """Axis 0 of each graph input: a name when dynamic, a size when fixed."""
-    model = onnx.load(str(path))
-    return [value.type.tensor_type.shape.dim[0].dim_param or value.type.tensor_type.shape.dim[0].dim_value
-            for value in model.graph.input]
+    firsts = [value.type.tensor_type.shape.dim[0] for value in onnx.load(str(path)).graph.input]
+    return [dim.dim_param or dim.dim_value for dim in firsts]
 
 
 def assert_matches(got: list[np.ndarray], expected, tol: float = 1e-5) -> None:
