@@ -400,9 +400,12 @@ def _export(subject: Subject, final: Any, request: RetrofitRequest, report: Retr
 
         if subject.inputs is None:
             raise UsageError("--export-onnx needs sample inputs: pass --input-shape or --data")
-        report.onnx_export_parity = export_onnx(final, subject.inputs, path,
-                                                dynamic_dims=subject.loaded.dynamic_dims,
-                                                tolerance=request.tolerance)
+        exported = export_onnx(final, subject.inputs, path,
+                               dynamic_dims=subject.loaded.dynamic_dims,
+                               tolerance=request.tolerance, force=request.force)
+        report.onnx_export_parity = exported.parity
+        if exported.note is not None:
+            report.notes.append(exported.note)
     else:
         subject.save(final, path)
     report.onnx_export = path
