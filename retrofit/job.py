@@ -311,9 +311,10 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
     _compare(report, request.seed)
     report.gates = _gates(report, request.gates)
     if is_main_process():
-        subject.save(final, output, _step(report))
+        # The export is checked before it is written: if it fails, nothing is written at all.
         if request.export_onnx is not None:
             _export(subject, final, request, report)
+        subject.save(final, output, _step(report))
     return report
 
 
