@@ -97,7 +97,7 @@ def _run(job: Callable[[], T]) -> T:
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2, state dict/safetensors (with --arch), pickled module (with --trust-pickle) or ONNX; the format is read from the content.")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a state dict: package.module:factory (a class or function returning the nn.Module).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module. Unpickling RUNS CODE stored in the file: use only for files you trust.")]
-ShapeOpt = Annotated[Optional[list[str]], typer.Option("--input-shape", help="Shape of a sample input for verification, e.g. 1,3,32,32 (or name:1,3,32,32 for a named ONNX input); repeat for several inputs.")]
+ShapeOpt = Annotated[Optional[list[str]], typer.Option("--input-shape", help="Shape of a sample input for verification, e.g. 1,3,32,32 (or name:1,3,32,32 for a named ONNX input), with an optional type: 2,16:int64 or input_ids:2,16:int64 for token ids (float32 default, float16, float64, bfloat16, int64, int32, bool); repeat for several inputs.")]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Only sites matching this name, scope prefix or regex (repeatable). A rule matching nothing is an error.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this name, scope prefix or regex as ReLU (repeatable). A rule matching nothing is an error.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout instead of the table.")]
@@ -303,6 +303,8 @@ def evaluate(
         return
     top5 = "" if result.top5 is None else f", top-5 {result.top5:.2f}%"
     out.print(f"{model}: top-1 {result.top1:.2f}%{top5} on {result.n} samples of {dataset['validation']}")
+    for note in dataset.get("notes", ()):
+        out.print(f"note: {note}", highlight=False)
 
 
 def main() -> None:

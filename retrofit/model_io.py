@@ -50,6 +50,8 @@ class TorchModel:
     ``example_inputs`` come from the file where the format keeps them (``.pt2``); otherwise
     from the caller (``--input-shape`` or a dataset). ``dynamic_dims`` lists, per input, the
     axes that were dynamic in the exported program so a re-export keeps them dynamic.
+    ``program`` is the loaded ``torch.export`` program (``.pt2`` only), for a re-export with a
+    dynamic batch (:func:`retrofit.batching.reexport_dynamic_batch`).
     """
 
     module: nn.Module
@@ -58,6 +60,7 @@ class TorchModel:
     example_inputs: tuple[torch.Tensor, ...] | None = None
     dynamic_dims: tuple[tuple[int, ...], ...] | None = None
     arch: str | None = None
+    program: Any = None
 
 
 _PICKLE_PROTOCOL_OPS = {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}
@@ -377,7 +380,7 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
             f"{path}: the program's example inputs are not {len(placeholders)} tensor(s), one per "
             "model input; the file is damaged"
         )
-    return TorchModel(module, ModelFormat.EXPORTED, path, example, dynamic)
+    return TorchModel(module, ModelFormat.EXPORTED, path, example, dynamic, program=program)
 
 
 def _concrete_shape(shape: Sequence[Any]) -> tuple[int, ...]:
