@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from retrofit.data import first_error_line
 from retrofit.verify import compare_outputs, torch_outputs
 
 PROBE_TOLERANCE = 1e-4
@@ -62,21 +63,24 @@ def _same_rows(reference: Sequence[np.ndarray], grown: Sequence[np.ndarray], n: 
         return False
 
 
-def _runs(forward: Forward, inputs: tuple[Tensor, ...]) -> Sequence[np.ndarray] | None:
+def _runs(forward: Forward, inputs: tuple[Tensor, ...]) -> Sequence[np.ndarray] | str:
+    """The outputs, or the first line of why the model refused these inputs."""
     try:
         return forward(inputs)
-    except Exception:  # noqa: BLE001 - the model's own code or runtime refusing this batch size
-        return None
+    except Exception as error:  # noqa: BLE001 - the model's code or runtime refusing this batch
+        return first_error_line(error)
 
 
 @dataclass(frozen=True)
 class BatchProbe:
     """What :func:`probe_fixed_batch` found: ``fixed`` is the only batch size the model takes
     (None: any, or nothing could be learnt); ``inputs`` are the sample inputs to use, cut to one
-    row when only a batch of 1 runs."""
+    row when only a batch of 1 runs; ``failure`` says why neither the inputs' batch nor a batch
+    of 1 ran (None when one did)."""
 
     fixed: int | None
     inputs: tuple[Tensor, ...]
+    failure: str | None = None
 
 
 def probe_fixed_batch(forward: Forward, inputs: tuple[Tensor, ...]) -> BatchProbe:
@@ -89,14 +93,15 @@ def probe_fixed_batch(forward: Forward, inputs: tuple[Tensor, ...]) -> BatchProb
     if len(sizes) != 1 or len(inputs) != sum(1 for x in inputs if x.ndim):
         return BatchProbe(None, inputs)
     reference = _runs(forward, inputs)
-    if reference is None:
-        inputs = tuple(x[:1] for x in inputs)
-        reference = _runs(forward, inputs)
-        if reference is None:
-            return BatchProbe(None, inputs)  # nothing runs: the caller's own check will say why
+    if isinstance(reference, str) and inputs[0].shape[0] > 1:
+        reference = _runs(forward, tuple(x[:1] for x in inputs))
+        if not isinstance(reference, str):
+            inputs = tuple(x[:1] for x in inputs)
+    if isinstance(reference, str):
+        return BatchProbe(None, inputs, reference)
     n = inputs[0].shape[0]
     grown = _runs(forward, grown_by_one(inputs))
-    if grown is not None and _same_rows(reference, grown, n):
+    if not isinstance(grown, str) and _same_rows(reference, grown, n):
         return BatchProbe(None, inputs)
     return BatchProbe(n, inputs)
 

@@ -230,9 +230,11 @@ def open_subject(
         return _open_onnx(path, input_shapes, seed, as_functions, data_sample)
     loaded = load_torch_model(path, arch=arch, trust_pickle=trust_pickle, model_format=model_format)
     notes: list[str] = []
-    fixed = _exported_batch(loaded, notes) if loaded.format is ModelFormat.EXPORTED else None
+    exported = loaded.format is ModelFormat.EXPORTED
+    static = static_batch(loaded.example_inputs, loaded.dynamic_dims) if exported else None
+    fixed = _exported_batch(loaded, static, notes) if static is not None else None
     if input_shapes:
-        loaded.example_inputs = _torch_sample_inputs(loaded, input_shapes, seed, fixed, notes)
+        loaded.example_inputs = _torch_sample_inputs(loaded, input_shapes, seed, static, notes)
     elif loaded.example_inputs is None and data_sample is not None:
         sample = data_sample
         if embedding_inputs(loaded.module, (sample,)):
@@ -240,6 +242,12 @@ def open_subject(
         loaded.example_inputs = (sample,)
     if loaded.format is not ModelFormat.EXPORTED and loaded.example_inputs is not None:
         probe = probe_fixed_batch(torch_forward(loaded.module), loaded.example_inputs)
+        if probe.failure is not None and data_sample is not None and not input_shapes:
+            shape = ",".join(str(d) for d in data_sample.shape[1:])
+            raise BadInputError(
+                f"data samples of shape {tuple(data_sample.shape[1:])} do not fit {path} in "
+                f"batches of {data_sample.shape[0]} or 1 ({probe.failure}); if the model takes "
+                f"one batch size only, name it: cadrelu retrofit --input-shape N,{shape}")
         if probe.fixed is not None:
             loaded.example_inputs = probe.inputs
             fixed = probe.fixed
@@ -248,13 +256,10 @@ def open_subject(
     return TorchSubject(loaded, fixed, notes)
 
 
-def _exported_batch(loaded: TorchModel, notes: list[str]) -> int | None:
-    """A ``.pt2`` exported with a static batch: re-exported with a dynamic batch when its code
-    allows (then None: any batch), else its batch size."""
+def _exported_batch(loaded: TorchModel, size: int, notes: list[str]) -> int | None:
+    """A ``.pt2`` exported with a static batch of ``size``: re-exported with a dynamic batch
+    when its code allows (then None: any batch), else ``size``."""
     assert loaded.example_inputs is not None
-    size = static_batch(loaded.example_inputs, loaded.dynamic_dims)
-    if size is None:
-        return None
     flexible = reexport_dynamic_batch(loaded.program, loaded.example_inputs, loaded.dynamic_dims)
     if flexible is None:
         notes.append(fixed_batch_note(str(loaded.path), size, "its .pt2 has a static batch and "
@@ -268,9 +273,10 @@ def _exported_batch(loaded: TorchModel, notes: list[str]) -> int | None:
 
 
 def _torch_sample_inputs(loaded: TorchModel, shapes: tuple[InputShape, ...], seed: int,
-                         fixed: int | None, notes: list[str]) -> tuple[torch.Tensor, ...]:
+                         static: int | None, notes: list[str]) -> tuple[torch.Tensor, ...]:
     """Inputs of the given shapes. An input's type is the one given, else the ``.pt2``
-    program's, else int64 when the model feeds it into an embedding, else float32."""
+    program's, else int64 when the model feeds it into an embedding, else float32. A ``.pt2``
+    with a ``static`` batch needs that batch: the program is written back with these inputs."""
     program = loaded.example_inputs if loaded.format is ModelFormat.EXPORTED else None
     dtypes = []
     for index, shape in enumerate(shapes):
@@ -278,9 +284,10 @@ def _torch_sample_inputs(loaded: TorchModel, shapes: tuple[InputShape, ...], see
         if shape.dtype is not None and declared is not None and shape.dtype != declared:
             raise UsageError(f"--input-shape {index + 1} says {_dtype_name(shape.dtype)} but "
                              f"{loaded.path} takes {_dtype_name(declared)} there")
-        if fixed is not None and shape.dims[0] != fixed:
-            raise UsageError(f"--input-shape says batch {shape.dims[0]} but {loaded.path} takes "
-                             f"batches of exactly {fixed}")
+        if static is not None and shape.dims[0] != static:
+            raise UsageError(f"--input-shape says batch {shape.dims[0]} but {loaded.path} was "
+                             f"exported with a static batch of {static}, which the written "
+                             f".pt2 keeps: give batch {static}")
         dtypes.append(shape.dtype or declared or torch.float32)
     bound = embedding_bound(loaded.module)
     inputs = random_inputs(shapes, dtypes, seed=seed, index_bound=bound)

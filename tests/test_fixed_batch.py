@@ -31,7 +31,7 @@ class SmallConv(nn.Module):
         self.head = nn.Linear(4 * 6 * 6, CLASSES)
         self.fixed = fixed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):  # unannotated: a string annotation breaks pickling the fx rewrite
         h = self.relu(self.conv(x))
         return self.head(h.view(4, -1) if self.fixed else h.flatten(1))
 
@@ -219,8 +219,35 @@ def test_too_few_training_samples_for_the_fixed_batch_is_one_line(
     assert "fewer than one batch of exactly 3" in one_line(result)
 
 
-def test_input_shape_with_another_batch_than_a_fixed_pt2_is_a_usage_error(tmp_path: Path) -> None:
-    model = _static_pt2(tmp_path, fixed=True)
+@pytest.mark.parametrize("fixed", [True, False], ids=["chunked", "reexported"])
+def test_input_shape_with_another_batch_than_a_static_pt2_is_a_usage_error(
+        tmp_path: Path, fixed: bool) -> None:
+    model = _static_pt2(tmp_path, fixed=fixed)
     result = run_cli("inspect", model, "--input-shape", "2,3,8,8")
     assert result.exit_code == 2
-    assert "batches of exactly 4" in one_line(result)
+    assert "static batch of 4" in one_line(result)
+    assert run_cli("inspect", model, "--input-shape", "4,3,8,8").exit_code == 0
+
+
+def fixed_model() -> SmallConv:
+    """``--arch`` factory: the batch-4-only model."""
+    return _model(fixed=True)
+
+
+def test_eager_module_with_a_fixed_batch_is_probed_from_its_input_shape(
+        tmp_path: Path, data: tuple[Path, Path]) -> None:
+    path = tmp_path / "fixed.state.pt"
+    torch.save(_model(fixed=True).state_dict(), path)
+    arch = "tests.test_fixed_batch:fixed_model"
+    (val, train), out = data, tmp_path / "out.pt"
+    result = run_cli("retrofit", path, "--arch", arch, "--input-shape", "4,3,8,8", "--data",
+                     val, "--finetune", train, "--epochs", "1", "--device", "cpu", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "takes batches of exactly 4 (at one more it fails" in result.output
+    assert "in batches of 4 instead of --batch-size 64" in result.output
+    assert set(torch.load(out, weights_only=True)) >= set(_model().state_dict())
+    # from data alone (batches of 2 and 1) nothing runs: the line says so, not "bad samples"
+    scored = run_cli("evaluate", path, "--arch", arch, "--data", val, "--device", "cpu")
+    assert scored.exit_code == 3
+    line = one_line(scored)
+    assert "in batches of 2 or 1" in line and "--input-shape N,3,8,8" in line
