@@ -4,6 +4,7 @@ and graphs with a dynamic batch axis that reshape to a fixed ``[1, N]`` inside."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +129,13 @@ def test_pt2_whose_code_fixes_the_batch_is_scored_and_trained_in_chunks(
     assert _top1(scored) == pytest.approx(_one_at_a_time_top1(_model(), val))
     out = tmp_path / "out.pt2"
     result = run_cli("retrofit", model, "--data", val, "--finetune", train, "--epochs", "1",
-                     "--device", "cpu", "-o", out, "--json")
+                     "--control", "--device", "cpu", "-o", out, "--json")
     assert result.exit_code == 0, result.output
-    assert "in batches of 4 instead of --batch-size 64" in result.output
-    assert "leaves out the last 2 of 10 training samples" in result.output
+    report = json.loads(result.stdout)
+    assert any("in batches of 4 instead of --batch-size 64" in note for note in report["notes"])
+    assert any("leaves out the last 2 of 10 training samples" in n for n in report["notes"])
+    assert report["accuracy"]["before"]["top1"] == pytest.approx(_top1(scored))
+    assert report["accuracy"]["control"]["n"] == 10
     assert torch.export.load(out).module()(torch.randn(4, 3, 8, 8)).shape == (4, CLASSES)
 
 
@@ -158,6 +162,13 @@ def test_onnx_graph_with_a_fixed_batch_of_3_is_scored_fine_tuned_and_saved(
     assert "leaves out the last 1 of 10" in result.output
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.run(None, {"data_0": np.zeros((3, 3, 8, 8), np.float32)})[0].shape == (3, 3)
+
+
+def test_onnx_graph_with_a_fixed_batch_of_1_is_scored_from_data_without_a_shape(
+        tmp_path: Path, data: tuple[Path, Path]) -> None:
+    scored = run_cli("evaluate", _onnx_fixed(tmp_path, 1), "--data", data[0], "--device", "cpu")
+    assert scored.exit_code == 0, scored.output
+    assert _top1(scored) == pytest.approx(_one_at_a_time_top1(_model(), data[0]))
 
 
 def _onnx_reshape_to_one(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
