@@ -229,6 +229,12 @@ def open_subject(
     if model_format is ModelFormat.ONNX:
         return _open_onnx(path, input_shapes, seed, as_functions, data_sample)
     loaded = load_torch_model(path, arch=arch, trust_pickle=trust_pickle, model_format=model_format)
+    return _open_torch(loaded, input_shapes, seed, data_sample)
+
+
+def _open_torch(loaded: TorchModel, input_shapes: tuple[InputShape, ...], seed: int,
+                data_sample: torch.Tensor | None) -> TorchSubject:
+    path = loaded.path
     notes: list[str] = []
     exported = loaded.format is ModelFormat.EXPORTED
     static = static_batch(loaded.example_inputs, loaded.dynamic_dims) if exported else None
@@ -291,8 +297,9 @@ def _torch_sample_inputs(loaded: TorchModel, shapes: tuple[InputShape, ...], see
         dtypes.append(shape.dtype or declared or torch.float32)
     bound = embedding_bound(loaded.module)
     inputs = random_inputs(shapes, dtypes, seed=seed, index_bound=bound)
-    guessed = [i for i, shape in enumerate(shapes) if shape.dtype is None and dtypes[i].is_floating_point]
-    ids = embedding_inputs(loaded.module, inputs) & set(guessed)
+    guessed = {i for i, shape in enumerate(shapes)
+               if shape.dtype is None and dtypes[i].is_floating_point}
+    ids = embedding_inputs(loaded.module, inputs) & guessed
     for index in sorted(ids):
         dtypes[index] = torch.int64
         notes.append(f"input {index + 1} goes straight into an embedding: its sample input holds "

@@ -536,8 +536,8 @@ class _Finetuning:
         stored, current = state["config"], self.config.as_dict()
         defaults = FinetuneConfig().as_dict()  # a field added since the checkpoint: its default
         changed = [f"{key} {stored.get(key, defaults[key])!r} -> {value!r}"
-                   for key, value in current.items()
-                   if key not in _NOT_COMPARED_ON_RESUME and stored.get(key, defaults[key]) != value]
+                   for key, value in current.items() if key not in _NOT_COMPARED_ON_RESUME
+                   and stored.get(key, defaults[key]) != value]
         if changed:
             raise UsageError(f"checkpoint {self.checkpoint} was written with other settings "
                              f"({'; '.join(changed)}); resume with the same settings")

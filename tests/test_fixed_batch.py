@@ -5,6 +5,7 @@ and graphs with a dynamic batch axis that reshape to a fixed ``[1, N]`` inside."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,51 @@ def test_eager_module_with_a_fixed_batch_is_probed_from_its_input_shape(
     assert scored.exit_code == 3
     line = one_line(scored)
     assert "in batches of 2 or 1" in line and "--input-shape N,3,8,8" in line
+
+
+class OnlyBatchOf(nn.Module):
+    """A linear classifier that refuses any batch but ``size``, in training and validation."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.size, self.linear, self.relu = size, nn.Linear(6, 3), nn.ReLU()
+
+    def forward(self, x):
+        if x.shape[0] != self.size:
+            raise RuntimeError(f"batch {x.shape[0]}")
+        return self.relu(self.linear(x))
+
+
+def _tensors(n: int, seed: int):
+    from retrofit.data import TensorClassificationData
+
+    generator = torch.Generator().manual_seed(seed)
+    return TensorClassificationData(torch.randn(n, 6, generator=generator),
+                                    torch.randint(0, 3, (n,), generator=generator),
+                                    source=f"synthetic-{seed}", preprocessing={})
+
+
+def test_exact_batches_train_and_validate_a_model_that_takes_one_batch_size(tmp_path) -> None:
+    from retrofit.train import FinetuneConfig, finetune
+
+    config = FinetuneConfig(epochs=2, batch_size=5, exact_batches=True, device="cpu",
+                            checkpoint=tmp_path / "a.ckpt")
+    result = finetune(OnlyBatchOf(5), _tensors(13, 1), _tensors(7, 2), config)
+    assert result.steps == 2 * 2 and result.history[-1].val_top1 is not None
+
+
+def test_a_checkpoint_from_before_exact_batches_still_resumes(tmp_path) -> None:
+    from retrofit.checkpoint import load_checkpoint, save_checkpoint
+    from retrofit.train import FinetuneConfig, finetune
+
+    path = tmp_path / "old.ckpt"
+    config = FinetuneConfig(epochs=1, batch_size=4, device="cpu", checkpoint=path)
+    finetune(nn.Sequential(nn.Linear(6, 3), nn.ReLU()), _tensors(8, 1), None, config)
+    state = load_checkpoint(path)
+    del state["config"]["exact_batches"]
+    state.pop("format")
+    save_checkpoint(path, state)
+    resumed = replace(config, resume=True)
+    result = finetune(nn.Sequential(nn.Linear(6, 3), nn.ReLU()), _tensors(8, 1), None, resumed)
+    assert len(result.history) == 1
