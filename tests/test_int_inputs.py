@@ -188,3 +188,22 @@ def test_uint8_images_are_still_fed_as_floats_to_a_float_model(tmp_path: Path) -
     as_float = run_cli("evaluate", path, "--data", tmp_path / "f32.npz", "--device", "cpu")
     assert as_uint8.exit_code == 0 and as_float.exit_code == 0, as_uint8.output
     assert _top1(as_uint8) == _top1(as_float)
+
+
+@pytest.mark.parametrize("elem_type", [onnx.TensorProto.INT64, onnx.TensorProto.INT32,
+                                       onnx.TensorProto.BOOL], ids=["int64", "int32", "bool"])
+def test_onnx_predictor_feeds_the_integer_type_the_graph_declares(elem_type: int) -> None:
+    from onnx import helper, numpy_helper
+
+    weights = np.arange(12, dtype=np.float32).reshape(4, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["ids"], ["f"], to=onnx.TensorProto.FLOAT),
+         helper.make_node("MatMul", ["f", "w"], ["logits"])], "cast_matmul",
+        [helper.make_tensor_value_info("ids", elem_type, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    batch = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.int64)
+    logits = onnx_predictor(model)(batch)
+    assert torch.allclose(logits, batch.float() @ torch.from_numpy(weights))
