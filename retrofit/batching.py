@@ -152,9 +152,10 @@ def fixed_batch_note(source: str, size: int, why: str) -> str:
             "the last one padded and the padding's outputs dropped")
 
 
-def exact_batches_note(size: int, asked: int, train_samples: int) -> str:
-    """The report note for fine-tuning in batches of exactly the model's size."""
-    left = train_samples % size
+def exact_batches_note(size: int, asked: int, train_samples: int, processes: int = 1) -> str:
+    """The report note for fine-tuning in batches of exactly the model's size (per process:
+    a step takes ``size * processes`` samples)."""
+    left = train_samples % (size * processes)
     adapted = (f"in batches of {size} instead of --batch-size {asked}" if asked != size
                else f"in batches of exactly {size}")
     skipped = ("no sample is left out" if left == 0 else

@@ -38,6 +38,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def world_size() -> int:
+    """How many processes ``torchrun`` started (1 for a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands: its rank among ``world_size`` processes.

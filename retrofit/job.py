@@ -19,7 +19,7 @@ from retrofit.atomic import check_output_path
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.batching import exact_batches_note
 from retrofit.data import ClassificationData, as_token_ids, load_dataset, split_train_val
-from retrofit.distributed import is_main_process
+from retrofit.distributed import is_main_process, world_size
 from retrofit.errors import UnsupportedModelError, UsageError
 from retrofit.evaluate import EvalResult, evaluate
 from retrofit.inputs import InputShape
@@ -339,7 +339,7 @@ def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationD
     if subject.fixed_batch is not None:
         config = replace(config, batch_size=subject.fixed_batch, exact_batches=True)
         report.notes.append(exact_batches_note(subject.fixed_batch, request.finetune.batch_size,
-                                               len(train)))
+                                               len(train), world_size()))
     trained = _finetune_once(subject.trainable(request.config, request.select), train, val,
                              config, request)
     report.finetune = trained

@@ -311,3 +311,11 @@ def test_a_checkpoint_from_before_exact_batches_still_resumes(tmp_path) -> None:
     resumed = replace(config, resume=True)
     result = finetune(nn.Sequential(nn.Linear(6, 3), nn.ReLU()), _tensors(8, 1), None, resumed)
     assert len(result.history) == 1
+
+
+def test_exact_batches_note_counts_what_each_epoch_leaves_out() -> None:
+    from retrofit.batching import exact_batches_note
+
+    assert "last 2 of 10" in exact_batches_note(4, 64, 10)
+    assert "last 2 of 10" in exact_batches_note(4, 4, 10, processes=2)  # steps of 8 samples
+    assert "no sample is left out" in exact_batches_note(5, 64, 10)
