@@ -99,7 +99,7 @@ ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2, state dict/saf
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a state dict: package.module:factory (a class or function returning the nn.Module).")]
 ArchKwargsOpt = Annotated[Optional[list[str]], typer.Option("--arch-kwargs", help="Keyword argument for the --arch factory, name=value, the value read as a Python literal (else as text); repeatable, e.g. --arch-kwargs num_classes=10.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module. Unpickling RUNS CODE stored in the file: use only for files you trust.")]
-ShapeOpt = Annotated[Optional[list[str]], typer.Option("--input-shape", help="Shape of a sample input for verification, e.g. 1,3,32,32 (or name:1,3,32,32 for a named ONNX input); repeat for several inputs.")]
+ShapeOpt = Annotated[Optional[list[str]], typer.Option("--input-shape", help="Shape of a sample input for verification, e.g. 1,3,32,32 (or name:1,3,32,32 for a named ONNX input), with an optional type: 2,16:int64 or input_ids:2,16:int64 for token ids (float32 default, float16, float64, bfloat16, int64, int32, bool); repeat for several inputs.")]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Only sites matching this name, scope prefix or regex (repeatable). A rule matching nothing is an error.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this name, scope prefix or regex as ReLU (repeatable). A rule matching nothing is an error.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout instead of the table.")]

@@ -47,7 +47,8 @@ _CHANNEL_PROBE_LIMIT = 16
 
 class ClassificationData(Dataset):
     """A labelled dataset: ``dataset[i] -> (x, y)`` with ``x`` a float32 tensor of
-    ``sample_shape`` and ``y`` an ``int`` class index in ``[0, num_classes)``.
+    ``sample_shape`` (int64 token ids after :func:`as_token_ids`) and ``y`` an ``int`` class
+    index in ``[0, num_classes)``.
 
     Attributes the caller may rely on:
 
@@ -83,7 +84,11 @@ class ClassificationData(Dataset):
 
 
 class TensorClassificationData(ClassificationData):
-    """Samples held in memory (``.npz``, ``.pt``, CSV), already checked and converted."""
+    """Samples held in memory (``.npz``, ``.pt``, CSV), already checked.
+
+    ``x`` is float32, or integers as stored (token ids or uint8 pixels: the model decides,
+    see :func:`as_token_ids`); each sample is handed out as ``feed_dtype``.
+    """
 
     def __init__(
         self,
@@ -93,8 +98,10 @@ class TensorClassificationData(ClassificationData):
         source: str,
         preprocessing: dict[str, Any],
         class_names: list[str] | None = None,
+        feed_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.x = x
+        self.feed_dtype = feed_dtype
         self.y = y
         self.source = source
         self.preprocessing = preprocessing
@@ -110,7 +117,7 @@ class TensorClassificationData(ClassificationData):
         return self.y.shape[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.x[index], int(self.y[index])
+        return self.x[index].to(self.feed_dtype), int(self.y[index])
 
 
 class ImageFolderData(ClassificationData):
@@ -600,13 +607,17 @@ def _tensor_dataset(
         raise BadInputError(f"{path} has {x.shape[0]} samples in x but {y.shape[0]} labels in y")
     if x.shape[0] == 0:
         raise BadInputError(f"{path} holds no samples")
-    x = x.to(torch.float32).contiguous()
-    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    if not bool(finite.all()):
-        first = int(torch.nonzero(~finite)[0, 0])
-        raise BadInputError(f"sample {first} in {path} contains NaN or Inf")
+    normalise = mean is not None or std is not None
+    if x.is_floating_point() or normalise:
+        x = x.to(torch.float32).contiguous()
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        if not bool(finite.all()):
+            first = int(torch.nonzero(~finite)[0, 0])
+            raise BadInputError(f"sample {first} in {path} contains NaN or Inf")
+    else:  # integers stay as stored until the model says whether they are token ids
+        x = x.contiguous()
     channels = x.shape[1]
-    if mean is not None or std is not None:
+    if normalise:
         mean_values, std_values = _normalisation(mean, std, channels, str(path))
         shape = (1, channels) + (1,) * (x.ndim - 2)
         x = (x - torch.tensor(mean_values).view(shape)) / torch.tensor(std_values).view(shape)
@@ -619,6 +630,8 @@ def _tensor_dataset(
         "mean": mean_values,
         "std": std_values,
     }
+    if normalise:
+        preprocessing["normalised"] = True
     if class_names is not None:
         preprocessing["labels"] = "text, sorted into class indices"
     return TensorClassificationData(
@@ -830,6 +843,30 @@ def check_labels_fit(dataset: ClassificationData, num_outputs: int) -> None:
         )
 
 
+def as_token_ids(dataset: ClassificationData) -> ClassificationData:
+    """The same samples handed out as int64, for a model that takes integer inputs (token ids).
+
+    Only integer data qualifies: float values (or integers normalised with mean/std, which only
+    apply to float inputs) would be truncated into wrong ids, so they are refused in one line.
+    Without this call, integer data (uint8 images, say) is fed as float32, as stored.
+    """
+    if isinstance(dataset, ClassificationSubset):
+        return ClassificationSubset(as_token_ids(dataset.dataset), dataset.indices.tolist(),
+                                    name=dataset.name)
+    preprocessing = getattr(dataset, "preprocessing", {})
+    if preprocessing.get("normalised"):
+        raise UsageError(f"--mean/--std apply to float inputs, but the model takes integer token "
+                         f"ids: leave them out for {dataset.source}")
+    if not isinstance(dataset, TensorClassificationData) or dataset.x.is_floating_point():
+        stored = preprocessing.get("stored_dtype", "float")
+        raise BadInputError(f"{dataset.source} holds {stored} values but the model takes integer "
+                            "inputs (token ids): store x as integers (int64)")
+    return TensorClassificationData(
+        dataset.x, dataset.y, source=dataset.source, class_names=dataset.class_names,
+        preprocessing={**preprocessing, "values": "as stored, as int64 (token ids)"},
+        feed_dtype=torch.int64)
+
+
 def model_input_error(error: BaseException, sample_shape: Sequence[int]) -> BadInputError:
     """The one-line error for data that the model cannot take (wrong shape, channels, rank)."""
     return BadInputError(
@@ -838,9 +875,10 @@ def model_input_error(error: BaseException, sample_shape: Sequence[int]) -> BadI
     )
 
 
-MODEL_CALL_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, AssertionError)
+MODEL_CALL_ERRORS: tuple[type[BaseException], ...] = (
+    RuntimeError, ValueError, AssertionError, IndexError)
 """What a model call raises when its input does not fit (``AssertionError``: a torch.export
-guard such as a fixed batch size)."""
+guard such as a fixed batch size; ``IndexError``: a token id beyond an embedding table)."""
 
 
 def check_input_fits(forward: Callable[[Tensor], Tensor], sample: Tensor) -> Tensor:

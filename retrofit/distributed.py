@@ -38,6 +38,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def world_size() -> int:
+    """How many processes ``torchrun`` started (1 for a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands: its rank among ``world_size`` processes.
@@ -155,24 +160,31 @@ def order_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
-def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
     global_batch = batch_size * world_size
-    return (n + global_batch - 1) // global_batch
+    return n // global_batch if drop_last else (n + global_batch - 1) // global_batch
 
 
 def epoch_batches(
-    n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+    n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+    drop_last: bool = False,
 ) -> list[PlannedBatch]:
     """This process's batches for one epoch (see the module docstring).
 
     With ``world_size`` N and ``batch_size`` B, the union of the N processes' step-k batches is
     exactly step k's batch of one process with batch N*B, for every k, the last one included.
+    ``drop_last``: every process gets exactly B samples per step (a model with a fixed batch);
+    the last ``n % (N*B)`` samples of the epoch's shuffled order are left out.
     """
+    if drop_last:
+        n_used = steps_per_epoch(n, batch_size, world_size, drop_last) * batch_size * world_size
+    else:
+        n_used = n
     generator = torch.Generator().manual_seed(order_seed(seed, epoch))
     order = torch.randperm(n, generator=generator)
     global_batch = batch_size * world_size
     batches = []
-    for start in range(0, n, global_batch):
+    for start in range(0, n_used, global_batch):
         chunk = order[start : start + global_batch]
         mine = torch.tensor_split(chunk, world_size)[rank].tolist()
         if mine:

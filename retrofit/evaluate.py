@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from retrofit.batching import run_in_batches
 from retrofit.data import MODEL_CALL_ERRORS, check_labels_fit, first_error_line, model_input_error
 from retrofit.errors import BadInputError, RetrofitError, UnsupportedModelError, UsageError
 from retrofit.metrics import accuracy, topk_correct
@@ -58,9 +59,11 @@ class TorchPredictor:
         *,
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
+        fixed_batch: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.autocast_dtype = autocast_dtype
+        self.fixed_batch = fixed_batch
         try:
             module.eval()
         except NotImplementedError:
@@ -84,8 +87,10 @@ class TorchPredictor:
                 else contextlib.nullcontext()
             )
             with autocast:
-                output = self.module(x)
-            return logits_of(output).float().cpu()
+                if self.fixed_batch is None:
+                    return logits_of(self.module(x)).float().cpu()
+                return run_in_batches(lambda chunk: logits_of(self.module(chunk)), x,
+                                      self.fixed_batch).float().cpu()
 
 
 def torch_predictor(
@@ -93,11 +98,15 @@ def torch_predictor(
     *,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    fixed_batch: int | None = None,
 ) -> TorchPredictor:
     """Wrap a module as a :class:`Predictor`. The module is put in eval mode and moved to
-    ``device`` in place; inputs are cast to its parameters' dtype unless autocast is on; outputs
-    that are tuples, or dicts/objects with ``logits``, give their logits."""
-    return TorchPredictor(module, device=device, autocast_dtype=autocast_dtype)
+    ``device`` in place; floating inputs are cast to its parameters' dtype unless autocast is on
+    (integer inputs, token ids, are fed as they are); outputs that are tuples, or dicts/objects
+    with ``logits``, give their logits. ``fixed_batch``: the only batch size the module takes;
+    batches are then run in chunks of it (:func:`retrofit.batching.run_in_batches`)."""
+    return TorchPredictor(module, device=device, autocast_dtype=autocast_dtype,
+                          fixed_batch=fixed_batch)
 
 
 def logits_of(output: Any) -> Tensor:
@@ -120,6 +129,9 @@ _ORT_INPUT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -137,11 +149,14 @@ def _onnxruntime_errors() -> tuple[type[BaseException], ...]:
 class OnnxPredictor:
     """Runs an ONNX model with onnxruntime; one graph input, the first output as logits.
 
-    A graph whose batch dimension is fixed at N gets batches of exactly N: larger batches are
-    split and the last one is zero-padded, the padding's outputs dropped.
+    A graph whose batch dimension is fixed at N (declared, or ``fixed_batch`` for a graph that
+    declares a dynamic batch but reshapes to a fixed one) gets batches of exactly N: larger
+    batches are split and the last one is padded, the padding's outputs dropped. Inputs are cast
+    to the element type the graph declares (float, int64/int32 token ids, bool masks).
     """
 
-    def __init__(self, model: Any, *, providers: list[str] | None = None) -> None:
+    def __init__(self, model: Any, *, providers: list[str] | None = None,
+                 fixed_batch: int | None = None) -> None:
         import onnx
         import onnxruntime as ort
 
@@ -174,34 +189,30 @@ class OnnxPredictor:
         if graph_input.type not in _ORT_INPUT_TYPES:
             raise UnsupportedModelError(
                 f"the ONNX model's input {graph_input.name} is {graph_input.type}; "
-                "evaluation feeds float tensors"
+                f"evaluation feeds {', '.join(sorted(_ORT_INPUT_TYPES))}"
             )
         self.input_name = graph_input.name
         self.input_dtype = _ORT_INPUT_TYPES[graph_input.type]
         self.input_shape: list[int | str | None] = list(graph_input.shape)
         self.output_name = self.session.get_outputs()[0].name
         first = self.input_shape[0] if self.input_shape else None
-        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
+        declared = first if isinstance(first, int) and first > 0 else None
+        self.fixed_batch = declared or fixed_batch
         self.providers = self.session.get_providers()
         self.name = f"onnxruntime ({self.providers[0]})"
 
     def __call__(self, batch: Tensor) -> Tensor:
         self._check_shape(tuple(batch.shape))
-        array = batch.detach().cpu().numpy().astype(self.input_dtype, copy=False)
-        n = array.shape[0]
+        if batch.is_floating_point() and not np.issubdtype(self.input_dtype, np.floating):
+            raise RuntimeError(f"the ONNX model's input {self.input_name} takes "
+                               f"{np.dtype(self.input_dtype).name} values, the data holds floats")
+        batch = batch.detach().cpu()
         if self.fixed_batch is None:
-            return self._run(array)
-        size = self.fixed_batch
-        chunks = []
-        for start in range(0, n, size):
-            chunk = array[start : start + size]
-            if chunk.shape[0] < size:
-                padding = np.zeros((size - chunk.shape[0],) + chunk.shape[1:], dtype=chunk.dtype)
-                chunk = np.concatenate([chunk, padding])
-            chunks.append(self._run(chunk))
-        return torch.cat(chunks)[:n]
+            return self._run(batch)
+        return run_in_batches(self._run, batch, self.fixed_batch)
 
-    def _run(self, array: np.ndarray) -> Tensor:
+    def _run(self, batch: Tensor) -> Tensor:
+        array = batch.numpy().astype(self.input_dtype, copy=False)
         try:
             (output,) = self.session.run([self.output_name], {self.input_name: array})
         except self._errors as error:
@@ -224,10 +235,12 @@ def _dim_text(axis: int, dim: int | str | None) -> str:
     return "N" if axis == 0 else "?"
 
 
-def onnx_predictor(model: Any, *, providers: list[str] | None = None) -> OnnxPredictor:
+def onnx_predictor(model: Any, *, providers: list[str] | None = None,
+                   fixed_batch: int | None = None) -> OnnxPredictor:
     """Wrap an ONNX model (``onnx.ModelProto``, serialized bytes or a path) as a
-    :class:`Predictor`; CUDA when onnxruntime has it, else CPU, unless ``providers`` says."""
-    return OnnxPredictor(model, providers=providers)
+    :class:`Predictor`; CUDA when onnxruntime has it, else CPU, unless ``providers`` says.
+    ``fixed_batch``: the batch size a graph with a dynamic batch axis still requires."""
+    return OnnxPredictor(model, providers=providers, fixed_batch=fixed_batch)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -17,8 +17,9 @@ import torch
 
 from retrofit.atomic import check_output_path
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
-from retrofit.data import ClassificationData, load_dataset, split_train_val
-from retrofit.distributed import is_main_process
+from retrofit.batching import exact_batches_note
+from retrofit.data import ClassificationData, as_token_ids, load_dataset, split_train_val
+from retrofit.distributed import is_main_process, world_size
 from retrofit.errors import UnsupportedModelError, UsageError
 from retrofit.evaluate import EvalResult, evaluate
 from retrofit.inputs import InputShape
@@ -199,6 +200,12 @@ def _open(request: RetrofitRequest, val: ClassificationData | None) -> Subject:
                         seed=request.seed, as_functions=request.onnx_functions, data_sample=sample)
 
 
+def _fed_to(subject: Subject, data: ClassificationData | None) -> ClassificationData | None:
+    """The data as the model takes it: int64 token ids for a model with integer inputs (integer
+    data only), else float32 (integer data such as uint8 images included, as stored)."""
+    return as_token_ids(data) if data is not None and subject.takes_token_ids else data
+
+
 def _rewrite(subject: Subject, request: RetrofitRequest) -> RetrofitResult[Any]:
     """The subject's rewrite. A model it cannot rewrite (no ReLU site, say) is named by its
     file: the rewriters only see a module or a graph."""
@@ -213,8 +220,9 @@ def inspect_file(request: RetrofitRequest) -> RetrofitReport:
     subject = _open(request, None)
     result = _rewrite(subject, request)
     return RetrofitReport(request.model, subject.format, request.config.name, request.config,
-                          result.sites, result.notes, subject.parity(result.model),
-                          request.config.is_identity_init, request.tolerance)
+                          result.sites, subject.notes + result.notes,
+                          subject.parity(result.model), request.config.is_identity_init,
+                          request.tolerance)
 
 
 @dataclass(frozen=True)
@@ -237,9 +245,10 @@ def evaluate_file(model: Path, data: DataOptions, *, arch: str | None = None,
     request = RetrofitRequest(model, arch=arch, arch_kwargs=dict(arch_kwargs or {}),
                               trust_pickle=trust_pickle, device=device, data=data)
     subject = _open(request, val)
-    notes = list(subject.loaded.notes) if isinstance(subject, TorchSubject) else []
+    val = _fed_to(subject, val)
+    assert val is not None
     result = _score(subject, subject.original, val, request, "model").result
-    return EvaluateReport(result, _dataset_summary(val, None), notes)
+    return EvaluateReport(result, _dataset_summary(val, None), list(subject.notes))
 
 
 def _check_outputs(request: RetrofitRequest, model_format: ModelFormat) -> Path:
@@ -280,10 +289,12 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
         raise UsageError("fine-tuning needs a FinetuneConfig (request.finetune)")
     val, train = _load_data(request.data, request.seed)
     subject = _open(request, val)
+    val, train = _fed_to(subject, val), _fed_to(subject, train)
     result = _rewrite(subject, request)
     report = RetrofitReport(request.model, subject.format, request.config.name, request.config,
-                            result.sites, result.notes, subject.parity(result.model),
-                            request.config.is_identity_init, request.tolerance, output)
+                            result.sites, subject.notes + result.notes,
+                            subject.parity(result.model), request.config.is_identity_init,
+                            request.tolerance, output)
     if report.parity is not None and report.preserves_function:
         report.parity.require(request.tolerance,
                               "the identity-initialised retrofit changed the outputs")
@@ -343,6 +354,10 @@ def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationD
     assert report.output is not None
     checkpoint = _checkpoint_path(request, report.output)
     config = replace(request.finetune, device=request.device, checkpoint=checkpoint)
+    if subject.fixed_batch is not None:
+        config = replace(config, batch_size=subject.fixed_batch, exact_batches=True)
+        report.notes.append(exact_batches_note(subject.fixed_batch, request.finetune.batch_size,
+                                               len(train), world_size()))
     trained = _finetune_once(subject.trainable(request.config, request.select), train, val,
                              config, request)
     report.finetune = trained
@@ -360,7 +375,8 @@ def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationD
         control_checkpoint = checkpoint.with_name(checkpoint.stem + ".control" + checkpoint.suffix)
         control = _finetune_once(subject.trainable_original(), train, val,
                                  replace(config, checkpoint=control_checkpoint), request)
-        report.control = Stage("control", _score_torch(control.model, val, request))
+        report.control = Stage("control", _score_torch(control.model, val, request,
+                                                       subject.fixed_batch))
     return final
 
 
@@ -384,10 +400,11 @@ def _finetune_once(model: Any, train: ClassificationData, val: ClassificationDat
     return result
 
 
-def _score_torch(module: Any, val: ClassificationData, request: RetrofitRequest) -> EvalResult:
+def _score_torch(module: Any, val: ClassificationData, request: RetrofitRequest,
+                 fixed_batch: int | None) -> EvalResult:
     from retrofit.evaluate import torch_predictor
 
-    return evaluate(torch_predictor(module, device=request.device), val,
+    return evaluate(torch_predictor(module, device=request.device, fixed_batch=fixed_batch), val,
                     batch_size=request.data.batch_size, description="scoring control")
 
 

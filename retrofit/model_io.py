@@ -54,6 +54,8 @@ class TorchModel:
     axes that were dynamic in the exported program so a re-export keeps them dynamic.
     ``record`` is the retrofit history a weights file carried (None for a plain file), and
     ``notes`` what loading changed that the user must hear (a module saved in training mode).
+    ``program`` is the loaded ``torch.export`` program (``.pt2`` only), for a re-export with a
+    dynamic batch (:func:`retrofit.batching.reexport_dynamic_batch`).
     """
 
     module: nn.Module
@@ -65,6 +67,7 @@ class TorchModel:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     record: RetrofitRecord | None = None
     notes: list[str] = field(default_factory=list)
+    program: Any = None
 
 
 _PICKLE_PROTOCOL_OPS = {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}
@@ -473,8 +476,9 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
                 for node in placeholders
             )
         example = tuple(example)
+        # On the program itself, so that every module made from it (a re-export too) is in eval mode.
+        notes = [_TRAINING_MODE_NOTE] if _exported_to_eval(program.graph_module) else []
         module = program.module()
-        notes = [_TRAINING_MODE_NOTE] if _exported_to_eval(module) else []
     except Exception as error:  # a damaged or hand-made program
         raise BadInputError(f"{path}: the torch.export program is not usable ({_line(error)})") from error
     if len(example) != len(placeholders) or not all(isinstance(t, torch.Tensor) for t in example):
@@ -482,7 +486,8 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
             f"{path}: the program's example inputs are not {len(placeholders)} tensor(s), one per "
             "model input; the file is damaged"
         )
-    return TorchModel(module, ModelFormat.EXPORTED, path, example, dynamic, notes=notes)
+    return TorchModel(module, ModelFormat.EXPORTED, path, example, dynamic, notes=notes,
+                      program=program)
 
 
 _aten = torch.ops.aten

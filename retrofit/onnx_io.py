@@ -497,8 +497,10 @@ def make_onnx_inputs(
 
     A dynamic dimension takes its size from ``input_shapes[name]`` (the whole shape of that
     input); otherwise a dynamic leading (batch-like) dimension is 1 and any other raises
-    :class:`UsageError` naming it. Floats are standard normal; integers 0 or 1 (so index-like
-    inputs stay in range); booleans fair coin flips. Equal seeds give equal inputs.
+    :class:`UsageError` naming it. Floats are standard normal; booleans fair coin flips;
+    integers lie in ``[0, bound)`` with ``bound`` from :func:`gather_bound` (token ids stay
+    inside the embedding tables they index; 0 or 1 for other index-like inputs). Equal seeds
+    give equal inputs.
     """
     shapes = {name: tuple(int(d) for d in dims) for name, dims in (input_shapes or {}).items()}
     inputs = _graph_inputs(model)
@@ -515,8 +517,24 @@ def make_onnx_inputs(
             raise UsageError(f"input {value.name!r} is not a tensor; cadrelu cannot feed it")
         tensor_type = value.type.tensor_type
         shape = _input_shape(value, shapes.get(value.name))
-        feeds[value.name] = _random_array(rng, tensor_type.elem_type, shape, value.name)
+        feeds[value.name] = _random_array(rng, tensor_type.elem_type, shape, value.name,
+                                          gather_bound(model, value.name))
     return feeds
+
+
+def gather_bound(model: onnx.ModelProto, name: str) -> int:
+    """The rows of the smallest table (a ``Gather`` data initializer, axis 0) that the graph
+    input ``name`` indexes directly: ids below it are in range everywhere. 2 when it indexes
+    none (0 and 1 are in range for any index-like input)."""
+    tables = {tensor.name: tensor for tensor in model.graph.initializer}
+    rows = [
+        tables[node.input[0]].dims[0]
+        for node in model.graph.node
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name
+        and node.input[0] in tables and tables[node.input[0]].dims
+        and next((a.i for a in node.attribute if a.name == "axis"), 0) == 0
+    ]
+    return max(1, min(rows)) if rows else 2
 
 
 def _input_shape(value: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -580,7 +598,7 @@ def _affordable(name: str, shape: tuple[int, ...], error: type[Exception]) -> tu
 
 
 def _random_array(
-    rng: np.random.Generator, elem_type: int, shape: tuple[int, ...], name: str
+    rng: np.random.Generator, elem_type: int, shape: tuple[int, ...], name: str, bound: int = 2
 ) -> np.ndarray:
     try:
         dtype = helper.tensor_dtype_to_np_dtype(elem_type)
@@ -589,7 +607,7 @@ def _random_array(
     if elem_type == TensorProto.BOOL:
         return rng.random(shape) < 0.5
     if elem_type in _INTEGER_TYPES:
-        return rng.integers(0, 2, size=shape).astype(dtype)
+        return rng.integers(0, min(bound, int(np.iinfo(dtype).max) + 1), size=shape).astype(dtype)
     if np.issubdtype(dtype, np.floating) or elem_type == TensorProto.BFLOAT16:
         return rng.standard_normal(shape).astype(np.float32).astype(dtype)
     raise UsageError(f"input {name!r} has element type {dtype}, which cadrelu cannot feed")

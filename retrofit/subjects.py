@@ -9,18 +9,22 @@ are written back into the original graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
+from retrofit.batching import (
+    fixed_batch_note, probe_fixed_batch, reexport_dynamic_batch, static_batch, torch_forward,
+)
 from retrofit.census import take_census
 from retrofit.config import ActivationConfig, MRePUConfig
-from retrofit.errors import BadInputError
+from retrofit.errors import BadInputError, UsageError
 from retrofit.evaluate import Predictor, onnx_predictor, torch_predictor
-from retrofit.inputs import InputShape, random_inputs
+from retrofit.inputs import InputShape, embedding_bound, embedding_inputs, random_inputs
 from retrofit.model_io import ModelFormat, TorchModel, load_torch_model, save_torch_model
 from retrofit.retrofit_record import RetrofitRecord, RetrofitStep
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
@@ -36,11 +40,21 @@ def final_config(config: ActivationConfig) -> ActivationConfig:
 
 
 class Subject(Protocol):
-    """What the job needs from a model of any format."""
+    """What the job needs from a model of any format.
+
+    ``fixed_batch`` is the only batch size the model takes (None: any); ``takes_token_ids``
+    says its (first) input is integer, so integer data is fed as int64; ``notes`` are what
+    opening it found out (fixed batch, inferred input types), for the report.
+    """
 
     format: ModelFormat
     path: Path
     original: Any
+    fixed_batch: int | None
+    notes: list[str]
+
+    @property
+    def takes_token_ids(self) -> bool: ...
 
     def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[Any]: ...
     def parity(self, rewritten: Any) -> OutputParity | None: ...
@@ -75,6 +89,12 @@ class TorchSubject:
     """A PyTorch model (``.pt2``, state dict + arch, pickled module)."""
 
     loaded: TorchModel
+    fixed_batch: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def takes_token_ids(self) -> bool:
+        return bool(self.inputs) and _is_index_dtype(self.inputs[0].dtype)
 
     @property
     def format(self) -> ModelFormat:
@@ -94,7 +114,6 @@ class TorchSubject:
 
     def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[nn.Module]:
         result = retrofit_torch_model(self.original, config, select)
-        result.notes[:0] = self.loaded.notes
         if self.inputs is None:
             result.notes.append("no sample input: pass --input-shape (or --data) to verify outputs")
         else:
@@ -105,7 +124,7 @@ class TorchSubject:
         return None if self.inputs is None else torch_parity(self.original, rewritten, self.inputs)
 
     def predictor(self, model: nn.Module, device: str) -> Predictor:
-        return torch_predictor(model, device=device)
+        return torch_predictor(model, device=device, fixed_batch=self.fixed_batch)
 
     def trainable(self, config: ActivationConfig, select: SiteSelector) -> nn.Module:
         return retrofit_torch_model(self.original, config, select).model
@@ -138,6 +157,13 @@ class OnnxSubject:
     inputs: dict[str, Any]
     as_functions: bool = False
     format: ModelFormat = ModelFormat.ONNX
+    fixed_batch: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def takes_token_ids(self) -> bool:
+        first = next(iter(self.inputs.values()), None)
+        return first is not None and np.issubdtype(first.dtype, np.integer)
 
     def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[Any]:
         from retrofit.onnx_rewrite import rewrite_onnx_relus
@@ -151,7 +177,7 @@ class OnnxSubject:
         return compare_outputs(run_onnx(self.original, self.inputs), run_onnx(rewritten, self.inputs))
 
     def predictor(self, model: Any, device: str) -> Predictor:
-        return onnx_predictor(model)
+        return onnx_predictor(model, fixed_batch=self.fixed_batch)
 
     def trainable(self, config: ActivationConfig, select: SiteSelector) -> nn.Module:
         return retrofit_torch_model(self.trainable_original(), config, select).model
@@ -191,6 +217,10 @@ class OnnxSubject:
         save_onnx(model, path, source=self.path)
 
 
+def _is_index_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
 def _feed_names(model: Any) -> list[str]:
     """Graph inputs a caller feeds (initializers listed as inputs are not fed)."""
     initializers = {tensor.name for tensor in model.graph.initializer}
@@ -199,29 +229,157 @@ def _feed_names(model: Any) -> list[str]:
 
 def open_subject(
     path: Path, model_format: ModelFormat, *, arch: str | None, trust_pickle: bool,
-    arch_kwargs: dict[str, Any] | None = None, input_shapes: tuple[InputShape, ...], seed: int, as_functions: bool = False,
+    arch_kwargs: dict[str, Any] | None = None, input_shapes: tuple[InputShape, ...], seed: int,
+    as_functions: bool = False,
     data_sample: torch.Tensor | None = None,
 ) -> Subject:
-    """Load the model and settle its sample inputs: given shapes first, then what the file
-    carries (``.pt2``), then the first samples of the dataset."""
+    """Load the model and settle its sample inputs (given shapes first, then what the file
+    carries (``.pt2``), then the first samples of the dataset), their types, and whether the
+    model takes only one batch size (:mod:`retrofit.batching`)."""
     if model_format is ModelFormat.ONNX:
-        from retrofit.onnx_io import check_onnx_model, load_onnx, make_onnx_inputs
-
-        model = load_onnx(path)
-        try:
-            check_onnx_model(model, is_input=True)
-        except BadInputError as error:  # name the file: the checker's message cannot
-            raise BadInputError(f"{path}: {error}") from error
-        shapes = {shape.name or "": shape.dims for shape in input_shapes}
-        if "" in shapes:
-            shapes[_feed_names(model)[0]] = shapes.pop("")
-        if data_sample is not None and not shapes and len(_feed_names(model)) == 1:
-            shapes[_feed_names(model)[0]] = tuple(data_sample.shape)
-        return OnnxSubject(model, path, make_onnx_inputs(model, shapes or None, seed), as_functions)
+        return _open_onnx(path, input_shapes, seed, as_functions, data_sample)
     loaded = load_torch_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
                               model_format=model_format)
+    return _open_torch(loaded, input_shapes, seed, data_sample)
+
+
+def _open_torch(loaded: TorchModel, input_shapes: tuple[InputShape, ...], seed: int,
+                data_sample: torch.Tensor | None) -> TorchSubject:
+    path = loaded.path
+    notes = list(loaded.notes)
+    exported = loaded.format is ModelFormat.EXPORTED
+    static = static_batch(loaded.example_inputs, loaded.dynamic_dims) if exported else None
+    fixed = _exported_batch(loaded, static, notes) if static is not None else None
     if input_shapes:
-        loaded.example_inputs = random_inputs(input_shapes, seed=seed)
+        loaded.example_inputs = _torch_sample_inputs(loaded, input_shapes, seed, static, notes)
     elif loaded.example_inputs is None and data_sample is not None:
-        loaded.example_inputs = (data_sample,)
-    return TorchSubject(loaded)
+        sample = data_sample
+        if embedding_inputs(loaded.module, (sample,)):
+            sample = sample.long()  # integer data stays exact; float data is refused by the job
+        loaded.example_inputs = (sample,)
+    if loaded.format is not ModelFormat.EXPORTED and loaded.example_inputs is not None:
+        probe = probe_fixed_batch(torch_forward(loaded.module), loaded.example_inputs)
+        if probe.failure is not None and data_sample is not None and not input_shapes:
+            shape = ",".join(str(d) for d in data_sample.shape[1:])
+            raise BadInputError(
+                f"data samples of shape {tuple(data_sample.shape[1:])} do not fit {path} in "
+                f"batches of {data_sample.shape[0]} or 1 ({probe.failure}); if the model takes "
+                f"one batch size only, name it: cadrelu retrofit --input-shape N,{shape}")
+        if probe.fixed is not None:
+            loaded.example_inputs = probe.inputs
+            fixed = probe.fixed
+            notes.append(fixed_batch_note(str(path), fixed, "at one more it fails or computes "
+                                          "other outputs"))
+    return TorchSubject(loaded, fixed, notes)
+
+
+def _exported_batch(loaded: TorchModel, size: int, notes: list[str]) -> int | None:
+    """A ``.pt2`` exported with a static batch of ``size``: re-exported with a dynamic batch
+    when its code allows (then None: any batch), else ``size``."""
+    assert loaded.example_inputs is not None
+    flexible = reexport_dynamic_batch(loaded.program, loaded.example_inputs, loaded.dynamic_dims)
+    if flexible is None:
+        notes.append(fixed_batch_note(str(loaded.path), size, "its .pt2 has a static batch and "
+                                      "torch.export cannot make it dynamic"))
+        return size
+    loaded.module = flexible
+    notes.append(f"{loaded.path} was exported with a static batch of {size}; re-exported with a "
+                 f"dynamic batch (same outputs at batch {size} and {size + 1}), it is scored and "
+                 f"fine-tuned at any batch size; the written .pt2 keeps the static batch of {size}")
+    return None
+
+
+def _torch_sample_inputs(loaded: TorchModel, shapes: tuple[InputShape, ...], seed: int,
+                         static: int | None, notes: list[str]) -> tuple[torch.Tensor, ...]:
+    """Inputs of the given shapes. An input's type is the one given, else the ``.pt2``
+    program's, else int64 when the model feeds it into an embedding, else float32. A ``.pt2``
+    with a ``static`` batch needs that batch: the program is written back with these inputs."""
+    program = loaded.example_inputs if loaded.format is ModelFormat.EXPORTED else None
+    dtypes = []
+    for index, shape in enumerate(shapes):
+        declared = program[index].dtype if program and index < len(program) else None
+        if shape.dtype is not None and declared is not None and shape.dtype != declared:
+            raise UsageError(f"--input-shape {index + 1} says {_dtype_name(shape.dtype)} but "
+                             f"{loaded.path} takes {_dtype_name(declared)} there")
+        if static is not None and shape.dims[0] != static:
+            raise UsageError(f"--input-shape says batch {shape.dims[0]} but {loaded.path} was "
+                             f"exported with a static batch of {static}, which the written "
+                             f".pt2 keeps: give batch {static}")
+        dtypes.append(shape.dtype or declared or torch.float32)
+    bound = embedding_bound(loaded.module)
+    inputs = random_inputs(shapes, dtypes, seed=seed, index_bound=bound)
+    guessed = {i for i, shape in enumerate(shapes)
+               if shape.dtype is None and dtypes[i].is_floating_point}
+    ids = embedding_inputs(loaded.module, inputs) & guessed
+    for index in sorted(ids):
+        dtypes[index] = torch.int64
+        notes.append(f"input {index + 1} goes straight into an embedding: its sample input holds "
+                     f"int64 token ids in [0, {bound}) (add :int64 to --input-shape to say so)")
+    return random_inputs(shapes, dtypes, seed=seed, index_bound=bound) if ids else inputs
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _open_onnx(path: Path, input_shapes: tuple[InputShape, ...], seed: int, as_functions: bool,
+               data_sample: torch.Tensor | None) -> OnnxSubject:
+    from retrofit.onnx_io import check_onnx_model, load_onnx, make_onnx_inputs, run_onnx
+
+    model = load_onnx(path)
+    try:
+        check_onnx_model(model, is_input=True)
+    except BadInputError as error:  # name the file: the checker's message cannot
+        raise BadInputError(f"{path}: {error}") from error
+    names = _feed_names(model)
+    given = {shape.name or names[0]: shape for shape in input_shapes}
+    for name, shape in given.items():
+        declared = _onnx_input_dtype(model, name)
+        if shape.dtype is not None and declared is not None and shape.dtype != declared:
+            raise UsageError(f"--input-shape {name}:... says {_dtype_name(shape.dtype)} but input "
+                             f"{name!r} of {path} is {_dtype_name(declared)}")
+    shapes = {name: shape.dims for name, shape in given.items()}
+    declared_batch = _declared_batch(model, names)
+    if data_sample is not None and not shapes and len(names) == 1:
+        shapes[names[0]] = (declared_batch or 1,) + tuple(data_sample.shape[1:])
+    inputs = make_onnx_inputs(model, shapes or None, seed)
+    notes: list[str] = []
+    if declared_batch is not None:
+        notes.append(fixed_batch_note(str(path), declared_batch,
+                                      f"its input declares batch {declared_batch}"))
+        return OnnxSubject(model, path, inputs, as_functions, fixed_batch=declared_batch,
+                           notes=notes)
+    tensors = tuple(torch.from_numpy(array) for array in inputs.values())
+    probe = probe_fixed_batch(
+        lambda feeds: run_onnx(model, {n: t.numpy() for n, t in zip(inputs, feeds)}), tensors)
+    if probe.fixed is not None:
+        inputs = {name: tensor.numpy() for name, tensor in zip(inputs, probe.inputs)}
+        notes.append(fixed_batch_note(
+            str(path), probe.fixed, f"its input's batch axis is dynamic, but the graph fails or "
+            f"computes other outputs at batch {probe.fixed + 1}"))
+    return OnnxSubject(model, path, inputs, as_functions, fixed_batch=probe.fixed, notes=notes)
+
+
+def _declared_batch(model: Any, names: list[str]) -> int | None:
+    """The batch size the graph's inputs declare, when every one declares the same fixed size."""
+    values = {value.name: value for value in model.graph.input}
+    sizes = set()
+    for name in names:
+        dims = values[name].type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _onnx_input_dtype(model: Any, name: str) -> torch.dtype | None:
+    from onnx import helper
+
+    value = next((v for v in model.graph.input if v.name == name), None)
+    if value is None or not value.type.HasField("tensor_type"):
+        return None
+    try:
+        array_type = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        return torch.from_numpy(np.zeros(0, dtype=array_type)).dtype
+    except (KeyError, ValueError, TypeError):
+        return None

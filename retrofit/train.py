@@ -118,6 +118,10 @@ class FinetuneConfig:
     - ``batch_size`` is per process: under torchrun with N processes the step sees N*B samples.
     - ``checkpoint``: written at every epoch end and on interruption; ``resume`` continues it.
       Without ``resume`` an existing file is an error rather than silently replaced.
+    - ``exact_batches``: every step and every validation batch has exactly ``batch_size``
+      samples (per process), for a model whose batch size is fixed. Each epoch leaves out the
+      last ``n % batch_size`` samples of its shuffled order (another set each epoch); validation
+      pads its last batch and drops the padding's outputs.
     """
 
     epochs: int = 3
@@ -137,6 +141,7 @@ class FinetuneConfig:
     num_workers: int = 0
     checkpoint: str | os.PathLike[str] | None = None
     resume: bool = False
+    exact_batches: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -466,7 +471,13 @@ class _Finetuning:
         if ramp is None:
             ramp = max((m.config.ramp_fraction for m in self.mrepu), default=0.0)
         self.n = len(train)  # type: ignore[arg-type]
-        self.steps_per_epoch = steps_per_epoch(self.n, config.batch_size, ctx.world_size)
+        self.steps_per_epoch = steps_per_epoch(self.n, config.batch_size, ctx.world_size,
+                                               config.exact_batches)
+        if self.steps_per_epoch == 0:
+            raise BadInputError(
+                f"{getattr(train, 'source', 'the training data')} has {self.n} training samples, "
+                f"fewer than one batch of exactly {config.batch_size * ctx.world_size}, the "
+                "model's fixed batch size: fine-tuning needs at least one full batch")
         self.schedule = Schedule.build(
             config.epochs * self.steps_per_epoch, config.warmup_fraction, ramp if self.mrepu else 0)
         self.net: nn.Module = self.model
@@ -523,8 +534,10 @@ class _Finetuning:
         assert self.checkpoint is not None
         state = load_checkpoint(self.checkpoint)
         stored, current = state["config"], self.config.as_dict()
-        changed = [f"{key} {stored.get(key)!r} -> {value!r}" for key, value in current.items()
-                   if key not in _NOT_COMPARED_ON_RESUME and stored.get(key) != value]
+        defaults = FinetuneConfig().as_dict()  # a field added since the checkpoint: its default
+        changed = [f"{key} {stored.get(key, defaults[key])!r} -> {value!r}"
+                   for key, value in current.items() if key not in _NOT_COMPARED_ON_RESUME
+                   and stored.get(key, defaults[key]) != value]
         if changed:
             raise UsageError(f"checkpoint {self.checkpoint} was written with other settings "
                              f"({'; '.join(changed)}); resume with the same settings")
@@ -609,7 +622,8 @@ class _Finetuning:
         self._stop_if_requested()  # Ctrl-C during the start validation
         while self.epoch < cfg.epochs:
             full = epoch_batches(self.n, cfg.batch_size, seed=cfg.seed, epoch=self.epoch,
-                                 rank=self.ctx.rank, world_size=self.ctx.world_size)
+                                 rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                 drop_last=cfg.exact_batches)
             plan = full[self.batch_in_epoch:]
             done = sum(b.global_size for b in full[: self.batch_in_epoch])
             # The loader's own generator: creating it must not draw from torch's global one.
@@ -742,8 +756,9 @@ class _Finetuning:
         assert self.val is not None
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), _buffers_kept(self.model):
-            predictor = torch_predictor(self.model, device=self.device,
-                                        autocast_dtype=self.amp_dtype)
+            predictor = torch_predictor(
+                self.model, device=self.device, autocast_dtype=self.amp_dtype,
+                fixed_batch=self.config.batch_size if self.config.exact_batches else None)
             result = evaluate(predictor, self.val, batch_size=self.config.batch_size,
                               num_workers=self.config.num_workers, progress=self.show,
                               description=description)
