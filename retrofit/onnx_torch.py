@@ -1120,17 +1120,19 @@ def _conv_transpose(b: _Builder, node: onnx.NodeProto) -> Any:
     n = _spatial_count(b, node, attrs)
     if n not in (1, 2, 3):
         raise b.unsupported(f"ConvTranspose with {n} spatial dimensions")
-    if "output_shape" in attrs:
-        raise b.unsupported("ConvTranspose with output_shape")
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", ""):
-        raise b.unsupported(f"ConvTranspose with auto_pad={attrs['auto_pad']}")
+    auto_pad = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise b.unsupported(f"ConvTranspose with auto_pad={auto_pad}")
     x, w = b.tensor(node.input[0]), b.tensor(node.input[1])
     bias = b.tensor(node.input[2]) if b.has(node, 2) else None
     strides = list(attrs.get("strides", [1] * n))
     dilations = list(attrs.get("dilations", [1] * n))
     output_padding = list(attrs.get("output_padding", [0] * n))
-    raw = [0] * (2 * n) if attrs.get("auto_pad") == "VALID" else attrs.get("pads", [0] * (2 * n))
-    pads = [(raw[i], raw[i + n]) for i in range(n)]
+    if "output_shape" in attrs or auto_pad.startswith("SAME"):
+        pads = _conv_transpose_pads(b, node, attrs, strides, dilations, output_padding)
+    else:
+        raw = [0] * (2 * n) if auto_pad == "VALID" else attrs.get("pads", [0] * (2 * n))
+        pads = [(raw[i], raw[i + n]) for i in range(n)]
     conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
     group = attrs.get("group", 1)
     if _symmetric(pads):
@@ -1139,6 +1141,39 @@ def _conv_transpose(b: _Builder, node: onnx.NodeProto) -> Any:
     full = b.call(conv, x, w, bias, strides, 0, output_padding, group, dilations)
     index = (Ellipsis, *(slice(p, -q if q else None) for p, q in pads))
     return b.call(operator.getitem, full, index)
+
+
+def _conv_transpose_pads(
+    b: _Builder,
+    node: onnx.NodeProto,
+    attrs: dict[str, Any],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    output_padding: Sequence[int],
+) -> list[tuple[int, int]]:
+    """(begin, end) crop of the full transposed convolution that gives ``output_shape`` (or
+    ``input * stride`` for SAME_*), split as the ONNX spec says: SAME_UPPER puts the odd
+    element at the end, SAME_LOWER and an explicit output_shape at the beginning."""
+    n = len(strides)
+    shape = b.shape(node.input[0])
+    weight = b.shape(node.input[1])
+    sizes = list(shape[2:]) if shape is not None and len(shape) == n + 2 else [None] * n
+    kernel = list(attrs.get("kernel_shape") or (weight[2:] if weight is not None else []))
+    if any(not isinstance(v, int) for v in (*sizes, *kernel)) or len(kernel) != n:
+        raise b.unsupported("ConvTranspose with output_shape or auto_pad=SAME on dynamic sizes")
+    wanted = list(attrs["output_shape"])[-n:] if "output_shape" in attrs else [
+        size * stride for size, stride in zip(sizes, strides)
+    ]
+    pads = []
+    for i in range(n):
+        full = strides[i] * (sizes[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
+        total = full - wanted[i]
+        if total < 0:
+            raise b.unsupported("ConvTranspose with an output_shape larger than its full output")
+        small = total // 2
+        upper = attrs.get("auto_pad") == "SAME_UPPER"
+        pads.append((small, total - small) if upper else (total - small, small))
+    return pads
 
 
 def _pool_setup(b: _Builder, node: onnx.NodeProto) -> tuple:
@@ -1708,10 +1743,14 @@ def _reduce(b: _Builder, node: onnx.NodeProto) -> Any:
 @_op("ArgMax", "ArgMin", since=(1, 11, 12, 13))
 def _arg_reduce(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
-    if attrs.get("select_last_index", 0):
-        raise b.unsupported(f"{node.op_type} with select_last_index=1")
     fn = torch.argmax if node.op_type == "ArgMax" else torch.argmin
-    return b.call(fn, b.tensor(node.input[0]), attrs.get("axis", 0), bool(attrs.get("keepdims", 1)))
+    axis, keepdim = attrs.get("axis", 0), bool(attrs.get("keepdims", 1))
+    x = b.tensor(node.input[0])
+    if not attrs.get("select_last_index", 0):
+        return b.call(fn, x, axis, keepdim)
+    # The last of equal extremes: the first one along the reversed axis, counted back.
+    first = b.call(fn, b.call(torch.flip, x, [axis]), axis, keepdim)
+    return b.call(torch.sub, b.call(operator.sub, b.dim(x, axis), 1), first)
 
 
 # ---- resizing
