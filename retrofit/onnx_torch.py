@@ -233,7 +233,10 @@ def _check_value_types(model: onnx.ModelProto) -> None:
     (or compute in another type) at run time.
     """
     for info in (*model.graph.input, *model.graph.output):
-        if info.type.WhichOneof("value") != "tensor_type":
+        kind = info.type.WhichOneof("value")
+        if kind is None:  # no type recorded: shape inference and the handlers decide
+            continue
+        if kind != "tensor_type":
             raise UnsupportedModelError(
                 f"cannot fine-tune this ONNX model: value {info.name!r} is not a tensor"
             )
