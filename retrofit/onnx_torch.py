@@ -29,6 +29,10 @@ What callers may rely on:
   is what the written-back ONNX model then computes.
 * ``Dropout`` is the identity and ``BatchNormalization`` uses its running statistics: the module
   computes what the ONNX model computes at inference, in ``train()`` and ``eval()`` mode alike.
+  A Dropout whose ``training_mode`` input is true (or only known at run time) is refused: its
+  result is random.
+* Graph inputs and outputs must be tensors of a type torch computes with (no strings, no
+  unsigned integers wider than 8 bits, no float8/int4): others are refused up front.
 * Tensors the graph creates (from shapes, ConstantOfShape, Range) are made on the device of the
   tensor they derive from, so ``module.to("cuda")`` works. Every fx node records the ONNX node it
   came from in ``node.meta["onnx_node"]``.
