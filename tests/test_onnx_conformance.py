@@ -35,7 +35,7 @@ _TOLERANCES = {"float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1e-2)}
 @dataclass(frozen=True)
 class ConformanceCase:
     name: str
-    kind: str  # "node" or a folder of _MODEL_KINDS
+    kind: str  # "node", "light" (zoo classifiers) or a folder of _MODEL_KINDS
     model: onnx.ModelProto
     data_sets: Sequence[tuple[Sequence[Any], Sequence[Any]]]
     rtol: float = 1e-3
@@ -68,6 +68,24 @@ def _model_cases() -> list[ConformanceCase]:
     return cases
 
 
+def _zoo_cases() -> list[ConformanceCase]:
+    """onnx's "light" copies of the model-zoo classifiers (AlexNet, DenseNet-121, Inception
+    v1/v2, ResNet-50, ShuffleNet, SqueezeNet, VGG-19, ZFNet-512): the real graphs with weights
+    made by ConstantOfShape, fed as onnx's backend runner feeds them."""
+    from onnx.backend.test.runner import Runner
+
+    cases = []
+    for path in sorted(glob.glob(os.path.join(_DATA, "light", "light_*.onnx"))):
+        model = onnx.load(path)
+        initializers = {init.name for init in model.graph.initializer}
+        feeds = [Runner.generate_dummy_data(i, seed=0, random=False)
+                 for i in model.graph.input if i.name not in initializers]
+        expected = [_read_tensor(path[: -len(".onnx")] + "_output_0.pb")]
+        name = os.path.basename(path)[len("light_") : -len(".onnx")]
+        cases.append(ConformanceCase(name, "light", model, [(feeds, expected)]))
+    return cases
+
+
 def _node_cases() -> list[ConformanceCase]:
     from onnx.backend.test.case.node import collect_testcases
 
@@ -92,6 +110,8 @@ def _claimed(cases: list[ConformanceCase]) -> list[ConformanceCase]:
 
 NODE_CASES = _claimed(_node_cases())
 MODEL_CASES = _claimed(_model_cases())
+ZOO_CASES = _zoo_cases()  # all claimed: every op of every one must run
+_FAST_ZOO = {"bvlc_alexnet", "squeezenet"}  # the others take about a second or more each
 
 
 def _to_torch(array: Any) -> torch.Tensor:
@@ -167,10 +187,19 @@ def test_pytorch_model_case_matches_or_is_refused_in_one_line(case: ConformanceC
     _check(case)
 
 
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.name, marks=[] if c.name in _FAST_ZOO else [pytest.mark.slow])
+    for c in ZOO_CASES
+])
+def test_zoo_classifier_graph_computes_its_expected_output(case: ConformanceCase) -> None:
+    assert _check(case) == "passed"
+
+
 def test_conformance_cases_are_found_and_cover_the_classifier_ops() -> None:
     """Guards the two tests above against running nothing: the suite is found, and the ops
     classic classifiers use have node cases that actually pass (not merely refusals)."""
     assert len(NODE_CASES) > 1000 and len(MODEL_CASES) > 100
+    assert {c.name for c in ZOO_CASES} >= {"bvlc_alexnet", "inception_v1", "zfnet512", "vgg19"}
     names = {c.name for c in NODE_CASES}
     for expected in ("test_lrn", "test_lrn_default", "test_prelu_broadcast",
                      "test_gather_elements_negative_indices", "test_reshape_extended_dims",
