@@ -740,7 +740,9 @@ def _relu(b: _Builder, node: onnx.NodeProto) -> fx.Node:
     return relu
 
 
-@_op("Identity", "Dropout", since={"Identity": (1, 13, 14, 16, 19, 21, 23, 24, 25), "Dropout": (1, 6, 7, 10, 12, 13, 22)})
+@_op("Identity", "Dropout", since={
+    "Identity": (1, 13, 14, 16, 19, 21, 23, 24, 25), "Dropout": (1, 6, 7, 10, 12, 13, 22),
+})
 def _identity(b: _Builder, node: onnx.NodeProto) -> Any:
     value = b.value(node.input[0])
     if node.op_type == "Dropout" and b.since >= 12 and b.has(node, 2):
@@ -865,7 +867,9 @@ def _mod(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(fn, b.tensor(left), b.operand(right))
 
 
-@_op("Max", "Min", "Sum", "Mean", since={"Max": (1, 6, 8, 12, 13), "Min": (1, 6, 8, 12, 13), "Sum": (1, 6, 8, 13), "Mean": (1, 6, 8, 13)})
+@_op("Max", "Min", "Sum", "Mean", since={
+    "Max": (1, 6, 8, 12, 13), "Min": (1, 6, 8, 12, 13), "Sum": (1, 6, 8, 13), "Mean": (1, 6, 8, 13),
+})
 def _variadic(b: _Builder, node: onnx.NodeProto) -> Any:
     fn = {"Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add, "Mean": torch.add}[
         node.op_type
@@ -1298,7 +1302,8 @@ def _instance_norm(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(F.instance_norm, x, weight=scale, bias=bias, eps=eps)
 
 
-@_op("LayerNormalization", "RMSNormalization", since={"LayerNormalization": (17,), "RMSNormalization": (23,)})
+@_op("LayerNormalization", "RMSNormalization",
+     since={"LayerNormalization": (17,), "RMSNormalization": (23,)})
 def _layer_norm(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     if any(name for name in node.output[1:]):
@@ -1384,7 +1389,9 @@ def _constant_of_shape(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.full, shape, fill.reshape(()).item(), dtype=fill.dtype, device=device)
 
 
-@_op("Cast", "CastLike", since={"Cast": (1, 6, 9, 13, 19, 21, 23, 24, 25, 28), "CastLike": (15, 19, 21, 23, 24, 25)})
+@_op("Cast", "CastLike", since={
+    "Cast": (1, 6, 9, 13, 19, 21, 23, 24, 25, 28), "CastLike": (15, 19, 21, 23, 24, 25),
+})
 def _cast(b: _Builder, node: onnx.NodeProto) -> Any:
     if node.op_type == "Cast":
         to = _attributes(node)["to"]

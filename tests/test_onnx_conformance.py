@@ -5,6 +5,11 @@ Every case whose ops are all in ``SUPPORTED_OPS`` is run: the node cases of
 shipped under ``onnx/backend/test/data``. Each one either computes the expected outputs (same
 shapes, dtypes and values within the backend runner's tolerances) or is refused with a one-line
 :class:`UnsupportedModelError`. Any other exception, or a wrong value, fails the case by name.
+onnx's "light" model-zoo classifiers must all compute their expected outputs.
+
+Below them: the ops classic classifiers use, at each opset where their semantics differ, against
+onnxruntime; LRN against its spec formula; old op versions' attribute forms; and the op-version
+registry (unknown versions refused, every version onnx defines claimed or deliberately refused).
 """
 
 from __future__ import annotations
@@ -257,8 +262,9 @@ CLASSIFIER_CASES = [
                          {"x": _f(2, 3, 4)})],
     *_cases("flatten-neg", (11, _NEWEST), [_n("Flatten", ["x"], axis=-1)], {"x": _f(2, 3, 4)}),
     *[case for mode in ("constant", "reflect", "edge") for case in (
-        *_cases(f"pad-attr-{mode}", (9,), [_n("Pad", ["x"], mode=mode, pads=[0, 0, 1, 2, 0, 0, 2, 1],
-                                            **({"value": 1.5} if mode == "constant" else {}))],
+        *_cases(f"pad-attr-{mode}", (9,),
+                [_n("Pad", ["x"], mode=mode, pads=[0, 0, 1, 2, 0, 0, 2, 1],
+                    **({"value": 1.5} if mode == "constant" else {}))],
                 {"x": _f(2, 3, 4, 4)}),
         *_cases(f"pad-input-{mode}", (11, 13, _NEWEST),
                 [_n("Pad", ["x", "p"] + (["v"] if mode == "constant" else []), mode=mode)],
@@ -419,8 +425,8 @@ def test_lrn_graph_trains_every_initializer_and_writes_back() -> None:
     inits = {"w": _f(4, 3, 3, 3), "cb": _f(4), "fw": _f(5, 4 * 4 * 4), "fb": _f(5)}
     model = _graph_model([
         _n("Conv", ["x", "w", "cb"], ["c"], pads=[1, 1, 1, 1]), _n("Relu", ["c"], ["r"]),
-        _n("LRN", ["r"], ["l"], size=5, alpha=1e-2), _n("MaxPool", ["l"], ["p"], kernel_shape=[2, 2],
-                                                       strides=[2, 2]),
+        _n("LRN", ["r"], ["l"], size=5, alpha=1e-2),
+        _n("MaxPool", ["l"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
         _n("Flatten", ["p"], ["f"]), _n("Gemm", ["f", "fw", "fb"], ["y"], transB=1),
     ], {"x": _f(2, 3, 8, 8)}, 13, inits)
     module = onnx_to_torch(model)
@@ -453,7 +459,8 @@ def test_opset6_broadcast_axis_lines_b_up_with_a_from_axis() -> None:
         model = _graph_model([_n(op, ["x", "b"], broadcast=1, axis=1)], {"x": x}, 6, {"b": _C})
         np.testing.assert_allclose(_run(model, x), fn(x, _C.reshape(3, 1, 1)), rtol=1e-6)
     suffix = _graph_model([_n("Add", ["x", "b"], broadcast=1)], {"x": x}, 6, {"b": _f(5)})
-    np.testing.assert_allclose(_run(suffix, x), x + numpy_helper.to_array(suffix.graph.initializer[0]))
+    bias = numpy_helper.to_array(suffix.graph.initializer[0])
+    np.testing.assert_allclose(_run(suffix, x), x + bias)
 
 
 def test_prelu_before_version_7_has_one_slope_per_channel() -> None:
