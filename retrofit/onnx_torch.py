@@ -1141,6 +1141,14 @@ def _conv_transpose(b: _Builder, node: onnx.NodeProto) -> Any:
     output_padding = list(attrs.get("output_padding", [0] * n))
     if "output_shape" in attrs or auto_pad.startswith("SAME"):
         pads = _conv_transpose_pads(b, node, attrs, strides, dilations, output_padding)
+        # A negative end "pad" is more output at the end, which is what output_padding adds.
+        output_padding = [extra + max(0, -q) for extra, (_, q) in zip(output_padding, pads)]
+        pads = [(p, max(0, q)) for p, q in pads]
+        if any(p < 0 for p, _ in pads) or any(
+            extra >= max(stride, dilation)
+            for extra, stride, dilation in zip(output_padding, strides, dilations)
+        ):
+            raise b.unsupported("ConvTranspose with an output_shape beyond its full output")
     else:
         raw = [0] * (2 * n) if auto_pad == "VALID" else attrs.get("pads", [0] * (2 * n))
         pads = [(raw[i], raw[i + n]) for i in range(n)]
@@ -1178,9 +1186,7 @@ def _conv_transpose_pads(
     pads = []
     for i in range(n):
         full = strides[i] * (sizes[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
-        total = full - wanted[i]
-        if total < 0:
-            raise b.unsupported("ConvTranspose with an output_shape larger than its full output")
+        total = full - wanted[i]  # negative: the output extends past the full result
         small = total // 2
         upper = attrs.get("auto_pad") == "SAME_UPPER"
         pads.append((small, total - small) if upper else (total - small, small))

@@ -343,6 +343,9 @@ CLASSIFIER_CASES = [
     *_cases("convtranspose-output-shape", (11, _NEWEST),
             [_n("ConvTranspose", ["x", "w"], strides=[2, 2], output_shape=[6, 7])],
             {"x": _f(1, 4, 3, 3)}, {"w": _f(4, 1, 3, 3)}),
+    *_cases("convtranspose-output-shape-past-full", (11, _NEWEST),
+            [_n("ConvTranspose", ["x", "w", "b"], strides=[3, 2], output_shape=[10, 8])],
+            {"x": _f(1, 1, 3, 3)}, {"w": _f(1, 2, 3, 3), "b": _f(2)}),
     *[case for pad in ("SAME_UPPER", "SAME_LOWER") for case in _cases(
         f"convtranspose-{pad}", (11, _NEWEST),
         [_n("ConvTranspose", ["x", "w"], strides=[2, 2], auto_pad=pad)],
