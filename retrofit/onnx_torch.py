@@ -1693,7 +1693,31 @@ def _pad(b: _Builder, node: onnx.NodeProto) -> Any:
     torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
     if torch_mode is None:
         raise b.unsupported(f"Pad with mode={mode}")
+    shape = b.shape(node.input[0])
+    if shape is not None and all(
+        isinstance(v, int) for d in padded for v in (shape[d], *per_dim[d])
+    ):  # any dims, any rank: pick the source element of every output position
+        for d in padded:
+            index = _pad_source_index(shape[d], *per_dim[d], mode)
+            x = b.method("index_select", x, d, index)
+        return x
+    # F.pad pads the last 1-3 dims of a tensor with one or two more dims in front.
+    count = rank - min(padded)
+    if count > 3 or rank > count + 2:
+        raise b.unsupported(f"Pad with mode={mode} of dims {padded} of dynamic size")
     return b.call(F.pad, x, flat, mode=torch_mode)
+
+
+def _pad_source_index(size: int, before: int, after: int, mode: str) -> torch.Tensor:
+    """For each position of a dim padded by (before, after), the input index it copies."""
+    positions = torch.arange(-before, size + after)
+    if mode == "edge":
+        return positions.clamp(0, size - 1)
+    if mode == "wrap":
+        return positions.remainder(size)
+    period = max(2 * (size - 1), 1)  # reflect: mirror at both ends, without the edge twice
+    folded = positions.remainder(period)
+    return torch.where(folded >= size, period - folded, folded)
 
 
 # ---- reductions

@@ -271,6 +271,11 @@ CLASSIFIER_CASES = [
                 {"x": _f(2, 3, 4, 4)},
                 {"p": _i(0, 0, 1, 2, 0, 0, 2, 1), **({"v": np.float32(1.5)} if mode == "constant"
                                                      else {})}))],
+    *[case for mode in ("reflect", "edge") for case in _cases(
+        f"pad-{mode}-any-dims", (11, _NEWEST), [_n("Pad", ["x", "p"], mode=mode)],
+        {"x": _f(3, 3, 4)}, {"p": _i(1, 0, 2, 2, 0, 1)})],  # the batch dim, not the channels
+    *_cases("pad-edge-one-dim-of-5", (11, _NEWEST), [_n("Pad", ["x", "p"], mode="edge")],
+            {"x": _f(2, 1, 2, 2, 3)}, {"p": _i(0, 0, 0, 0, 2, 0, 0, 0, 0, 1)}),
     *_cases("pad-axes", (18, _NEWEST), [_n("Pad", ["x", "p", "", "ax"])], {"x": _f(2, 3, 4, 4)},
             {"p": _i(1, 2, 2, 1), "ax": _i(2, -1)}),
     *_cases("pad-wrap", (19, _NEWEST), [_n("Pad", ["x", "p"], mode="wrap")], {"x": _f(2, 3, 4, 4)},
@@ -406,6 +411,18 @@ def _graph_model(nodes: list, inputs: dict[str, np.ndarray], opset: int,
 def _run(model: onnx.ModelProto, *inputs: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return onnx_to_torch(model)(*map(torch.from_numpy, inputs)).numpy()
+
+
+@pytest.mark.parametrize("mode", ["edge", "reflect", "wrap"])
+def test_pad_modes_copy_the_elements_numpy_pad_copies_also_past_one_period(mode: str) -> None:
+    from retrofit.onnx_torch import _pad_source_index
+
+    for size in range(2 if mode == "reflect" else 1, 6):
+        for before in range(0, 9):
+            for after in range(0, 9):
+                expected = np.pad(np.arange(size), (before, after), mode)  # same mode names
+                index = _pad_source_index(size, before, after, mode).numpy()
+                np.testing.assert_array_equal(index, expected, f"{size} {before} {after}")
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6])
