@@ -29,9 +29,16 @@ What callers may rely on:
   is what the written-back ONNX model then computes.
 * ``Dropout`` is the identity and ``BatchNormalization`` uses its running statistics: the module
   computes what the ONNX model computes at inference, in ``train()`` and ``eval()`` mode alike.
+  A Dropout whose ``training_mode`` input is true (or only known at run time) is refused: its
+  result is random.
+* Graph inputs and outputs must be tensors of a type torch computes with (no strings, no
+  unsigned integers wider than 8 bits, no float8/int4): others are refused up front.
 * Tensors the graph creates (from shapes, ConstantOfShape, Range) are made on the device of the
   tensor they derive from, so ``module.to("cuda")`` works. Every fx node records the ONNX node it
   came from in ``node.meta["onnx_node"]``.
+* Ops are registered by ONNX op version (their schema's ``since_version`` at the model's
+  opset): each handler lists the versions whose semantics it implements, and a version it does
+  not list is refused up front, never run as an older version whose meaning differs.
 * An op or op feature this module cannot express raises :class:`UnsupportedModelError` before
   any work is done (op types) or when the node is reached (features); the input is never changed.
 """
@@ -209,6 +216,42 @@ def _unsupported_ops(model: onnx.ModelProto) -> list[str]:
     )
 
 
+def _unknown_versions(model: onnx.ModelProto) -> list[str]:
+    """``Op-version`` labels of the model's ops whose version no handler claims."""
+    opset = _default_opset(model)
+    unknown = set()
+    for node in model.graph.node:
+        version = _op_version(node.op_type, opset)
+        if version is None:
+            unknown.add(f"{node.op_type} (not defined at opset {opset})")
+        elif version not in _VERSIONS[node.op_type]:
+            unknown.add(f"{node.op_type}-{version} (opset {opset})")
+    return sorted(unknown)
+
+
+def _check_value_types(model: onnx.ModelProto) -> None:
+    """Refuse graph inputs and outputs of element types torch cannot compute with here.
+
+    Initializers and Cast targets are checked where they are read; the graph's own inputs and
+    outputs are only declared, so an unsigned 16-64 bit or string input would otherwise fail
+    (or compute in another type) at run time.
+    """
+    for info in (*model.graph.input, *model.graph.output):
+        kind = info.type.WhichOneof("value")
+        if kind is None:  # no type recorded: shape inference and the handlers decide
+            continue
+        if kind != "tensor_type":
+            raise UnsupportedModelError(
+                f"cannot fine-tune this ONNX model: value {info.name!r} is not a tensor"
+            )
+        elem_type = info.type.tensor_type.elem_type
+        if elem_type != TensorProto.UNDEFINED and elem_type not in _TORCH_DTYPES:
+            name = TensorProto.DataType.Name(elem_type)
+            raise UnsupportedModelError(
+                f"cannot fine-tune this ONNX model: value {info.name!r} has type {name}"
+            )
+
+
 def _value_infos(model: onnx.ModelProto) -> dict[str, tuple[torch.dtype | None, tuple | None]]:
     """Element type and shape (ints, or None per unknown dim) of every value ONNX can infer."""
     try:
@@ -261,6 +304,7 @@ class _Builder:
         # id(tensor) -> (ONNX-level name, tensor); holding the tensor keeps its id unique.
         self.const_names: dict[int, tuple[str, torch.Tensor]] = {}
         self.current: onnx.NodeProto | None = None
+        self.since = 0  # the current node's op version (its schema's since_version)
         self.current_label = ""
         self.initializer_names = {init.name for init in model.graph.initializer}
         self.stat_only = self._statistics_only_initializers()
@@ -559,6 +603,7 @@ class _Builder:
         self.site_names = {id(n): s for n, s in zip(relus, site_names)}
         for node in _topological_order(nodes, set(self.values)):
             self.current = node
+            self.since = _op_version(node.op_type, self.opset)
             self.current_label = node.name or (node.output[0] if node.output else node.op_type)
             try:
                 outputs = _HANDLERS[node.op_type](self, node)
@@ -609,15 +654,36 @@ def _topological_order(nodes: list[onnx.NodeProto], known: set[str]) -> Iterator
 
 _Handler = Callable[[_Builder, onnx.NodeProto], Any]
 _HANDLERS: dict[str, _Handler] = {}
+# op type -> the ONNX versions (schema since_version) whose semantics its handler implements.
+_VERSIONS: dict[str, frozenset[int]] = {}
 
 
-def _op(*op_types: str) -> Callable[[_Handler], _Handler]:
+def _op(
+    *op_types: str, since: Sequence[int] | Mapping[str, Sequence[int]]
+) -> Callable[[_Handler], _Handler]:
+    """Register ``handler`` for ``op_types`` at exactly the op versions ``since`` lists.
+
+    An op version is the ``since_version`` of its schema at the model's opset. A version not
+    listed is refused up front, so a version whose semantics changed is never run as an older
+    one; listing a version is the claim that the handler computes what that version says.
+    ``since`` maps op type to versions where the op types have different histories.
+    """
+
     def register(handler: _Handler) -> _Handler:
         for op_type in op_types:
             _HANDLERS[op_type] = handler
+            _VERSIONS[op_type] = frozenset(since[op_type] if isinstance(since, Mapping) else since)
         return handler
 
     return register
+
+
+def _op_version(op_type: str, opset: int) -> int | None:
+    """The since_version of ``op_type``'s schema at ``opset``, None when it is not defined."""
+    try:
+        return onnx.defs.get_schema(op_type, opset, "").since_version
+    except onnx.defs.SchemaError:
+        return None
 
 
 def _normalize_axis(axis: int, rank: int) -> int:
@@ -650,12 +716,21 @@ _UNARY: dict[str, Callable] = {
 }
 
 
-@_op(*_UNARY)
+_UNARY_SINCE = {
+    "Abs": (1, 6, 13), "Ceil": (1, 6, 13), "Cos": (7, 22), "Erf": (9, 13), "Exp": (1, 6, 13),
+    "Floor": (1, 6, 13), "IsNaN": (9, 13, 20), "Log": (1, 6, 13), "Mish": (18, 22),
+    "Neg": (1, 6, 13), "Not": (1,), "Reciprocal": (1, 6, 13), "Round": (11, 22),
+    "Sigmoid": (1, 6, 13), "Sign": (9, 13), "Sin": (7, 22), "Softsign": (1, 22),
+    "Sqrt": (1, 6, 13), "Tanh": (1, 6, 13),
+}
+
+
+@_op(*_UNARY, since=_UNARY_SINCE)
 def _unary(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(_UNARY[node.op_type], b.tensor(node.input[0]))
 
 
-@_op("Relu")
+@_op("Relu", since=(1, 6, 13, 14))
 def _relu(b: _Builder, node: onnx.NodeProto) -> fx.Node:
     x = b.tensor(node.input[0])
     if not isinstance(x, fx.Node):  # a ReLU site stays a node even on a constant input
@@ -665,11 +740,21 @@ def _relu(b: _Builder, node: onnx.NodeProto) -> fx.Node:
     return relu
 
 
-@_op("Identity", "Dropout")
+@_op("Identity", "Dropout", since={
+    "Identity": (1, 13, 14, 16, 19, 21, 23, 24, 25), "Dropout": (1, 6, 7, 10, 12, 13, 22),
+})
 def _identity(b: _Builder, node: onnx.NodeProto) -> Any:
     value = b.value(node.input[0])
+    if node.op_type == "Dropout" and b.since >= 12 and b.has(node, 2):
+        training = b.static(node.input[2])
+        ratio = b.static(node.input[1]) if b.has(node, 1) else torch.tensor(0.5)
+        if training is None or ratio is None:
+            raise b.unsupported("Dropout with training_mode or ratio computed at run time")
+        if bool(training.reshape(-1)[0]) and float(ratio.reshape(-1)[0]) != 0.0:
+            raise b.unsupported("Dropout with training_mode=1 (random; no fixed result)")
     if len(node.output) > 1 and node.output[1]:  # Dropout's mask: nothing dropped at inference
-        return [value, b.call(torch.ones_like, b.tensor(node.input[0]), dtype=torch.bool)]
+        mask_dtype = torch.bool if b.since >= 10 else None  # before 10 the mask has X's type
+        return [value, b.call(torch.ones_like, b.tensor(node.input[0]), dtype=mask_dtype)]
     return value
 
 
@@ -723,7 +808,16 @@ _BINARY: dict[str, tuple[Callable, Callable | None, Callable | None]] = {
 }
 
 
-@_op(*_BINARY)
+_ARITHMETIC_SINCE = (1, 6, 7, 13, 14)  # 1 and 6: the legacy broadcast/axis attributes
+_BINARY_SINCE = {
+    "Add": _ARITHMETIC_SINCE, "Sub": _ARITHMETIC_SINCE, "Mul": _ARITHMETIC_SINCE,
+    "Div": _ARITHMETIC_SINCE, "Pow": (1, 7, 12, 13, 15), "Equal": (1, 7, 11, 13, 19),
+    "Less": (1, 7, 9, 13), "Greater": (1, 7, 9, 13), "LessOrEqual": (12, 16),
+    "GreaterOrEqual": (12, 16), "And": (1, 7), "Or": (1, 7), "Xor": (1, 7),
+}
+
+
+@_op(*_BINARY, since=_BINARY_SINCE)
 def _binary(b: _Builder, node: onnx.NodeProto) -> Any:
     tensor_fn, on_ints, on_nodes = _BINARY[node.op_type]
     left, right = node.input[0], node.input[1]
@@ -732,17 +826,35 @@ def _binary(b: _Builder, node: onnx.NodeProto) -> Any:
     ):
         if b.is_sizes_like(left) and b.is_sizes_like(right):
             return _sizes_elementwise(b, on_ints, on_nodes, [left, right])
-    a, c = b.tensor(left), b.operand(right)
-    dtype = b.dtype(left)
-    if node.op_type == "Div" and dtype in _INT_DTYPES:
+    a, c = b.tensor(left), _legacy_broadcast(b, node, b.operand(right))
+    dtype = b.dtype(left) or b.dtype(right)
+    if node.op_type == "Div" and dtype in _INT_DTYPES:  # ONNX integer Div truncates toward 0
         return b.call(torch.div, a, c, rounding_mode="trunc")
+    if node.op_type == "Div" and dtype is None:
+        raise b.unsupported("Div on values whose type shape inference could not find")
     result = b.call(tensor_fn, a, c)
     if node.op_type == "Pow" and dtype in _INT_DTYPES and b.dtype(right) not in _INT_DTYPES:
         result = b.method("to", result, dtype)  # ONNX Pow keeps the base's type
     return result
 
 
-@_op("Mod")
+def _legacy_broadcast(b: _Builder, node: onnx.NodeProto, right: Any) -> Any:
+    """Before version 7, ``broadcast=1`` with ``axis`` lines B's dims up with A's from ``axis``
+    (B of shape (C,) against A of shape (N, C, H, W) at axis 1), not numpy-style from the end:
+    B gets trailing unit dims so that numpy broadcasting computes the same."""
+    attrs = _attributes(node)
+    if b.since >= 7 or not attrs.get("broadcast", 0) or "axis" not in attrs:
+        return right
+    if not isinstance(right, (fx.Node, torch.Tensor)):
+        return right  # a scalar broadcasts either way
+    left_rank = b.rank(node.input[0], f"{node.op_type} with legacy broadcast")
+    right_rank = b.rank(node.input[1], f"{node.op_type} with legacy broadcast")
+    for _ in range(left_rank - _normalize_axis(attrs["axis"], left_rank) - right_rank):
+        right = b.call(torch.unsqueeze, right, -1)
+    return right
+
+
+@_op("Mod", since=(10, 13, 28))
 def _mod(b: _Builder, node: onnx.NodeProto) -> Any:
     fmod = _attributes(node).get("fmod", 0)
     left, right = node.input[0], node.input[1]
@@ -755,7 +867,9 @@ def _mod(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(fn, b.tensor(left), b.operand(right))
 
 
-@_op("Max", "Min", "Sum", "Mean")
+@_op("Max", "Min", "Sum", "Mean", since={
+    "Max": (1, 6, 8, 12, 13), "Min": (1, 6, 8, 12, 13), "Sum": (1, 6, 8, 13), "Mean": (1, 6, 8, 13),
+})
 def _variadic(b: _Builder, node: onnx.NodeProto) -> Any:
     fn = {"Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add, "Mean": torch.add}[
         node.op_type
@@ -769,7 +883,7 @@ def _variadic(b: _Builder, node: onnx.NodeProto) -> Any:
     return result
 
 
-@_op("Where")
+@_op("Where", since=(9, 16))
 def _where(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(
         torch.where, b.tensor(node.input[0]), b.tensor(node.input[1]), b.operand(node.input[2])
@@ -779,23 +893,23 @@ def _where(b: _Builder, node: onnx.NodeProto) -> Any:
 # ---- activations
 
 
-@_op("LeakyRelu")
+@_op("LeakyRelu", since=(1, 6, 16))
 def _leaky_relu(b: _Builder, node: onnx.NodeProto) -> Any:
     alpha = _attributes(node).get("alpha", 0.01)
     return b.call(F.leaky_relu, b.tensor(node.input[0]), alpha)
 
 
-@_op("Elu")
+@_op("Elu", since=(1, 6, 22))
 def _elu(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(F.elu, b.tensor(node.input[0]), _attributes(node).get("alpha", 1.0))
 
 
-@_op("Celu")
+@_op("Celu", since=(12, 28))
 def _celu(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(F.celu, b.tensor(node.input[0]), _attributes(node).get("alpha", 1.0))
 
 
-@_op("Selu")
+@_op("Selu", since=(1, 6, 22))
 def _selu(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     alpha = attrs.get("alpha", 1.67326319217681884765625)
@@ -803,21 +917,28 @@ def _selu(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.mul, b.call(F.elu, b.tensor(node.input[0]), alpha), gamma)
 
 
-@_op("ThresholdedRelu")
+@_op("ThresholdedRelu", since=(10, 22))
 def _thresholded_relu(b: _Builder, node: onnx.NodeProto) -> Any:
     x = b.tensor(node.input[0])
     alpha = _attributes(node).get("alpha", 1.0)
     return b.call(torch.where, b.call(torch.gt, x, alpha), x, 0.0)
 
 
-@_op("PRelu")
+@_op("PRelu", since=(1, 6, 7, 9, 16))
 def _prelu(b: _Builder, node: onnx.NodeProto) -> Any:
     x = b.tensor(node.input[0])
-    negative = b.call(torch.mul, x, b.tensor(node.input[1]))
+    slope = b.tensor(node.input[1])
+    slope_shape = b.shape(node.input[1])
+    if b.since < 7 and slope_shape is not None and len(slope_shape) == 1 and slope_shape[0] != 1:
+        # Before version 7 a 1-D slope holds one value per channel (dim 1), as PyTorch's
+        # exports of nn.PReLU(num_parameters=C) rely on; from 7 on it broadcasts numpy-style.
+        for _ in range(b.rank(node.input[0], "PRelu with per-channel slopes") - 2):
+            slope = b.call(torch.unsqueeze, slope, -1)
+    negative = b.call(torch.mul, x, slope)
     return b.call(torch.where, b.call(torch.lt, x, 0), negative, x)
 
 
-@_op("Swish")
+@_op("Swish", since=(24,))
 def _swish(b: _Builder, node: onnx.NodeProto) -> Any:
     alpha = _attributes(node).get("alpha", 1.0)
     x = b.tensor(node.input[0])
@@ -826,18 +947,18 @@ def _swish(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.mul, x, b.call(torch.sigmoid, b.call(torch.mul, x, alpha)))
 
 
-@_op("Softplus")
+@_op("Softplus", since=(1, 22))
 def _softplus(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(F.softplus, b.tensor(node.input[0]))
 
 
-@_op("Gelu")
+@_op("Gelu", since=(20,))
 def _gelu(b: _Builder, node: onnx.NodeProto) -> Any:
     approximate = _attributes(node).get("approximate", "none")
     return b.call(F.gelu, b.tensor(node.input[0]), approximate=approximate)
 
 
-@_op("HardSigmoid")
+@_op("HardSigmoid", since=(1, 6, 22))
 def _hard_sigmoid(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
@@ -845,12 +966,12 @@ def _hard_sigmoid(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.clamp, scaled, 0.0, 1.0)
 
 
-@_op("HardSwish")
+@_op("HardSwish", since=(14, 22))
 def _hard_swish(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(F.hardswish, b.tensor(node.input[0]))
 
 
-@_op("Clip")
+@_op("Clip", since=(1, 6, 11, 12, 13))
 def _clip(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     bounds: list[Any] = [attrs.get("min"), attrs.get("max")]
@@ -863,11 +984,11 @@ def _clip(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.clamp, b.tensor(node.input[0]), bounds[0], bounds[1])
 
 
-@_op("Softmax", "LogSoftmax")
+@_op("Softmax", "LogSoftmax", since=(1, 11, 13))
 def _softmax(b: _Builder, node: onnx.NodeProto) -> Any:
     fn = F.softmax if node.op_type == "Softmax" else F.log_softmax
     x = b.tensor(node.input[0])
-    if b.opset >= 13:
+    if b.since >= 13:
         return b.call(fn, x, dim=_attributes(node).get("axis", -1))
     # Before opset 13 the input is coerced to 2-D at `axis`: dims axis.. are one softmax row.
     axis = _attributes(node).get("axis", 1)
@@ -881,12 +1002,12 @@ def _softmax(b: _Builder, node: onnx.NodeProto) -> Any:
 # ---- linear algebra
 
 
-@_op("MatMul")
+@_op("MatMul", since=(1, 9, 13))
 def _matmul(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.matmul, b.tensor(node.input[0]), b.tensor(node.input[1]))
 
 
-@_op("Gemm")
+@_op("Gemm", since=(1, 6, 7, 9, 11, 13))
 def _gemm(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
@@ -907,7 +1028,7 @@ def _gemm(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.addmm, c, a, w, beta=beta, alpha=alpha)
 
 
-@_op("Einsum")
+@_op("Einsum", since=(12, 28))
 def _einsum(b: _Builder, node: onnx.NodeProto) -> Any:
     equation = _attributes(node)["equation"]
     return b.call(torch.einsum, equation, *[b.tensor(name) for name in node.input])
@@ -983,7 +1104,7 @@ def _spatial_count(b: _Builder, node: onnx.NodeProto, attrs: dict[str, Any]) -> 
     return b.rank(node.input[0], node.op_type) - 2
 
 
-@_op("Conv")
+@_op("Conv", since=(1, 11, 22))
 def _conv(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     n = _spatial_count(b, node, attrs)
@@ -1004,23 +1125,33 @@ def _conv(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(conv, x, w, bias, strides, padding, dilations, attrs.get("group", 1))
 
 
-@_op("ConvTranspose")
+@_op("ConvTranspose", since=(1, 11, 22))
 def _conv_transpose(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     n = _spatial_count(b, node, attrs)
     if n not in (1, 2, 3):
         raise b.unsupported(f"ConvTranspose with {n} spatial dimensions")
-    if "output_shape" in attrs:
-        raise b.unsupported("ConvTranspose with output_shape")
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", ""):
-        raise b.unsupported(f"ConvTranspose with auto_pad={attrs['auto_pad']}")
+    auto_pad = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise b.unsupported(f"ConvTranspose with auto_pad={auto_pad}")
     x, w = b.tensor(node.input[0]), b.tensor(node.input[1])
     bias = b.tensor(node.input[2]) if b.has(node, 2) else None
     strides = list(attrs.get("strides", [1] * n))
     dilations = list(attrs.get("dilations", [1] * n))
     output_padding = list(attrs.get("output_padding", [0] * n))
-    raw = [0] * (2 * n) if attrs.get("auto_pad") == "VALID" else attrs.get("pads", [0] * (2 * n))
-    pads = [(raw[i], raw[i + n]) for i in range(n)]
+    if "output_shape" in attrs or auto_pad.startswith("SAME"):
+        pads = _conv_transpose_pads(b, node, attrs, strides, dilations, output_padding)
+        # A negative end "pad" is more output at the end, which is what output_padding adds.
+        output_padding = [extra + max(0, -q) for extra, (_, q) in zip(output_padding, pads)]
+        pads = [(p, max(0, q)) for p, q in pads]
+        if any(p < 0 for p, _ in pads) or any(
+            extra >= max(stride, dilation)
+            for extra, stride, dilation in zip(output_padding, strides, dilations)
+        ):
+            raise b.unsupported("ConvTranspose with an output_shape beyond its full output")
+    else:
+        raw = [0] * (2 * n) if auto_pad == "VALID" else attrs.get("pads", [0] * (2 * n))
+        pads = [(raw[i], raw[i + n]) for i in range(n)]
     conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
     group = attrs.get("group", 1)
     if _symmetric(pads):
@@ -1029,6 +1160,37 @@ def _conv_transpose(b: _Builder, node: onnx.NodeProto) -> Any:
     full = b.call(conv, x, w, bias, strides, 0, output_padding, group, dilations)
     index = (Ellipsis, *(slice(p, -q if q else None) for p, q in pads))
     return b.call(operator.getitem, full, index)
+
+
+def _conv_transpose_pads(
+    b: _Builder,
+    node: onnx.NodeProto,
+    attrs: dict[str, Any],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    output_padding: Sequence[int],
+) -> list[tuple[int, int]]:
+    """(begin, end) crop of the full transposed convolution that gives ``output_shape`` (or
+    ``input * stride`` for SAME_*), split as the ONNX spec says: SAME_UPPER puts the odd
+    element at the end, SAME_LOWER and an explicit output_shape at the beginning."""
+    n = len(strides)
+    shape = b.shape(node.input[0])
+    weight = b.shape(node.input[1])
+    sizes = list(shape[2:]) if shape is not None and len(shape) == n + 2 else [None] * n
+    kernel = list(attrs.get("kernel_shape") or (weight[2:] if weight is not None else []))
+    if any(not isinstance(v, int) for v in (*sizes, *kernel)) or len(kernel) != n:
+        raise b.unsupported("ConvTranspose with output_shape or auto_pad=SAME on dynamic sizes")
+    wanted = list(attrs["output_shape"])[-n:] if "output_shape" in attrs else [
+        size * stride for size, stride in zip(sizes, strides)
+    ]
+    pads = []
+    for i in range(n):
+        full = strides[i] * (sizes[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
+        total = full - wanted[i]  # negative: the output extends past the full result
+        small = total // 2
+        upper = attrs.get("auto_pad") == "SAME_UPPER"
+        pads.append((small, total - small) if upper else (total - small, small))
+    return pads
 
 
 def _pool_setup(b: _Builder, node: onnx.NodeProto) -> tuple:
@@ -1051,7 +1213,7 @@ def _fits_torch_padding(pads: Sequence[tuple[Any, Any]], kernel: Sequence[int],
     )
 
 
-@_op("MaxPool")
+@_op("MaxPool", since=(1, 8, 10, 11, 12, 22))
 def _max_pool(b: _Builder, node: onnx.NodeProto) -> Any:
     if len(node.output) > 1 and node.output[1]:
         raise b.unsupported("MaxPool with an Indices output")
@@ -1065,7 +1227,7 @@ def _max_pool(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(pool, x, kernel, strides, padding, dilations, bool(attrs.get("ceil_mode", 0)))
 
 
-@_op("AveragePool")
+@_op("AveragePool", since=(1, 7, 10, 11, 19, 22))
 def _average_pool(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs, x, kernel, strides, dilations, pads, n = _pool_setup(b, node)
     if any(d != 1 for d in dilations):
@@ -1085,7 +1247,7 @@ def _average_pool(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.div, summed, b.call(pool, ones, kernel, strides, 0, ceil_mode, True))
 
 
-@_op("GlobalAveragePool", "GlobalMaxPool")
+@_op("GlobalAveragePool", "GlobalMaxPool", since=(1, 22))
 def _global_pool(b: _Builder, node: onnx.NodeProto) -> Any:
     rank = b.rank(node.input[0], node.op_type)
     dims = tuple(range(2, rank))
@@ -1096,11 +1258,13 @@ def _global_pool(b: _Builder, node: onnx.NodeProto) -> Any:
 # ---- normalization
 
 
-@_op("BatchNormalization")
+@_op("BatchNormalization", since=(1, 6, 7, 9, 14, 15))
 def _batch_norm(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     if attrs.get("training_mode", 0) or any(name for name in node.output[1:]):
         raise b.unsupported("BatchNormalization in training mode")
+    if not attrs.get("spatial", 1):
+        raise b.unsupported("BatchNormalization with spatial=0 (per-activation statistics)")
     eps = attrs.get("epsilon", 1e-5)
     x, scale, bias, mean, var = (b.tensor(name) for name in node.input[:5])
     if not (b.is_frozen(node.input[3]) and b.is_frozen(node.input[4])):
@@ -1114,14 +1278,38 @@ def _batch_norm(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(F.batch_norm, x, mean, var, scale, bias, False, 0.0, eps)
 
 
-@_op("InstanceNormalization")
+@_op("LRN", since=(1, 13))
+def _lrn(b: _Builder, node: onnx.NodeProto) -> Any:
+    """Local response normalization across channels (AlexNet, CaffeNet, GoogLeNet, ZFNet).
+
+    ONNX sums the squares of channels ``c - floor((size-1)/2) .. c + ceil((size-1)/2)``;
+    ``F.local_response_norm`` puts an even window's extra channel on the other side, so the
+    window is summed here from shifted views of the zero-padded squares.
+    """
+    attrs = _attributes(node)
+    size = int(attrs["size"])
+    alpha, beta, bias = attrs.get("alpha", 1e-4), attrs.get("beta", 0.75), attrs.get("bias", 1.0)
+    x = b.tensor(node.input[0])
+    rank = b.rank(node.input[0], "LRN")
+    padded = b.call(F.pad, b.call(torch.mul, x, x), [0, 0] * (rank - 2) + [(size - 1) // 2,
+                                                                        size // 2])
+    channels = b.dim(x, 1)
+    total = b.method("narrow", padded, 1, 0, channels)
+    for shift in range(1, size):
+        total = b.call(torch.add, total, b.method("narrow", padded, 1, shift, channels))
+    scale = b.call(torch.add, b.call(torch.mul, total, alpha / size), bias)
+    return b.call(torch.div, x, b.call(torch.pow, scale, beta))
+
+
+@_op("InstanceNormalization", since=(1, 6, 22))
 def _instance_norm(b: _Builder, node: onnx.NodeProto) -> Any:
     eps = _attributes(node).get("epsilon", 1e-5)
     x, scale, bias = (b.tensor(name) for name in node.input[:3])
     return b.call(F.instance_norm, x, weight=scale, bias=bias, eps=eps)
 
 
-@_op("LayerNormalization", "RMSNormalization")
+@_op("LayerNormalization", "RMSNormalization",
+     since={"LayerNormalization": (17,), "RMSNormalization": (23,)})
 def _layer_norm(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     if any(name for name in node.output[1:]):
@@ -1156,7 +1344,7 @@ def _layer_norm(b: _Builder, node: onnx.NodeProto) -> Any:
 # ---- shape and layout
 
 
-@_op("Shape")
+@_op("Shape", since=(1, 13, 15, 19, 21, 23, 24, 25))
 def _shape(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     value = b.value(node.input[0])
@@ -1175,7 +1363,7 @@ def _shape(b: _Builder, node: onnx.NodeProto) -> Any:
     return _Sizes(tuple(dims[start:end]), False, anchor=anchor)
 
 
-@_op("Size")
+@_op("Size", since=(1, 13, 19, 21, 23, 24, 25))
 def _size(b: _Builder, node: onnx.NodeProto) -> Any:
     value = b.value(node.input[0])
     if isinstance(value, fx.Node):
@@ -1183,7 +1371,7 @@ def _size(b: _Builder, node: onnx.NodeProto) -> Any:
     return torch.tensor(math.prod(b.shape(node.input[0])), dtype=torch.int64)
 
 
-@_op("Constant")
+@_op("Constant", since=(1, 9, 11, 12, 13, 19, 21, 23, 24, 25))
 def _constant(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     if "value" in attrs:
@@ -1199,7 +1387,7 @@ def _constant(b: _Builder, node: onnx.NodeProto) -> Any:
     raise b.unsupported(f"Constant with {', '.join(attrs) or 'no value'}")
 
 
-@_op("ConstantOfShape")
+@_op("ConstantOfShape", since=(9, 20, 21, 23, 24, 25))
 def _constant_of_shape(b: _Builder, node: onnx.NodeProto) -> Any:
     fill = _attributes(node).get("value", torch.zeros(1, dtype=torch.float32))
     shape = b.sizes(node.input[0])
@@ -1207,10 +1395,14 @@ def _constant_of_shape(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.full, shape, fill.reshape(()).item(), dtype=fill.dtype, device=device)
 
 
-@_op("Cast", "CastLike")
+@_op("Cast", "CastLike", since={
+    "Cast": (1, 6, 9, 13, 19, 21, 23, 24, 25, 28), "CastLike": (15, 19, 21, 23, 24, 25),
+})
 def _cast(b: _Builder, node: onnx.NodeProto) -> Any:
     if node.op_type == "Cast":
         to = _attributes(node)["to"]
+        if isinstance(to, str):  # version 1 names the type ("FLOAT")
+            to = TensorProto.DataType.Value(to.upper())
         if to not in _TORCH_DTYPES:
             raise b.unsupported(f"Cast to {TensorProto.DataType.Name(to)}")
         dtype = _TORCH_DTYPES[to]
@@ -1224,11 +1416,12 @@ def _cast(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.method("to", b.tensor(node.input[0]), dtype)
 
 
-@_op("Reshape")
+@_op("Reshape", since=(1, 5, 13, 14, 19, 21, 23, 24, 25))
 def _reshape(b: _Builder, node: onnx.NodeProto) -> Any:
-    allow_zero = _attributes(node).get("allowzero", 0)
+    attrs = _attributes(node)
+    allow_zero = attrs.get("allowzero", 0)
     value = b.value(node.input[0])
-    target = b.sizes(node.input[1])
+    target = list(attrs["shape"]) if b.since < 5 else b.sizes(node.input[1])
     if (
         isinstance(value, _Sizes)
         and isinstance(target, list)
@@ -1246,18 +1439,21 @@ def _reshape(b: _Builder, node: onnx.NodeProto) -> Any:
         return b.method("reshape", x, target)
     # The target is run-time data: read it (this is the one place a value leaves the graph).
     target_tensor = b.tensor(node.input[1])
-    if not allow_zero:
+    if not allow_zero:  # a 0 entry copies the input's size at that index
         length = (b.shape(node.input[1]) or (None,))[0]
-        if length is None:
-            raise b.unsupported("Reshape to a run-time shape of unknown length")
-        full = b.shape_tensor(x)
-        current = b.call(operator.getitem, full, slice(0, length))
+        rank = b.rank(node.input[0])
+        if length is None or rank is None:
+            raise b.unsupported("Reshape to a run-time shape whose length or input rank is unknown")
+        current = b.shape_tensor(x)
+        if length > rank:  # entries past the input's rank cannot be 0; any filler will do
+            current = b.call(F.pad, current, (0, length - rank), value=1)
+        current = b.call(operator.getitem, current, slice(0, length))
         target_tensor = b.call(torch.where, b.call(torch.eq, target_tensor, 0), current,
                                target_tensor)
     return b.method("reshape", x, b.method("tolist", target_tensor))
 
 
-@_op("Flatten")
+@_op("Flatten", since=(1, 9, 11, 13, 21, 23, 24, 25))
 def _flatten(b: _Builder, node: onnx.NodeProto) -> Any:
     axis = _attributes(node).get("axis", 1)
     x = b.tensor(node.input[0])
@@ -1271,7 +1467,7 @@ def _flatten(b: _Builder, node: onnx.NodeProto) -> Any:
     return rows if axis == 1 else b.call(torch.flatten, rows, 0, axis - 1)
 
 
-@_op("Transpose")
+@_op("Transpose", since=(1, 13, 21, 23, 24, 25))
 def _transpose(b: _Builder, node: onnx.NodeProto) -> Any:
     perm = _attributes(node).get("perm")
     if perm is None:
@@ -1282,7 +1478,7 @@ def _transpose(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.method("permute", b.tensor(node.input[0]), list(perm))
 
 
-@_op("Squeeze")
+@_op("Squeeze", since=(1, 11, 13, 21, 23, 24, 25))
 def _squeeze(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     axes = attrs.get("axes")
@@ -1297,7 +1493,7 @@ def _squeeze(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.squeeze, x, tuple(axes))
 
 
-@_op("Unsqueeze")
+@_op("Unsqueeze", since=(1, 11, 13, 21, 23, 24, 25))
 def _unsqueeze(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     axes = attrs.get("axes")
@@ -1319,9 +1515,11 @@ def _unsqueeze(b: _Builder, node: onnx.NodeProto) -> Any:
     return x
 
 
-@_op("Concat")
+@_op("Concat", since=(1, 4, 11, 13))
 def _concat(b: _Builder, node: onnx.NodeProto) -> Any:
-    axis = _attributes(node)["axis"]
+    axis = _attributes(node).get("axis", 1 if b.since < 4 else None)
+    if axis is None:
+        raise BadInputError(f"ONNX Concat node {b.current_label!r} has no axis attribute")
     names = [name for name in node.input if name]
     if any(isinstance(b.value(n), _Sizes) for n in names) and all(
         b.is_sizes_like(n) and not b.as_sizes(n).scalar for n in names
@@ -1332,7 +1530,7 @@ def _concat(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(torch.cat, [b.tensor(n) for n in names], axis)
 
 
-@_op("Split")
+@_op("Split", since=(1, 2, 11, 13, 18))
 def _split(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     axis = attrs.get("axis", 0)
@@ -1354,10 +1552,10 @@ def _slice_bound(value: Any) -> Any:
     return value
 
 
-@_op("Slice")
+@_op("Slice", since=(1, 10, 11, 13))
 def _slice(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
-    if b.opset < 10:
+    if b.since < 10:
         starts, ends = list(attrs["starts"]), list(attrs["ends"])
         axes = list(attrs.get("axes", range(len(starts))))
         steps = [1] * len(starts)
@@ -1400,7 +1598,7 @@ def _slice(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(operator.getitem, x, index)
 
 
-@_op("Gather")
+@_op("Gather", since=(1, 11, 13))
 def _gather(b: _Builder, node: onnx.NodeProto) -> Any:
     axis = _attributes(node).get("axis", 0)
     value = b.value(node.input[0])
@@ -1420,13 +1618,17 @@ def _gather(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(operator.getitem, x, key)
 
 
-@_op("GatherElements")
+@_op("GatherElements", since=(11, 13))
 def _gather_elements(b: _Builder, node: onnx.NodeProto) -> Any:
     axis = _attributes(node).get("axis", 0)
-    return b.call(torch.gather, b.tensor(node.input[0]), axis, b.tensor(node.input[1]))
+    x, indices = b.tensor(node.input[0]), b.tensor(node.input[1])
+    # ONNX counts negative indices from the end of the axis; torch.gather refuses them.
+    wrapped = b.call(torch.add, indices, b.dim(x, axis))
+    indices = b.call(torch.where, b.call(torch.lt, indices, 0), wrapped, indices)
+    return b.call(torch.gather, x, axis, indices)
 
 
-@_op("Expand")
+@_op("Expand", since=(8, 13))
 def _expand(b: _Builder, node: onnx.NodeProto) -> Any:
     x = b.tensor(node.input[0])
     target = b.sizes(node.input[1])
@@ -1442,26 +1644,31 @@ def _expand(b: _Builder, node: onnx.NodeProto) -> Any:
     return b.call(operator.getitem, b.call(torch.broadcast_tensors, x, zeros), 0)
 
 
-@_op("Tile")
+@_op("Tile", since=(6, 13))
 def _tile(b: _Builder, node: onnx.NodeProto) -> Any:
     repeats = b.sizes(node.input[1])
     return b.method("repeat", b.tensor(node.input[0]), repeats)
 
 
-@_op("Range")
+@_op("Range", since=(11, 27))
 def _range(b: _Builder, node: onnx.NodeProto) -> Any:
     start, limit, delta = (b.scalar(name, "Range bounds") for name in node.input[:3])
-    dtype = b.dtype(node.input[0]) or torch.int64
+    dtype = b.dtype(node.input[0])
+    if dtype is None:
+        raise b.unsupported("Range of a type shape inference could not find")
+    # torch.arange computes start + i * delta in float32 or wider, which is stash_type=1.
+    if not _attributes(node).get("stash_type", 1) and dtype in (torch.float16, torch.bfloat16):
+        raise b.unsupported("Range with stash_type=0 in half precision")
     anchor = next(filter(None, (b.anchor(name) for name in node.input[:3])), None)
     return b.call(torch.arange, start, limit, delta, dtype=dtype, device=b.device_of(anchor))
 
 
-@_op("Pad")
+@_op("Pad", since=(1, 2, 11, 13, 18, 19, 21, 23, 24, 25))
 def _pad(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     mode = attrs.get("mode", "constant")
-    if b.opset < 11:
-        pads: list[Any] = list(attrs["pads"])
+    if b.since < 11:
+        pads: list[Any] = list(attrs["paddings"] if b.since < 2 else attrs["pads"])
         fill: Any = attrs.get("value", 0.0)
     else:
         pads = b.sizes(node.input[1])
@@ -1486,7 +1693,31 @@ def _pad(b: _Builder, node: onnx.NodeProto) -> Any:
     torch_mode = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
     if torch_mode is None:
         raise b.unsupported(f"Pad with mode={mode}")
+    shape = b.shape(node.input[0])
+    if shape is not None and all(
+        isinstance(v, int) for d in padded for v in (shape[d], *per_dim[d])
+    ):  # any dims, any rank: pick the source element of every output position
+        for d in padded:
+            index = _pad_source_index(shape[d], *per_dim[d], mode)
+            x = b.method("index_select", x, d, index)
+        return x
+    # F.pad pads the last 1-3 dims of a tensor with one or two more dims in front.
+    count = rank - min(padded)
+    if count > 3 or rank > count + 2:
+        raise b.unsupported(f"Pad with mode={mode} of dims {padded} of dynamic size")
     return b.call(F.pad, x, flat, mode=torch_mode)
+
+
+def _pad_source_index(size: int, before: int, after: int, mode: str) -> torch.Tensor:
+    """For each position of a dim padded by (before, after), the input index it copies."""
+    positions = torch.arange(-before, size + after)
+    if mode == "edge":
+        return positions.clamp(0, size - 1)
+    if mode == "wrap":
+        return positions.remainder(size)
+    period = max(2 * (size - 1), 1)  # reflect: mirror at both ends, without the edge twice
+    folded = positions.remainder(period)
+    return torch.where(folded >= size, period - folded, folded)
 
 
 # ---- reductions
@@ -1506,7 +1737,16 @@ _REDUCE: dict[str, Callable] = {
 }
 
 
-@_op(*_REDUCE)
+_REDUCE_SINCE = {
+    op: (1, 11, 13, 18) for op in _REDUCE if op not in ("ReduceSum", "ReduceMax", "ReduceMin")
+} | {
+    "ReduceSum": (1, 11, 13), "ReduceMax": (1, 11, 12, 13, 18, 20),
+    "ReduceMin": (1, 11, 12, 13, 18, 20), "ReduceLogSum": (1, 11, 13, 18, 28),
+    "ReduceLogSumExp": (1, 11, 13, 18, 28),
+}
+
+
+@_op(*_REDUCE, since=_REDUCE_SINCE)
 def _reduce(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     keepdim = bool(attrs.get("keepdims", 1))
@@ -1544,13 +1784,17 @@ def _reduce(b: _Builder, node: onnx.NodeProto) -> Any:
     return result
 
 
-@_op("ArgMax", "ArgMin")
+@_op("ArgMax", "ArgMin", since=(1, 11, 12, 13))
 def _arg_reduce(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
-    if attrs.get("select_last_index", 0):
-        raise b.unsupported(f"{node.op_type} with select_last_index=1")
     fn = torch.argmax if node.op_type == "ArgMax" else torch.argmin
-    return b.call(fn, b.tensor(node.input[0]), attrs.get("axis", 0), bool(attrs.get("keepdims", 1)))
+    axis, keepdim = attrs.get("axis", 0), bool(attrs.get("keepdims", 1))
+    x = b.tensor(node.input[0])
+    if not attrs.get("select_last_index", 0):
+        return b.call(fn, x, axis, keepdim)
+    # The last of equal extremes: the first one along the reversed axis, counted back.
+    first = b.call(fn, b.call(torch.flip, x, [axis]), axis, keepdim)
+    return b.call(torch.sub, b.call(operator.sub, b.dim(x, axis), 1), first)
 
 
 # ---- resizing
@@ -1559,7 +1803,7 @@ def _arg_reduce(b: _Builder, node: onnx.NodeProto) -> Any:
 def _resize_mode(b: _Builder, attrs: dict[str, Any], integer_upscale: bool) -> tuple[str, Any]:
     """The F.interpolate mode (and align_corners) that computes this ONNX Resize exactly."""
     mode = attrs.get("mode", "nearest")
-    legacy = b.opset < 11 or b.current.op_type == "Upsample"
+    legacy = b.since < 11 or b.current.op_type == "Upsample"
     transform = "asymmetric" if legacy else attrs.get("coordinate_transformation_mode",
                                                       "half_pixel")
     if attrs.get("antialias", 0):
@@ -1585,7 +1829,7 @@ def _resize_mode(b: _Builder, attrs: dict[str, Any], integer_upscale: bool) -> t
     raise b.unsupported(f"Resize with mode={mode}")
 
 
-@_op("Resize", "Upsample")
+@_op("Resize", "Upsample", since={"Resize": (10, 11, 13, 18, 19), "Upsample": (7, 9, 10)})
 def _resize(b: _Builder, node: onnx.NodeProto) -> Any:
     attrs = _attributes(node)
     x = b.tensor(node.input[0])
@@ -1596,7 +1840,7 @@ def _resize(b: _Builder, node: onnx.NodeProto) -> Any:
     sizes: list[Any] | None = None
     if node.op_type == "Upsample" and "scales" in attrs:
         scales = list(attrs["scales"])
-    elif b.opset < 11 or node.op_type == "Upsample":
+    elif b.since < 11 or node.op_type == "Upsample":
         scales = b.floats(node.input[1], "Resize scales")
     else:
         if b.has(node, 2) and b.static(node.input[2]) is not None and b.static(
@@ -1655,6 +1899,13 @@ def onnx_to_torch(model: onnx.ModelProto) -> fx.GraphModule:
         if any(op in _CONTROL_FLOW for op in unsupported):
             message += " (control flow cannot be fine-tuned)"
         raise UnsupportedModelError(message)
+    unknown = _unknown_versions(model)
+    if unknown:
+        raise UnsupportedModelError(
+            "cannot fine-tune this ONNX model: op versions this converter does not implement: "
+            + ", ".join(unknown)
+        )
+    _check_value_types(model)
     if len(model.graph.sparse_initializer):
         raise UnsupportedModelError("cannot fine-tune this ONNX model: it has sparse initializers")
     initializer_torch_names(model)  # refuses the (theoretical) name collision up front
