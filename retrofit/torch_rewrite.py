@@ -1,23 +1,32 @@
 """The PyTorch rewrite: find every ReLU site of an ``nn.Module`` and give each its own activation.
 
-How sites are reached, best first:
+How sites are reached. Each module's own forward is traced with ``torch.fx`` on its own, its
+children kept as calls (a graph already, the module of a ``torch.export`` program or an ONNX graph
+turned into torch, is used as it is). Every call is a node, so every spelling (``nn.ReLU`` also
+in-place, ``F.relu``, ``torch.relu``, ``Tensor.relu_``, ``aten.relu``) is found. Then, per module:
 
-1. Graph rewrite. The model is traced with ``torch.fx`` (or already is a graph: the module of a
-   ``torch.export`` program, or an ONNX graph turned into torch). Every call is a node, so every
-   spelling (``nn.ReLU`` also in-place, ``F.relu``, ``torch.relu``, ``Tensor.relu_``,
-   ``aten.relu``) is found, and a module called at two places is two nodes: two sites, each with
-   its own parameters.
-2. Module swap, for code that does not trace. A submodule whose ``forward`` cannot be traced is
-   kept whole (the rest of the model still traces around it); inside it, ``nn.ReLU`` children and
-   ReLU functions stored as attributes (``nn.TransformerEncoderLayer.activation``) are swapped,
-   and its children are traced on their own. What this cannot reach, functional calls written in
-   that forward, is found by :mod:`retrofit.census` when sample inputs are given.
+1. Module swap, wherever it gives every site its own parameters: ``nn.ReLU`` children called once
+   and ReLU functions stored as attributes (``nn.TransformerEncoderLayer.activation``) are
+   replaced in place. The module keeps its object and its code.
+2. Graph rewrite, only where a forward calls a ReLU function or one ``nn.ReLU`` module at two
+   places (two sites, each with its own parameters): the traced copy replaces that one module,
+   unless the trace would fix something to one case (an optional argument, the training mode),
+   in which case the module is kept and those calls are listed as not replaced.
+
+A module whose forward does not trace is kept; what module swap cannot reach in it, functional
+calls written in that forward, is found by :mod:`retrofit.census` when sample inputs are given.
 
 The input model is never modified: the rewrite works on a deep copy.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import sys
+import sysconfig
+import types
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -81,10 +90,12 @@ class _Rewrite:
     candidates: list[_Candidate] = field(default_factory=list)
     graphs: list[fx.GraphModule] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    visited: set[int] = field(default_factory=set)
+    untraced: dict[str, str] = field(default_factory=dict)
 
 
 def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _parent(path: str) -> str:
@@ -112,60 +123,80 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-class _Untraceable(Exception):
-    """Raised through the tracer to name the innermost submodule whose forward failed."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(path)
-        self.path = path
-        self.reason = reason
-
-
 class _SiteTracer(fx.Tracer):
-    """An fx tracer that keeps ReLU modules and known-untraceable submodules as leaves."""
+    """Traces one module's own forward: every submodule call stays one call node.
 
-    def __init__(self, opaque: dict[str, str]) -> None:
-        super().__init__()
-        self.opaque = opaque
+    The smallest traced scope: a traced copy then replaces only the module whose own code holds
+    a site, and each child is looked at on its own. It takes no arguments, so a GraphModule it
+    made can be pickled (``GraphModule.__reduce__`` records the tracer class and re-creates it).
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.opaque or super().is_leaf_module(
-            m, module_qualified_name
-        )
-
-    def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
-        path = self.path_of_module(m)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except _Untraceable:
-            raise
-        except Exception as error:  # any failure inside a submodule's forward
-            raise _Untraceable(path, _first_line(error)) from error
+        return True
 
 
-def _trace(module: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]:
-    """Trace ``module``; submodules that fail are retried as leaves.
+# Names whose use in a forward makes a trace hold for one mode only: fx records the value
+# they had while tracing (dropout's ``training=self.training``, grad-mode checks).
+_MODE_NAMES = frozenset(
+    {"training", "is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled",
+     "is_scripting", "is_tracing", "is_compiling"}
+)
+_LIBRARY_FOLDERS = (os.path.dirname(torch.__file__), sysconfig.get_paths()["stdlib"])
 
-    Returns the graph module (None when the module's own forward does not trace), the opaque
-    submodules with the reason each failed, and the root's own failure reason.
+
+def _trace(module: nn.Module) -> tuple[fx.GraphModule | None, str, str]:
+    """Trace ``module``'s own forward (children stay calls).
+
+    Returns the graph module (None when the forward does not trace) with the module's class
+    name, the reason it failed, and what the trace would silently fix to one case (see
+    :func:`_specialisation`), "" when nothing.
     """
-    if isinstance(module, fx.GraphModule):
-        return module, {}, ""
-    opaque: dict[str, str] = {}
-    while True:
-        tracer = _SiteTracer(opaque)
-        try:
-            graph = tracer.trace(module)
-        except _Untraceable as failure:
-            if failure.path in opaque:
-                return None, opaque, failure.reason
-            opaque[failure.path] = failure.reason
-            continue
-        except Exception as error:  # the root's own forward does not trace
-            return None, opaque, _first_line(error)
-        traced = fx.GraphModule(tracer.root, graph, type(module).__name__)
-        traced.training = module.training
-        return traced, opaque, ""
+    tracer = _SiteTracer()
+    executed: set[types.CodeType] = set()
+
+    def record(frame: types.FrameType, event: str, arg: object) -> None:
+        if event == "call":
+            executed.add(frame.f_code)
+
+    previous = sys.getprofile()
+    sys.setprofile(record)
+    try:
+        graph = tracer.trace(module)
+    except Exception as error:  # any failure of user code under fx
+        return None, _first_line(error), ""
+    finally:
+        sys.setprofile(previous)
+    for node in graph.nodes:
+        # Annotations kept as strings (``from __future__ import annotations``) would become
+        # string globals of the generated code, which a pickled GraphModule cannot name.
+        node.type = None
+    traced = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    traced.training = module.training
+    return traced, "", _specialisation(module, executed)
+
+
+def _specialisation(module: nn.Module, executed: set[types.CodeType]) -> str:
+    """What a trace of ``module`` would fix to the one case seen while tracing, "" if nothing.
+
+    fx runs Python control flow once: an optional argument is a placeholder that is never None
+    (``if mask is not None`` keeps one branch), ``self.training`` and grad-mode checks keep the
+    mode of the trace. Branches on a tensor's value or shape raise instead, and branches on the
+    module's own attributes (``if self.downsample is not None``) hold for every call.
+    """
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return "a forward whose signature cannot be read"
+    optional = [p.name for p in parameters if p.default is not inspect.Parameter.empty
+                or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if optional:
+        return f"its optional arguments: {', '.join(optional)}"
+    for code in executed:
+        if not code.co_filename.startswith(_LIBRARY_FOLDERS):
+            read = _MODE_NAMES.intersection(code.co_names)
+            if read:
+                return f"the mode it ran in: {code.co_name} reads {', '.join(sorted(read))}"
+    return ""
 
 
 def _node_site(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str, bool] | None:
@@ -254,9 +285,11 @@ def _graph_candidates(rewrite: _Rewrite, gm: fx.GraphModule, prefix: str) -> Non
             )
         elif site is None:
             if node.op == "call_module" and node.target not in expanded:
-                expanded.add(str(node.target))
-                _opaque_candidates(rewrite, gm.get_submodule(str(node.target)),
-                                   _join(prefix, str(node.target)))
+                target = str(node.target)
+                expanded.add(target)
+                holder_path, _, name = target.rpartition(".")
+                _submodule_candidates(rewrite, gm.get_submodule(target), _join(prefix, target),
+                                      (gm.get_submodule(holder_path), name))
         elif site[1]:
             kind, module_path, inplace = site
             calls = module_calls[module_path]
@@ -316,8 +349,15 @@ def _has_submodule(root: nn.Module, path: str) -> bool:
     return True
 
 
-def _opaque_candidates(rewrite: _Rewrite, module: nn.Module, path: str) -> None:
-    """Sites inside a module the graph treats as one call: swapped at module level."""
+def _kept_candidates(
+    rewrite: _Rewrite, module: nn.Module, path: str, relu_calls: Counter[str] | None = None
+) -> None:
+    """Sites of a module whose own code stays as it is: ReLU children and ReLU functions held as
+    attributes are swapped in place, other children are looked at on their own.
+
+    ``relu_calls`` counts the calls of each ReLU child in a trace of the forward (None when it
+    was not traced): a child called once there is one site, as a graph rewrite would make it.
+    """
     for attr, value in list(vars(module).items()):
         if callable(value) and value in _RELU_FUNCTIONS:
             rewrite.candidates.append(
@@ -328,15 +368,29 @@ def _opaque_candidates(rewrite: _Rewrite, module: nn.Module, path: str) -> None:
     for name, child in module.named_children():
         child_path = _join(path, name)
         if _is_relu_module(child):
+            once = relu_calls is not None and relu_calls[name] == 1
             rewrite.candidates.append(
-                _Candidate(child_path, "nn.ReLU", path,
+                _Candidate(child_path, "nn.ReLU(inplace)" if child.inplace else "nn.ReLU", path,
                            _attribute_attach(module, name, path, inplace=bool(child.inplace)),
-                           remark="module swap: calls of this module share its parameters")
+                           remark="" if once else
+                           "module swap: calls of this module share its parameters")
             )
-        elif fx.Tracer().is_leaf_module(child, child_path):
-            _opaque_candidates(rewrite, child, child_path)
         else:
-            _module_candidates(rewrite, child, child_path, holder=(module, name))
+            _submodule_candidates(rewrite, child, child_path, holder=(module, name))
+
+
+def _submodule_candidates(
+    rewrite: _Rewrite, module: nn.Module, path: str, holder: tuple[nn.Module, str]
+) -> None:
+    """A child: torch.nn's own modules keep their code (their ReLU attributes are swapped);
+    others are traced on their own. A module registered at two places is looked at once."""
+    if id(module) in rewrite.visited:
+        return
+    rewrite.visited.add(id(module))
+    if not isinstance(module, fx.GraphModule) and fx.Tracer().is_leaf_module(module, path):
+        _kept_candidates(rewrite, module, path)
+    else:
+        _module_candidates(rewrite, module, path, holder)
 
 
 def _attribute_attach(
@@ -367,33 +421,82 @@ def _pass_on_inplace(activation: nn.Module, inplace: bool) -> None:
 def _module_candidates(
     rewrite: _Rewrite, module: nn.Module, path: str, holder: tuple[nn.Module, str] | None
 ) -> None:
-    """Trace ``module`` and collect its sites; fall back to module swap where it does not trace."""
-    gm, opaque, failure = _trace(module)
-    for opaque_path, reason in opaque.items():
-        rewrite.notes.append(
-            f"{_join(path, opaque_path)} does not trace ({reason}); "
-            "it is rewritten by module swap"
-        )
-    if gm is None:
-        rewrite.notes.append(
-            f"{path or 'the model'} does not trace ({failure}); its children are rewritten "
-            "one by one and ReLU calls written in its own forward cannot be reached"
-        )
-        _opaque_candidates(rewrite, module, path)
+    """Collect the sites of ``module``; a traced copy replaces it only where it must.
+
+    A traced copy replaces the module only when its own forward holds a ReLU that module swap
+    cannot give its own parameters (a functional call, a ReLU module called twice) and the
+    trace fixes nothing to one case (:func:`_specialisation`). Every other module keeps its
+    object and code: its ReLU children are swapped in place and its children looked at alone.
+    """
+    where = path or "the model"
+    if isinstance(module, fx.GraphModule):  # already a graph: export, ONNX, an earlier rewrite
+        rewrite.graphs.append(module)
+        _graph_candidates(rewrite, module, path)
         return
-    if holder is None:
-        rewrite.root = gm
-    elif gm is not module:
-        parent, name = holder
-        setattr(parent, name, gm)
-    rewrite.graphs.append(gm)
-    _graph_candidates(rewrite, gm, path)
+    gm, failure, specialised = _trace(module)
+    if gm is None:
+        rewrite.untraced[where] = failure
+        _kept_candidates(rewrite, module, path)
+        return
+    sites = [(node, site) for node in gm.graph.nodes if (site := _node_site(node, gm))]
+    relu_calls = Counter(site[1] for _, site in sites if site[1])
+    functional = [site for _, site in sites if not site[1]]
+    if functional or any(count > 1 for count in relu_calls.values()):
+        if not specialised:
+            _keep_members(gm, module)
+            if holder is None:
+                rewrite.root = gm
+            else:
+                setattr(holder[0], holder[1], gm)
+            rewrite.graphs.append(gm)
+            _graph_candidates(rewrite, gm, path)
+            return
+        kept = f"{where} is kept as written: a traced copy would hold for one case of {specialised}"
+        reason = f"not rewritten: {kept}"
+        rewrite.notes.append(f"{kept}; its ReLU function calls are not replaced")
+        for kind, _, _ in functional:
+            rewrite.candidates.append(
+                _Candidate(_join(path, kind.replace("(inplace)", "")), kind, path, None, reason)
+            )
+    _kept_candidates(rewrite, module, path, relu_calls)
+
+
+def _keep_members(gm: fx.GraphModule, module: nn.Module) -> None:
+    """Give the traced copy the original's own children, parameters and buffers, in order.
+
+    fx copies only what the graph uses, and puts an empty module where a path passes through a
+    child; with the originals back, the state dict keeps its names and other code that reaches
+    into the module finds what it did.
+    """
+    children = dict(module.named_children())
+    extra = {name: child for name, child in gm.named_children() if name not in children}
+    gm._modules.clear()
+    gm._modules.update({**children, **extra})
+    for name, parameter in module.named_parameters(recurse=False):
+        gm.register_parameter(name, parameter)
+    for name, buffer in module.named_buffers(recurse=False):
+        gm.register_buffer(name, buffer,
+                           persistent=name not in module._non_persistent_buffers_set)
 
 
 def _collect(model: nn.Module) -> _Rewrite:
     rewrite = _Rewrite(root=model)
+    rewrite.visited.add(id(model))
     _module_candidates(rewrite, model, "", holder=None)
+    if rewrite.untraced:
+        rewrite.notes.append(_untraced_note(rewrite.untraced))
     return rewrite
+
+
+def _untraced_note(untraced: dict[str, str]) -> str:
+    """One note for all modules whose forward does not trace (a transformer has dozens)."""
+    (first, reason), *others = untraced.items()
+    names = first if not others else (
+        f"{len(untraced)} modules ({', '.join(list(untraced)[:4])}{', ...' if len(untraced) > 4 else ''})")
+    verb = "does" if not others else "do"
+    return (f"{names} {verb} not trace ({first + ': ' if others else ''}{reason}); kept as "
+            "written: ReLU children are swapped as modules, and ReLU calls written in a forward "
+            "that does not trace are found only by running the model on sample inputs")
 
 
 def retrofit_torch_model(
