@@ -92,6 +92,7 @@ class _Rewrite:
     notes: list[str] = field(default_factory=list)
     visited: set[int] = field(default_factory=set)
     untraced: dict[str, str] = field(default_factory=dict)
+    claimed: set[tuple[int, str]] = field(default_factory=set)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -349,15 +350,10 @@ def _has_submodule(root: nn.Module, path: str) -> bool:
     return True
 
 
-def _kept_candidates(
-    rewrite: _Rewrite, module: nn.Module, path: str, relu_calls: Counter[str] | None = None
-) -> None:
-    """Sites of a module whose own code stays as it is: ReLU children and ReLU functions held as
-    attributes are swapped in place, other children are looked at on their own.
-
-    ``relu_calls`` counts the calls of each ReLU child in a trace of the forward (None when it
-    was not traced): a child called once there is one site, as a graph rewrite would make it.
-    """
+def _kept_candidates(rewrite: _Rewrite, module: nn.Module, path: str) -> None:
+    """Sites of a module kept as written whose calls are not known (it does not trace, or its
+    trace holds for one case only): every ReLU child and every ReLU function held as an
+    attribute is swapped in place, every other child is looked at on its own."""
     for attr, value in list(vars(module).items()):
         if callable(value) and value in _RELU_FUNCTIONS:
             rewrite.candidates.append(
@@ -366,17 +362,38 @@ def _kept_candidates(
                            remark="module swap: calls of this attribute share its parameters")
             )
     for name, child in module.named_children():
-        child_path = _join(path, name)
-        if _is_relu_module(child):
-            once = relu_calls is not None and relu_calls[name] == 1
-            rewrite.candidates.append(
-                _Candidate(child_path, "nn.ReLU(inplace)" if child.inplace else "nn.ReLU", path,
-                           _attribute_attach(module, name, path, inplace=bool(child.inplace)),
-                           remark="" if once else
-                           "module swap: calls of this module share its parameters")
-            )
-        else:
-            _submodule_candidates(rewrite, child, child_path, holder=(module, name))
+        _call_candidates(rewrite, module, name, path, "module swap: calls of this module "
+                         "share its parameters")
+
+
+def _called_candidates(rewrite: _Rewrite, module: nn.Module, gm: fx.GraphModule,
+                       path: str) -> None:
+    """Sites of a module kept as written whose trace holds for every call: each ReLU module it
+    calls (once, else it would be traced) is swapped where it sits, and each other module it
+    calls is looked at on its own, in call order."""
+    for target in dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "call_module"):
+        holder_path, _, name = target.rpartition(".")
+        _call_candidates(rewrite, module.get_submodule(holder_path), name,
+                         _join(path, holder_path), "")
+
+
+def _call_candidates(rewrite: _Rewrite, holder: nn.Module, name: str, path: str,
+                     remark: str) -> None:
+    """The child ``name`` of ``holder`` (at ``path``): a ReLU module becomes a site swapped in
+    place, once per holder attribute; any other module is looked at on its own."""
+    child = holder.get_submodule(name)
+    child_path = _join(path, name)
+    if not _is_relu_module(child):
+        _submodule_candidates(rewrite, child, child_path, holder=(holder, name))
+        return
+    if (id(holder), name) in rewrite.claimed:
+        return
+    rewrite.claimed.add((id(holder), name))
+    rewrite.candidates.append(
+        _Candidate(child_path, "nn.ReLU(inplace)" if child.inplace else "nn.ReLU", path,
+                   _attribute_attach(holder, name, path, inplace=bool(child.inplace)),
+                   remark=remark)
+    )
 
 
 def _submodule_candidates(
@@ -438,27 +455,29 @@ def _module_candidates(
         rewrite.untraced[where] = failure
         _kept_candidates(rewrite, module, path)
         return
-    sites = [(node, site) for node in gm.graph.nodes if (site := _node_site(node, gm))]
-    relu_calls = Counter(site[1] for _, site in sites if site[1])
-    functional = [site for _, site in sites if not site[1]]
-    if functional or any(count > 1 for count in relu_calls.values()):
-        if not specialised:
-            _keep_members(gm, module)
-            if holder is None:
-                rewrite.root = gm
-            else:
-                setattr(holder[0], holder[1], gm)
-            rewrite.graphs.append(gm)
-            _graph_candidates(rewrite, gm, path)
-            return
-        kept = f"{where} is kept as written: a traced copy would hold for one case of {specialised}"
-        reason = f"not rewritten: {kept}"
-        rewrite.notes.append(f"{kept}; its ReLU function calls are not replaced")
-        for kind, _, _ in functional:
-            rewrite.candidates.append(
-                _Candidate(_join(path, kind.replace("(inplace)", "")), kind, path, None, reason)
-            )
-    _kept_candidates(rewrite, module, path, relu_calls)
+    sites = [site for node in gm.graph.nodes if (site := _node_site(node, gm))]
+    relu_calls = Counter(module_path for _, module_path, _ in sites if module_path)
+    functional = [kind for kind, module_path, _ in sites if not module_path]
+    needs_graph = bool(functional) or any(count > 1 for count in relu_calls.values())
+    if needs_graph and not specialised:
+        _keep_members(gm, module)
+        if holder is None:
+            rewrite.root = gm
+        else:
+            setattr(holder[0], holder[1], gm)
+        rewrite.graphs.append(gm)
+        _graph_candidates(rewrite, gm, path)
+    elif not specialised:
+        _called_candidates(rewrite, module, gm, path)
+    else:
+        if needs_graph:
+            kept = f"{where} is kept as written: a traced copy would hold for one case of {specialised}"
+            rewrite.notes.append(f"{kept}; its ReLU function calls are not replaced")
+            for kind in functional:
+                rewrite.candidates.append(_Candidate(
+                    _join(path, kind.replace("(inplace)", "")), kind, path, None, f"not rewritten: {kept}"
+                ))
+        _kept_candidates(rewrite, module, path)
 
 
 def _keep_members(gm: fx.GraphModule, module: nn.Module) -> None:
