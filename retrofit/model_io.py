@@ -20,7 +20,7 @@ import struct
 import sys
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -49,7 +49,8 @@ class TorchModel:
 
     ``example_inputs`` come from the file where the format keeps them (``.pt2``); otherwise
     from the caller (``--input-shape`` or a dataset). ``dynamic_dims`` lists, per input, the
-    axes that were dynamic in the exported program so a re-export keeps them dynamic.
+    axes that were dynamic in the exported program so a re-export keeps them dynamic. ``notes``
+    are remarks of the loading for the report (which package was imported to read the file).
     """
 
     module: nn.Module
@@ -58,6 +59,7 @@ class TorchModel:
     example_inputs: tuple[torch.Tensor, ...] | None = None
     dynamic_dims: tuple[tuple[int, ...], ...] | None = None
     arch: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 _PICKLE_PROTOCOL_OPS = {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}
@@ -343,8 +345,11 @@ def _logged_cause(records: list[logging.LogRecord], error: BaseException) -> str
 
 
 def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
+    from retrofit.hf_outputs import register_output_types
+
     if not trust_pickle:
         check_exported_archive(path)
+    notes = register_output_types(path)
     records: list[logging.LogRecord] = []
     try:
         # An open file, not a path: torch.export wants a name ending in .pt2 otherwise.
@@ -377,7 +382,7 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
             f"{path}: the program's example inputs are not {len(placeholders)} tensor(s), one per "
             "model input; the file is damaged"
         )
-    return TorchModel(module, ModelFormat.EXPORTED, path, example, dynamic)
+    return TorchModel(module, ModelFormat.EXPORTED, path, example, dynamic, notes=notes)
 
 
 def _concrete_shape(shape: Sequence[Any]) -> tuple[int, ...]:

@@ -30,6 +30,10 @@ from retrofit.verify import (
 )
 
 
+NO_SAMPLE_INPUT = "no sample input: pass --input-shape (or --data) to verify outputs"
+"""Why a model's outputs could not be compared with the original's (``Subject.parity`` None)."""
+
+
 def final_config(config: ActivationConfig) -> ActivationConfig:
     """The activation as it ends up after fine-tuning: an MRePU blend always ends at lam = 1."""
     return replace(config, blend=1.0) if isinstance(config, MRePUConfig) else config
@@ -99,9 +103,8 @@ class TorchSubject:
 
     def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[nn.Module]:
         result = retrofit_torch_model(self.original, config, select)
-        if self.inputs is None:
-            result.notes.append("no sample input: pass --input-shape (or --data) to verify outputs")
-        else:
+        result.notes[:0] = self.loaded.notes
+        if self.inputs is not None:
             _add_census(result, self.inputs)
         return result
 
