@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
-import sysconfig
 import types
 from collections import Counter
 from dataclasses import dataclass, field
@@ -142,47 +140,35 @@ _MODE_NAMES = frozenset(
     {"training", "is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled",
      "is_scripting", "is_tracing", "is_compiling"}
 )
-_LIBRARY_FOLDERS = (os.path.dirname(torch.__file__), sysconfig.get_paths()["stdlib"])
+_TORCH_FOLDER = os.path.dirname(torch.__file__)
 
 
-def _trace(module: nn.Module) -> tuple[fx.GraphModule | None, str, str]:
-    """Trace ``module``'s own forward (children stay calls).
+def _trace(module: nn.Module) -> tuple[fx.Graph | None, str, str]:
+    """Trace ``module``'s own forward (children stay calls; node targets are paths in it).
 
-    Returns the graph module (None when the forward does not trace) with the module's class
-    name, the reason it failed, and what the trace would silently fix to one case (see
-    :func:`_specialisation`), "" when nothing.
+    Returns the graph (None when the forward does not trace), the reason it failed, and what
+    the trace would silently fix to one case (see :func:`_specialisation`), "" when nothing.
     """
     tracer = _SiteTracer()
-    executed: set[types.CodeType] = set()
-
-    def record(frame: types.FrameType, event: str, arg: object) -> None:
-        if event == "call":
-            executed.add(frame.f_code)
-
-    previous = sys.getprofile()
-    sys.setprofile(record)
     try:
         graph = tracer.trace(module)
     except Exception as error:  # any failure of user code under fx
         return None, _first_line(error), ""
-    finally:
-        sys.setprofile(previous)
     for node in graph.nodes:
         # Annotations kept as strings (``from __future__ import annotations``) would become
         # string globals of the generated code, which a pickled GraphModule cannot name.
         node.type = None
-    traced = fx.GraphModule(tracer.root, graph, type(module).__name__)
-    traced.training = module.training
-    return traced, "", _specialisation(module, executed)
+    return graph, "", _specialisation(module)
 
 
-def _specialisation(module: nn.Module, executed: set[types.CodeType]) -> str:
+def _specialisation(module: nn.Module) -> str:
     """What a trace of ``module`` would fix to the one case seen while tracing, "" if nothing.
 
     fx runs Python control flow once: an optional argument is a placeholder that is never None
     (``if mask is not None`` keeps one branch), ``self.training`` and grad-mode checks keep the
     mode of the trace. Branches on a tensor's value or shape raise instead, and branches on the
-    module's own attributes (``if self.downsample is not None``) hold for every call.
+    module's own attributes (``if self.downsample is not None``) hold for every call. The code
+    read is the forward's and that of the methods of its class it names (``self.helper(x)``).
     """
     try:
         parameters = inspect.signature(module.forward).parameters.values()
@@ -192,15 +178,38 @@ def _specialisation(module: nn.Module, executed: set[types.CodeType]) -> str:
                 or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
     if optional:
         return f"its optional arguments: {', '.join(optional)}"
-    for code in executed:
-        if not code.co_filename.startswith(_LIBRARY_FOLDERS):
-            read = _MODE_NAMES.intersection(code.co_names)
-            if read:
-                return f"the mode it ran in: {code.co_name} reads {', '.join(sorted(read))}"
+    for code in _own_code(type(module)):
+        read = _MODE_NAMES.intersection(code.co_names)
+        if read:
+            return f"the mode it ran in: {code.co_name} reads {', '.join(sorted(read))}"
     return ""
 
 
-def _node_site(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str, bool] | None:
+def _own_code(cls: type) -> list[types.CodeType]:
+    """Code objects of ``cls.forward``, the functions nested in it and the methods of ``cls``
+    it names, outside torch's own code."""
+    pending = [cls.forward]
+    found: dict[types.CodeType, None] = {}
+    while pending:
+        function = inspect.unwrap(pending.pop())
+        code = getattr(function, "__code__", None)
+        if code is None or code in found or code.co_filename.startswith(_TORCH_FOLDER):
+            continue
+        found[code] = None
+        nested = [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        while nested:
+            inner = nested.pop()
+            found[inner] = None
+            nested += [c for c in inner.co_consts if isinstance(c, types.CodeType)]
+        for name in code.co_names:
+            method = inspect.getattr_static(cls, name, None)
+            method = getattr(method, "__func__", method)  # staticmethod, classmethod
+            if inspect.isfunction(method):
+                pending.append(method)
+    return list(found)
+
+
+def _node_site(node: fx.Node, gm: nn.Module) -> tuple[str, str, bool] | None:
     """``(kind, module path or "", in_place)`` when ``node`` computes ReLU, else None."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
@@ -366,12 +375,12 @@ def _kept_candidates(rewrite: _Rewrite, module: nn.Module, path: str) -> None:
                          "share its parameters")
 
 
-def _called_candidates(rewrite: _Rewrite, module: nn.Module, gm: fx.GraphModule,
+def _called_candidates(rewrite: _Rewrite, module: nn.Module, graph: fx.Graph,
                        path: str) -> None:
     """Sites of a module kept as written whose trace holds for every call: each ReLU module it
     calls (once, else it would be traced) is swapped where it sits, and each other module it
     calls is looked at on its own, in call order."""
-    for target in dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "call_module"):
+    for target in dict.fromkeys(str(n.target) for n in graph.nodes if n.op == "call_module"):
         holder_path, _, name = target.rpartition(".")
         _call_candidates(rewrite, module.get_submodule(holder_path), name,
                          _join(path, holder_path), "")
@@ -450,17 +459,17 @@ def _module_candidates(
         rewrite.graphs.append(module)
         _graph_candidates(rewrite, module, path)
         return
-    gm, failure, specialised = _trace(module)
-    if gm is None:
+    graph, failure, specialised = _trace(module)
+    if graph is None:
         rewrite.untraced[where] = failure
         _kept_candidates(rewrite, module, path)
         return
-    sites = [site for node in gm.graph.nodes if (site := _node_site(node, gm))]
+    sites = [site for node in graph.nodes if (site := _node_site(node, module))]
     relu_calls = Counter(module_path for _, module_path, _ in sites if module_path)
     functional = [kind for kind, module_path, _ in sites if not module_path]
     needs_graph = bool(functional) or any(count > 1 for count in relu_calls.values())
     if needs_graph and not specialised:
-        _keep_members(gm, module)
+        gm = _traced_copy(module, graph)
         if holder is None:
             rewrite.root = gm
         else:
@@ -468,7 +477,7 @@ def _module_candidates(
         rewrite.graphs.append(gm)
         _graph_candidates(rewrite, gm, path)
     elif not specialised:
-        _called_candidates(rewrite, module, gm, path)
+        _called_candidates(rewrite, module, graph, path)
     else:
         if needs_graph:
             kept = f"{where} is kept as written: a traced copy would hold for one case of {specialised}"
@@ -480,13 +489,16 @@ def _module_candidates(
         _kept_candidates(rewrite, module, path)
 
 
-def _keep_members(gm: fx.GraphModule, module: nn.Module) -> None:
-    """Give the traced copy the original's own children, parameters and buffers, in order.
+def _traced_copy(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """The graph module of ``module``'s traced forward, holding the original's own children,
+    parameters and buffers, in order.
 
     fx copies only what the graph uses, and puts an empty module where a path passes through a
     child; with the originals back, the state dict keeps its names and other code that reaches
     into the module finds what it did.
     """
+    gm = fx.GraphModule(module, graph, type(module).__name__)
+    gm.training = module.training
     children = dict(module.named_children())
     extra = {name: child for name, child in gm.named_children() if name not in children}
     gm._modules.clear()
@@ -496,6 +508,7 @@ def _keep_members(gm: fx.GraphModule, module: nn.Module) -> None:
     for name, buffer in module.named_buffers(recurse=False):
         gm.register_buffer(name, buffer,
                            persistent=name not in module._non_persistent_buffers_set)
+    return gm
 
 
 def _collect(model: nn.Module) -> _Rewrite:
