@@ -82,7 +82,12 @@ class _Candidate:
 
 @dataclass
 class _Rewrite:
-    """State of one rewrite: candidates in model order and graph modules to recompile."""
+    """State of one rewrite: candidates in model order and graph modules to recompile.
+
+    ``visited``: ids of the modules looked at (a module registered twice is looked at once);
+    ``untraced``: path of each module whose forward does not trace, and why; ``claimed``:
+    (holder id, attribute) of each ReLU module already made a site by module swap.
+    """
 
     root: nn.Module
     candidates: list[_Candidate] = field(default_factory=list)
@@ -278,7 +283,7 @@ def _replace_node(gm: fx.GraphModule, node: fx.Node, module_path: str, inplace: 
 
 
 def _graph_candidates(rewrite: _Rewrite, gm: fx.GraphModule, prefix: str) -> None:
-    """Collect the ReLU nodes of a traced graph, and expand the opaque modules it calls."""
+    """Collect the ReLU nodes of a graph, and look at each other module it calls on its own."""
     found = {node: _node_site(node, gm) for node in gm.graph.nodes}
     module_calls: dict[str, list[fx.Node]] = {}
     for node, site in found.items():
