@@ -7,6 +7,7 @@ and a ``.pt2`` naming an unknown type is refused without importing it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -271,7 +272,7 @@ def test_a_fresh_process_imports_only_the_output_module_it_needs(bert_pt2):
         "print(type(model.module(*model.example_inputs)).__name__)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": ""})
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     note, output_type = done.stdout.strip().splitlines()[-2:]
     assert "imported transformers.modeling_outputs" in note
