@@ -128,8 +128,10 @@ def _import_output_type(path: Path, name: str, version: str) -> str:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise BadInputError(f"{path}: its outputs are {name} objects, which transformers {version} "
-                            f"does not have ({error}); install the version it was exported with") from error
+        raise BadInputError(
+            f"{path}: its outputs are {name} objects, which transformers {version} does not "
+            f"have ({error}); install the version it was exported with"
+        ) from error
     from transformers.utils import ModelOutput
 
     found = getattr(module, class_name, None)

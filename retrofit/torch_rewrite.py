@@ -485,12 +485,12 @@ def _module_candidates(
         _called_candidates(rewrite, module, graph, path)
     else:
         if needs_graph:
-            kept = f"{where} is kept as written: a traced copy would hold for one case of {specialised}"
+            kept = (f"{where} is kept as written: a traced copy would hold for one case of "
+                    f"{specialised}")
             rewrite.notes.append(f"{kept}; its ReLU function calls are not replaced")
             for kind in functional:
-                rewrite.candidates.append(_Candidate(
-                    _join(path, kind.replace("(inplace)", "")), kind, path, None, f"not rewritten: {kept}"
-                ))
+                rewrite.candidates.append(_Candidate(_join(path, kind.replace("(inplace)", "")),
+                                                     kind, path, None, f"not rewritten: {kept}"))
         _kept_candidates(rewrite, module, path)
 
 
@@ -528,8 +528,8 @@ def _collect(model: nn.Module) -> _Rewrite:
 def _untraced_note(untraced: dict[str, str]) -> str:
     """One note for all modules whose forward does not trace (a transformer has dozens)."""
     (first, reason), *others = untraced.items()
-    names = first if not others else (
-        f"{len(untraced)} modules ({', '.join(list(untraced)[:4])}{', ...' if len(untraced) > 4 else ''})")
+    listed = ", ".join(list(untraced)[:4]) + (", ..." if len(untraced) > 4 else "")
+    names = f"{len(untraced)} modules ({listed})" if others else first
     verb = "does" if not others else "do"
     return (f"{names} {verb} not trace ({first + ': ' if others else ''}{reason}); kept as "
             "written: ReLU children are swapped as modules, and ReLU calls written in a forward "

@@ -17,7 +17,8 @@ from tests.conftest import SAMPLES
 
 VAL = SAMPLES / "data" / "digits_val.npz"
 DOCUMENTED_KEYS = {
-    "verified", "unverified_reason", "version", "model", "format", "activation", "config", "output", "sites", "replaced", "kept",
+    "verified", "unverified_reason",
+    "version", "model", "format", "activation", "config", "output", "sites", "replaced", "kept",
     "parity", "dataset", "accuracy", "deltas", "gates", "gates_passed", "finetune",
     "trained_onnx_parity", "onnx_export", "onnx_export_parity", "notes",
 }

@@ -27,6 +27,8 @@ from tests.conftest import REPO, one_line, run_cli  # noqa: E402
 from tests.models import count_relu_calls  # noqa: E402
 
 BATCH, SEQ, VOCAB = 2, 8, 64
+Family = tuple[nn.Module, tuple[torch.Tensor, ...], list[dict[str, torch.Tensor]]]
+"""A model, its positional sample inputs, and other ways to call it (optional inputs)."""
 
 
 def _ids(low: int = 0) -> torch.Tensor:
@@ -39,16 +41,17 @@ def _mask() -> torch.Tensor:
     return mask
 
 
-def bert() -> tuple[nn.Module, tuple[torch.Tensor, ...], list[dict[str, torch.Tensor]]]:
+def bert() -> Family:
     config = transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=32, hidden_act="relu", max_position_embeddings=32)
+    segments = torch.ones(BATCH, SEQ, dtype=torch.int64)
     other_calls = [{"attention_mask": _mask()},
-                   {"attention_mask": _mask(), "token_type_ids": torch.ones(BATCH, SEQ, dtype=torch.int64)}]
+                   {"attention_mask": _mask(), "token_type_ids": segments}]
     return transformers.BertForSequenceClassification(config), (_ids(),), other_calls
 
 
-def opt() -> tuple[nn.Module, tuple[torch.Tensor, ...], list[dict[str, torch.Tensor]]]:
+def opt() -> Family:
     config = transformers.OPTConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
         activation_function="relu", max_position_embeddings=32, word_embed_proj_dim=16,
@@ -57,13 +60,13 @@ def opt() -> tuple[nn.Module, tuple[torch.Tensor, ...], list[dict[str, torch.Ten
         {"attention_mask": _mask()}]
 
 
-def t5() -> tuple[nn.Module, tuple[torch.Tensor, ...], list[dict[str, torch.Tensor]]]:
+def t5() -> Family:
     config = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2,
                                    num_heads=2, feed_forward_proj="relu")
     return transformers.T5EncoderModel(config), (_ids(),), [{"attention_mask": _mask()}]
 
 
-def resnet() -> tuple[nn.Module, tuple[torch.Tensor, ...], list[dict[str, torch.Tensor]]]:
+def resnet() -> Family:
     config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16],
                                        depths=[1, 1], layer_type="basic", hidden_act="relu",
                                        num_labels=3)
@@ -75,7 +78,7 @@ def resnet() -> tuple[nn.Module, tuple[torch.Tensor, ...], list[dict[str, torch.
 FAMILIES = {"bert": bert, "opt": opt, "t5": t5, "resnet": resnet}
 
 
-def _build(family: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[dict[str, torch.Tensor]]]:
+def _build(family: str) -> Family:
     torch.manual_seed(0)
     model, inputs, other_calls = FAMILIES[family]()
     return model.eval(), inputs, other_calls
@@ -167,14 +170,16 @@ def test_bert_embeddings_keep_their_object_and_every_call_signature(tmp_path):
     assert type(embeddings) is type(model.bert.embeddings)
     with torch.no_grad():
         vectors = model.bert.embeddings.word_embeddings(ids)
-        assert torch.equal(embeddings(inputs_embeds=vectors), model.bert.embeddings(inputs_embeds=vectors))
+        assert torch.equal(embeddings(inputs_embeds=vectors),
+                           model.bert.embeddings(inputs_embeds=vectors))
         assert _max_diff(model(inputs_embeds=vectors), result.model(inputs_embeds=vectors)) <= 1e-6
     assert torch_parity(model, result.model, (ids,)).relative <= 1e-6
     with torch.no_grad():
         for kwargs in other_calls:
             assert _max_diff(model(ids, **kwargs), result.model(ids, **kwargs)) <= 1e-6
     torch.save(result.model, tmp_path / "bert.pt")
-    assert type(torch.load(tmp_path / "bert.pt", weights_only=False).bert.embeddings) is type(embeddings)
+    reloaded = torch.load(tmp_path / "bert.pt", weights_only=False)
+    assert type(reloaded.bert.embeddings) is type(embeddings)
 
 
 # --------------------------------------------------------------------------- unknown types
