@@ -32,10 +32,13 @@ _SPEC_KEYS = ("in_spec", "out_spec")
 
 
 def spec_type_names(archive: zipfile.ZipFile) -> set[str]:
-    """Every type name the program specs of the archive mention (namedtuples by their name)."""
+    """Every type name the program specs of the archive mention (namedtuples by their name).
+
+    Every JSON member is read, whatever layout the torch version that wrote it used; only the
+    ``in_spec``/``out_spec`` values in them are specs."""
     names: set[str] = set()
     for member in archive.namelist():
-        if "/models/" in member and member.endswith(".json"):
+        if member.endswith(".json"):
             try:
                 record = json.loads(archive.read(member))
             except ValueError as error:

@@ -160,6 +160,17 @@ def test_pickled_model_with_sample_inputs_is_verified_and_nothing_runs_unreached
     assert parity is not None and parity.relative <= 1e-6
 
 
+def test_cli_retrofits_a_pickled_bert_and_says_first_that_it_is_unverified(tmp_path):
+    model, inputs, _ = _build("bert")
+    torch.save(model, tmp_path / "bert.pt")
+    result = run_cli("retrofit", tmp_path / "bert.pt", "--trust-pickle")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].startswith("UNVERIFIED: ")
+    reloaded = torch.load(tmp_path / "bert.carelu.pt", weights_only=False)
+    with torch.no_grad():
+        assert _max_diff(model(*inputs), reloaded(*inputs)) <= 1e-6
+
+
 def test_bert_embeddings_keep_their_object_and_every_call_signature(tmp_path):
     from retrofit.config import CompetitiveReLUConfig
     from retrofit.torch_rewrite import retrofit_torch_model
