@@ -10,8 +10,8 @@ in-place, ``F.relu``, ``torch.relu``, ``Tensor.relu_``, ``aten.relu``) is found.
    replaced in place. The module keeps its object and its code.
 2. Graph rewrite, only where a forward calls a ReLU function or one ``nn.ReLU`` module at two
    places (two sites, each with its own parameters): the traced copy replaces that one module,
-   unless the trace would fix something to one case (an optional argument, the training mode),
-   in which case the module is kept and those calls are listed as not replaced.
+   unless the trace would fix something to one case (an optional argument, the training mode,
+   a type check), in which case the module is kept and those calls are listed as not replaced.
 
 A module whose forward does not trace is kept; what module swap cannot reach in it, functional
 calls written in that forward, is found by :mod:`retrofit.census` when sample inputs are given.
@@ -139,12 +139,15 @@ class _SiteTracer(fx.Tracer):
         return True
 
 
-# Names whose use in a forward makes a trace hold for one mode only: fx records the value
-# they had while tracing (dropout's ``training=self.training``, grad-mode checks).
-_MODE_NAMES = frozenset(
-    {"training", "is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled",
-     "is_scripting", "is_tracing", "is_compiling"}
-)
+# Names whose use in a forward makes a trace hold for one case only. fx records the mode it
+# traced in (dropout's ``training=self.training``, grad-mode checks), and an argument is a Proxy
+# while tracing: ``isinstance(x, tuple)`` is False and ``hasattr(x, "keys")`` True for any call.
+_SPECIALISING_NAMES = {
+    **dict.fromkeys(("training", "is_grad_enabled", "is_inference_mode_enabled",
+                     "is_autocast_enabled", "is_scripting", "is_tracing", "is_compiling"),
+                    "the mode it ran in"),
+    **dict.fromkeys(("isinstance", "hasattr", "type"), "the types of what it was given"),
+}
 _TORCH_FOLDER = os.path.dirname(torch.__file__)
 
 
@@ -171,7 +174,7 @@ def _specialisation(module: nn.Module) -> str:
 
     fx runs Python control flow once: an optional argument is a placeholder that is never None
     (``if mask is not None`` keeps one branch), ``self.training`` and grad-mode checks keep the
-    mode of the trace. Branches on a tensor's value or shape raise instead, and branches on the
+    mode of the trace, type checks see a Proxy (see ``_SPECIALISING_NAMES``). Branches on a tensor's value or shape raise instead, and branches on the
     module's own attributes (``if self.downsample is not None``) hold for every call. The code
     read is the forward's and that of the methods of its class it names (``self.helper(x)``).
     """
@@ -184,9 +187,10 @@ def _specialisation(module: nn.Module) -> str:
     if optional:
         return f"its optional arguments: {', '.join(optional)}"
     for code in _own_code(type(module)):
-        read = _MODE_NAMES.intersection(code.co_names)
+        read = sorted(name for name in code.co_names if name in _SPECIALISING_NAMES)
         if read:
-            return f"the mode it ran in: {code.co_name} reads {', '.join(sorted(read))}"
+            return (f"{_SPECIALISING_NAMES[read[0]]}: {code.co_name} reads "
+                    f"{', '.join(read)}")
     return ""
 
 

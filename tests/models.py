@@ -174,6 +174,15 @@ class ModeDependent(nn.Module):
         return F.dropout(F.relu(self.lin(x)), 0.5, training=self.training)
 
 
+class TypeDependent(nn.Module):
+    """A functional ReLU next to a type check of the argument (a Proxy while tracing)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, tuple):
+            x = x[0]
+        return F.relu(x)
+
+
 class ReusedRelu(nn.Module):
     """Straight-line code calling one ReLU module twice: the traced copy is needed (two sites);
     ``spare`` is never called and must survive in the copy (same state dict)."""
@@ -198,9 +207,10 @@ class Specialising(nn.Module):
         self.masked = OptionalMask()
         self.mode = ModeDependent()
         self.reused = ReusedRelu()
+        self.typed = TypeDependent()
         self.head = nn.Sequential(nn.Linear(6, 3), nn.ReLU())
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(ids)
         x = self.masked(x, mask) if mask is not None else self.masked(x)
-        return self.head(self.reused(self.mode(x)))
+        return self.head(self.typed(self.reused(self.mode(x))))

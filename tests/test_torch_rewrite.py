@@ -189,9 +189,10 @@ def test_forward_that_tracing_would_specialise_is_kept_and_its_relu_calls_listed
     model = models.Specialising().eval()
     result = retrofit_torch_model(model, CARELU)
     kept = {site.name: site.reason for site in result.sites if not site.replaced}
-    assert set(kept) == {"masked.F.relu", "mode.F.relu"}
+    assert set(kept) == {"masked.F.relu", "mode.F.relu", "typed.F.relu"}
     assert "optional arguments: mask" in kept["masked.F.relu"]
     assert "reads training" in kept["mode.F.relu"]
+    assert "reads isinstance" in kept["typed.F.relu"]
     assert [site.name for site in result.replaced] == ["reused.act#1", "reused.act#2", "head.1"]
     ids, mask = torch.randint(0, 10, (2, 4)), torch.rand(2, 4, 6)
     assert _parity(model, result.model, ids) == 0.0
@@ -232,5 +233,5 @@ def test_census_does_not_count_a_listed_kept_relu_call_twice(tmp_path):
     loaded = TorchModel(model, ModelFormat.PICKLED_MODULE, tmp_path / "m.pt", example_inputs=(ids,))
     result = TorchSubject(loaded).rewrite(CARELU, SiteSelector())
     assert sorted(site.name for site in result.sites if not site.replaced) == [
-        "masked.F.relu", "mode.F.relu"]
-    assert models.count_relu_calls(result.model, ids) == 2
+        "masked.F.relu", "mode.F.relu", "typed.F.relu"]
+    assert models.count_relu_calls(result.model, ids) == 3
