@@ -514,9 +514,12 @@ def _traced_copy(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     gm._modules.update({**children, **extra})
     for name, parameter in module.named_parameters(recurse=False):
         gm.register_parameter(name, parameter)
-    for name, buffer in module.named_buffers(recurse=False):
+    buffers = dict(module.named_buffers(recurse=False))
+    for name, buffer in buffers.items():
         gm.register_buffer(name, buffer,
                            persistent=name not in module._non_persistent_buffers_set)
+    # fx makes a plain tensor attribute the graph reads a buffer: it stays out of the state dict.
+    gm._non_persistent_buffers_set.update(set(gm._buffers) - set(buffers))
     return gm
 
 

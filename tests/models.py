@@ -193,9 +193,10 @@ class ReusedRelu(nn.Module):
         self.act = nn.ReLU()
         self.spare = nn.Linear(2, 2)
         self.register_buffer("scale", torch.tensor(2.0))
+        self.offset = torch.tensor(0.5)  # a plain tensor attribute: not in the state dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.lin(self.act(x))) * self.scale
+        return self.act(self.lin(self.act(x))) * self.scale + self.offset
 
 
 class Specialising(nn.Module):
