@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -110,18 +110,21 @@ def torch_predictor(
 
 
 def logits_of(output: Any) -> Tensor:
-    """The logits in a model's output: a tensor, a ``logits`` key or attribute, or the first
-    element of a tuple (what Hugging Face-style and multi-output classifiers return)."""
+    """The logits in a model's output: a tensor, a ``logits`` key or attribute (a Hugging Face
+    ``ModelOutput``, whose None fields are not keys), or the first element of a tuple
+    (multi-output classifiers). A mapping without logits is refused rather than guessed at:
+    its first field may be a loss or hidden states."""
     if isinstance(output, Tensor):
         return output
-    if isinstance(output, dict) and "logits" in output:
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
         return output["logits"]
-    if hasattr(output, "logits") and isinstance(output.logits, Tensor):
+    if isinstance(getattr(output, "logits", None), Tensor):
         return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
+    fields = f" (fields: {', '.join(map(str, output))})" if isinstance(output, Mapping) else ""
     raise UnsupportedModelError(
-        f"the model returned a {type(output).__name__}; expected a tensor of logits"
+        f"the model returned a {type(output).__name__}{fields}; expected a tensor of logits"
     )
 
 

@@ -27,7 +27,7 @@ from retrofit.metrics import PairedDelta, paired_delta_ci
 from retrofit.model_io import ModelFormat, default_output_path, detect_format
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector
 from retrofit.retrofit_record import RetrofitStep
-from retrofit.subjects import Subject, TorchSubject, final_config, open_subject
+from retrofit.subjects import NO_SAMPLE_INPUT, Subject, TorchSubject, final_config, open_subject
 from retrofit.verify import OutputParity
 
 
@@ -115,7 +115,8 @@ class RetrofitReport:
     """What happened: every site, remarks, parity figures, accuracies, gates, written files.
 
     ``parity`` compares the rewritten model with the original on sample inputs (None when none
-    were available); ``preserves_function`` says it had to hold within ``tolerance``.
+    were available, and then ``unverified`` says why); ``preserves_function`` says it had to
+    hold within ``tolerance``.
     ``stages`` are the retrofitted model's scores in order (before, after swap, after
     fine-tune); ``control`` is the untouched ReLU model fine-tuned with the same budget.
     ``deltas`` maps a comparison name (``swap``, ``finetune``, ``vs_control``) to its paired
@@ -141,6 +142,16 @@ class RetrofitReport:
     trained_parity: OutputParity | None = None
     onnx_export: Path | None = None
     onnx_export_parity: OutputParity | None = None
+    unverified: str = ""
+
+    def __post_init__(self) -> None:
+        if self.parity is None and not self.unverified:
+            self.unverified = NO_SAMPLE_INPUT
+
+    @property
+    def verified(self) -> bool:
+        """Whether the rewritten model's outputs were compared with the original's."""
+        return not self.unverified
 
     @property
     def replaced(self) -> list[ReluSite]:

@@ -53,7 +53,8 @@ class TorchModel:
     from the caller (``--input-shape`` or a dataset). ``dynamic_dims`` lists, per input, the
     axes that were dynamic in the exported program so a re-export keeps them dynamic.
     ``record`` is the retrofit history a weights file carried (None for a plain file), and
-    ``notes`` what loading changed that the user must hear (a module saved in training mode).
+    ``notes`` what loading changed that the user must hear (a module saved in training mode,
+    the package imported to read its output types).
     ``program`` is the loaded ``torch.export`` program (``.pt2`` only), for a re-export with a
     dynamic batch (:func:`retrofit.batching.reexport_dynamic_batch`).
     """
@@ -450,8 +451,11 @@ def _logged_cause(records: list[logging.LogRecord], error: BaseException) -> str
 
 
 def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
+    from retrofit.hf_outputs import register_output_types
+
     if not trust_pickle:
         check_exported_archive(path)
+    notes = register_output_types(path)
     records: list[logging.LogRecord] = []
     try:
         # An open file, not a path: torch.export wants a name ending in .pt2 otherwise.
@@ -477,7 +481,8 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
             )
         example = tuple(example)
         # On the program itself, so that every module made from it (a re-export too) is in eval mode.
-        notes = [_TRAINING_MODE_NOTE] if _exported_to_eval(program.graph_module) else []
+        if _exported_to_eval(program.graph_module):
+            notes.append(_TRAINING_MODE_NOTE)
         module = program.module()
     except Exception as error:  # a damaged or hand-made program
         raise BadInputError(f"{path}: the torch.export program is not usable ({_line(error)})") from error

@@ -52,6 +52,8 @@ def report_to_dict(report: RetrofitReport) -> dict[str, Any]:
     """The report as plain JSON-ready data (see README, "JSON report")."""
     stages = [*report.stages, *([report.control] if report.control else [])]
     return {
+        "verified": report.verified,
+        "unverified_reason": report.unverified or None,
         "version": REPORT_VERSION,
         "model": str(report.model),
         "format": report.format.value,
@@ -138,8 +140,16 @@ def _parity_line(report: RetrofitReport) -> str | None:
             f"(expected: {report.activation} is not ReLU at initialisation)")
 
 
+def _unverified_line(report: RetrofitReport) -> str:
+    return f"UNVERIFIED: the outputs were not compared with the original's ({report.unverified})"
+
+
 def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = False) -> None:
-    """The terminal view: sites, counts, parity, accuracies with deltas, gates, notes, files."""
+    """The terminal view: sites, counts, parity, accuracies with deltas, gates, notes, files.
+
+    An unverified result says so first, before anything that could be read as a success."""
+    if not report.verified:
+        console.print(f"[bold red]{_unverified_line(report)}[/]")
     console.print(sites_table(report.sites, dry_run=dry_run))
     verb = "would be replaced" if dry_run else "replaced"
     console.print(f"{len(report.replaced)} of {len(report.sites)} ReLU sites {verb} by "
@@ -167,8 +177,10 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
 
 def report_to_markdown(report: RetrofitReport) -> str:
     """A Markdown summary for pull requests and ``$GITHUB_STEP_SUMMARY``."""
-    lines = [f"### cadrelu retrofit: `{report.model.name}` → {report.activation}", "",
-             f"{len(report.replaced)} of {len(report.sites)} ReLU sites replaced."]
+    lines = [f"### cadrelu retrofit: `{report.model.name}` → {report.activation}", ""]
+    if not report.verified:
+        lines += [f"**{_unverified_line(report)}**", ""]
+    lines.append(f"{len(report.replaced)} of {len(report.sites)} ReLU sites replaced.")
     parity_line = _parity_line(report)
     if parity_line:
         lines += ["", parity_line]

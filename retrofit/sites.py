@@ -58,7 +58,8 @@ def no_site_message(searched: str, others: Counter[str]) -> str:
     """The error for a model with nothing to rewrite: what was searched for, and which other
     activations were found and left alone (ReLU6, GELU... are other functions)."""
     if others:
-        listed = ", ".join(f"{count} {kind}" for kind, count in others.most_common())
+        ranked = sorted(others.items(), key=lambda item: (-item[1], item[0]))
+        listed = ", ".join(f"{count} {kind}" for kind, count in ranked)
         found = f"found and left alone: {listed}"
     else:
         found = "it holds no other activation either"

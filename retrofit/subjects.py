@@ -9,6 +9,7 @@ are written back into the original graph.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +33,10 @@ from retrofit.torch_rewrite import retrofit_torch_model
 from retrofit.verify import (
     OutputParity, compare_outputs, copy_module, torch_outputs, torch_parity,
 )
+
+
+NO_SAMPLE_INPUT = "no sample input: pass --input-shape (or --data) to verify outputs"
+"""Why a model's outputs could not be compared with the original's (``Subject.parity`` None)."""
 
 
 def final_config(config: ActivationConfig) -> ActivationConfig:
@@ -69,7 +74,12 @@ class Subject(Protocol):
 def _add_census(result: RetrofitResult[nn.Module], inputs: tuple[torch.Tensor, ...]) -> None:
     """Add the ReLU calls that ran where no rewrite reached, and warn about shared activations."""
     census = take_census(result.model, inputs)
-    owners = [owner for owner, count in census.unreached.items() for _ in range(count)]
+    # Calls the rewrite already listed as kept (a ReLU function in a forward left as written, or
+    # as an attribute) run in their module too: they are not counted twice.
+    listed = Counter(site.owner for site in result.sites
+                     if not site.replaced and not site.kind.startswith("nn.ReLU"))
+    owners = [owner for owner, count in census.unreached.items()
+              for _ in range(max(0, count - listed[owner]))]
     names = unique_site_names([f"{owner}.unreached" if owner else "unreached" for owner in owners])
     for name, owner in zip(names, owners):
         result.sites.append(ReluSite(
@@ -114,9 +124,8 @@ class TorchSubject:
 
     def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[nn.Module]:
         result = retrofit_torch_model(self.original, config, select)
-        if self.inputs is None:
-            result.notes.append("no sample input: pass --input-shape (or --data) to verify outputs")
-        else:
+        result.notes[:0] = self.loaded.notes
+        if self.inputs is not None:
             _add_census(result, self.inputs)
         return result
 

@@ -1,23 +1,29 @@
 """The PyTorch rewrite: find every ReLU site of an ``nn.Module`` and give each its own activation.
 
-How sites are reached, best first:
+How sites are reached. Each module's own forward is traced with ``torch.fx`` on its own, its
+children kept as calls (a graph already, the module of a ``torch.export`` program or an ONNX graph
+turned into torch, is used as it is). Every call is a node, so every spelling (``nn.ReLU`` also
+in-place, ``F.relu``, ``torch.relu``, ``Tensor.relu_``, ``aten.relu``) is found. Then, per module:
 
-1. Graph rewrite. The model is traced with ``torch.fx`` (or already is a graph: the module of a
-   ``torch.export`` program, or an ONNX graph turned into torch). Every call is a node, so every
-   spelling (``nn.ReLU`` also in-place, ``F.relu``, ``torch.relu``, ``Tensor.relu_``,
-   ``aten.relu``) is found, and a module called at two places is two nodes: two sites, each with
-   its own parameters.
-2. Module swap, for code that does not trace. A submodule whose ``forward`` cannot be traced is
-   kept whole (the rest of the model still traces around it); inside it, ``nn.ReLU`` children and
-   ReLU functions stored as attributes (``nn.TransformerEncoderLayer.activation``) are swapped,
-   and its children are traced on their own. What this cannot reach, functional calls written in
-   that forward, is found by :mod:`retrofit.census` when sample inputs are given.
+1. Module swap, wherever it gives every site its own parameters: ``nn.ReLU`` children called once
+   and ReLU functions stored as attributes (``nn.TransformerEncoderLayer.activation``) are
+   replaced in place. The module keeps its object and its code.
+2. Graph rewrite, only where a forward calls a ReLU function or one ``nn.ReLU`` module at two
+   places (two sites, each with its own parameters): the traced copy replaces that one module,
+   unless the trace would fix something to one case (an optional argument, the training mode,
+   a type check), in which case the module is kept and those calls are listed as not replaced.
+
+A module whose forward does not trace is kept; what module swap cannot reach in it, functional
+calls written in that forward, is found by :mod:`retrofit.census` when sample inputs are given.
 
 The input model is never modified: the rewrite works on a deep copy.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -78,16 +84,27 @@ class _Candidate:
 
 @dataclass
 class _Rewrite:
-    """State of one rewrite: candidates in model order and graph modules to recompile."""
+    """State of one rewrite: candidates in model order and graph modules to recompile.
+
+    ``others`` counts the activations that are not ReLU, for the error of a model without one.
+
+    ``visited``: ids of the modules looked at (a module registered twice is looked at once);
+    ``untraced``: path of each module whose forward does not trace, and why; ``claimed``:
+    (holder id, attribute) of each ReLU module already made a site by module swap.
+    """
 
     root: nn.Module
     candidates: list[_Candidate] = field(default_factory=list)
     graphs: list[fx.GraphModule] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    visited: set[int] = field(default_factory=set)
+    untraced: dict[str, str] = field(default_factory=dict)
+    claimed: set[tuple[int, str]] = field(default_factory=set)
+    others: Counter[str] = field(default_factory=Counter)
 
 
 def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _parent(path: str) -> str:
@@ -115,64 +132,98 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-class _Untraceable(Exception):
-    """Raised through the tracer to name the innermost submodule whose forward failed."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(path)
-        self.path = path
-        self.reason = reason
-
-
 class _SiteTracer(fx.Tracer):
-    """An fx tracer that keeps ReLU modules and known-untraceable submodules as leaves."""
+    """Traces one module's own forward: every submodule call stays one call node.
 
-    def __init__(self, opaque: dict[str, str] | None = None) -> None:
-        # The default lets a pickled GraphModule, which records its tracer class, be unpickled.
-        super().__init__()
-        self.opaque = opaque or {}
+    The smallest traced scope: a traced copy then replaces only the module whose own code holds
+    a site, and each child is looked at on its own. It takes no arguments, so a GraphModule it
+    made can be pickled (``GraphModule.__reduce__`` records the tracer class and re-creates it).
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.opaque or super().is_leaf_module(
-            m, module_qualified_name
-        )
-
-    def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
-        path = self.path_of_module(m)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except _Untraceable:
-            raise
-        except Exception as error:  # any failure inside a submodule's forward
-            raise _Untraceable(path, _first_line(error)) from error
+        return True
 
 
-def _trace(module: nn.Module) -> tuple[fx.GraphModule | None, dict[str, str], str]:
-    """Trace ``module``; submodules that fail are retried as leaves.
+# Names whose use in a forward makes a trace hold for one case only. fx records the mode it
+# traced in (dropout's ``training=self.training``, grad-mode checks), and an argument is a Proxy
+# while tracing: ``isinstance(x, tuple)`` is False and ``hasattr(x, "keys")`` True for any call.
+_SPECIALISING_NAMES = {
+    **dict.fromkeys(("training", "is_grad_enabled", "is_inference_mode_enabled",
+                     "is_autocast_enabled", "is_scripting", "is_tracing", "is_compiling"),
+                    "the mode it ran in"),
+    **dict.fromkeys(("isinstance", "hasattr", "type"), "the types of what it was given"),
+}
+_TORCH_FOLDER = os.path.dirname(torch.__file__)
 
-    Returns the graph module (None when the module's own forward does not trace), the opaque
-    submodules with the reason each failed, and the root's own failure reason.
+
+def _trace(module: nn.Module) -> tuple[fx.Graph | None, str, str]:
+    """Trace ``module``'s own forward (children stay calls; node targets are paths in it).
+
+    Returns the graph (None when the forward does not trace), the reason it failed, and what
+    the trace would silently fix to one case (see :func:`_specialisation`), "" when nothing.
     """
-    if isinstance(module, fx.GraphModule):
-        return module, {}, ""
-    opaque: dict[str, str] = {}
-    while True:
-        tracer = _SiteTracer(opaque)
-        try:
-            graph = tracer.trace(module)
-        except _Untraceable as failure:
-            if failure.path in opaque:
-                return None, opaque, failure.reason
-            opaque[failure.path] = failure.reason
+    tracer = _SiteTracer()
+    try:
+        graph = tracer.trace(module)
+    except Exception as error:  # any failure of user code under fx
+        return None, _first_line(error), ""
+    for node in graph.nodes:
+        # Annotations kept as strings (``from __future__ import annotations``) would become
+        # string globals of the generated code, which a pickled GraphModule cannot name.
+        node.type = None
+    return graph, "", _specialisation(module)
+
+
+def _specialisation(module: nn.Module) -> str:
+    """What a trace of ``module`` would fix to the one case seen while tracing, "" if nothing.
+
+    fx runs Python control flow once: an optional argument is a placeholder that is never None
+    (``if mask is not None`` keeps one branch), ``self.training`` and grad-mode checks keep the
+    mode of the trace, type checks see a Proxy (see ``_SPECIALISING_NAMES``). Branches on a tensor's value or shape raise instead, and branches on the
+    module's own attributes (``if self.downsample is not None``) hold for every call. The code
+    read is the forward's and that of the methods of its class it names (``self.helper(x)``).
+    """
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return "a forward whose signature cannot be read"
+    optional = [p.name for p in parameters if p.default is not inspect.Parameter.empty
+                or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if optional:
+        return f"its optional arguments: {', '.join(optional)}"
+    for code in _own_code(type(module)):
+        read = sorted(name for name in code.co_names if name in _SPECIALISING_NAMES)
+        if read:
+            return (f"{_SPECIALISING_NAMES[read[0]]}: {code.co_name} reads "
+                    f"{', '.join(read)}")
+    return ""
+
+
+def _own_code(cls: type) -> list[types.CodeType]:
+    """Code objects of ``cls.forward``, the functions nested in it and the methods of ``cls``
+    it names, outside torch's own code."""
+    pending = [cls.forward]
+    found: dict[types.CodeType, None] = {}
+    while pending:
+        function = inspect.unwrap(pending.pop())
+        code = getattr(function, "__code__", None)
+        if code is None or code in found or code.co_filename.startswith(_TORCH_FOLDER):
             continue
-        except Exception as error:  # the root's own forward does not trace
-            return None, opaque, _first_line(error)
-        traced = fx.GraphModule(tracer.root, graph, type(module).__name__)
-        traced.training = module.training
-        return traced, opaque, ""
+        found[code] = None
+        nested = [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        while nested:
+            inner = nested.pop()
+            found[inner] = None
+            nested += [c for c in inner.co_consts if isinstance(c, types.CodeType)]
+        for name in code.co_names:
+            method = inspect.getattr_static(cls, name, None)
+            method = getattr(method, "__func__", method)  # staticmethod, classmethod
+            if inspect.isfunction(method):
+                pending.append(method)
+    return list(found)
 
 
-def _node_site(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str, bool] | None:
+def _node_site(node: fx.Node, gm: nn.Module) -> tuple[str, str, bool] | None:
     """``(kind, module path or "", in_place)`` when ``node`` computes ReLU, else None."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
@@ -241,7 +292,7 @@ def _replace_node(gm: fx.GraphModule, node: fx.Node, module_path: str, inplace: 
 
 
 def _graph_candidates(rewrite: _Rewrite, gm: fx.GraphModule, prefix: str) -> None:
-    """Collect the ReLU nodes of a traced graph, and expand the opaque modules it calls."""
+    """Collect the ReLU nodes of a graph, and look at each other module it calls on its own."""
     found = {node: _node_site(node, gm) for node in gm.graph.nodes}
     module_calls: dict[str, list[fx.Node]] = {}
     for node, site in found.items():
@@ -258,9 +309,11 @@ def _graph_candidates(rewrite: _Rewrite, gm: fx.GraphModule, prefix: str) -> Non
             )
         elif site is None:
             if node.op == "call_module" and node.target not in expanded:
-                expanded.add(str(node.target))
-                _opaque_candidates(rewrite, gm.get_submodule(str(node.target)),
-                                   _join(prefix, str(node.target)))
+                target = str(node.target)
+                expanded.add(target)
+                holder_path, _, name = target.rpartition(".")
+                _submodule_candidates(rewrite, gm.get_submodule(target), _join(prefix, target),
+                                      (gm.get_submodule(holder_path), name))
         elif site[1]:
             kind, module_path, inplace = site
             calls = module_calls[module_path]
@@ -320,8 +373,10 @@ def _has_submodule(root: nn.Module, path: str) -> bool:
     return True
 
 
-def _opaque_candidates(rewrite: _Rewrite, module: nn.Module, path: str) -> None:
-    """Sites inside a module the graph treats as one call: swapped at module level."""
+def _kept_candidates(rewrite: _Rewrite, module: nn.Module, path: str) -> None:
+    """Sites of a module kept as written whose calls are not known (it does not trace, or its
+    trace holds for one case only): every ReLU child and every ReLU function held as an
+    attribute is swapped in place, every other child is looked at on its own."""
     for attr, value in list(vars(module).items()):
         if callable(value) and value in _RELU_FUNCTIONS:
             rewrite.candidates.append(
@@ -330,17 +385,52 @@ def _opaque_candidates(rewrite: _Rewrite, module: nn.Module, path: str) -> None:
                            remark="module swap: calls of this attribute share its parameters")
             )
     for name, child in module.named_children():
-        child_path = _join(path, name)
-        if _is_relu_module(child):
-            rewrite.candidates.append(
-                _Candidate(child_path, "nn.ReLU", path,
-                           _attribute_attach(module, name, path, inplace=bool(child.inplace)),
-                           remark="module swap: calls of this module share its parameters")
-            )
-        elif fx.Tracer().is_leaf_module(child, child_path):
-            _opaque_candidates(rewrite, child, child_path)
-        else:
-            _module_candidates(rewrite, child, child_path, holder=(module, name))
+        _call_candidates(rewrite, module, name, path, "module swap: calls of this module "
+                         "share its parameters")
+
+
+def _called_candidates(rewrite: _Rewrite, module: nn.Module, graph: fx.Graph,
+                       path: str) -> None:
+    """Sites of a module kept as written whose trace holds for every call: each ReLU module it
+    calls (once, else it would be traced) is swapped where it sits, and each other module it
+    calls is looked at on its own, in call order."""
+    for target in dict.fromkeys(str(n.target) for n in graph.nodes if n.op == "call_module"):
+        holder_path, _, name = target.rpartition(".")
+        _call_candidates(rewrite, module.get_submodule(holder_path), name,
+                         _join(path, holder_path), "")
+
+
+def _call_candidates(rewrite: _Rewrite, holder: nn.Module, name: str, path: str,
+                     remark: str) -> None:
+    """The child ``name`` of ``holder`` (at ``path``): a ReLU module becomes a site swapped in
+    place, once per holder attribute; any other module is looked at on its own."""
+    child = holder.get_submodule(name)
+    child_path = _join(path, name)
+    if not _is_relu_module(child):
+        _submodule_candidates(rewrite, child, child_path, holder=(holder, name))
+        return
+    if (id(holder), name) in rewrite.claimed:
+        return
+    rewrite.claimed.add((id(holder), name))
+    rewrite.candidates.append(
+        _Candidate(child_path, "nn.ReLU(inplace)" if child.inplace else "nn.ReLU", path,
+                   _attribute_attach(holder, name, path, inplace=bool(child.inplace)),
+                   remark=remark)
+    )
+
+
+def _submodule_candidates(
+    rewrite: _Rewrite, module: nn.Module, path: str, holder: tuple[nn.Module, str]
+) -> None:
+    """A child: torch.nn's own modules keep their code (their ReLU attributes are swapped);
+    others are traced on their own. A module registered at two places is looked at once."""
+    if id(module) in rewrite.visited:
+        return
+    rewrite.visited.add(id(module))
+    if not isinstance(module, fx.GraphModule) and fx.Tracer().is_leaf_module(module, path):
+        _kept_candidates(rewrite, module, path)
+    else:
+        _module_candidates(rewrite, module, path, holder)
 
 
 def _attribute_attach(
@@ -371,33 +461,95 @@ def _pass_on_inplace(activation: nn.Module, inplace: bool) -> None:
 def _module_candidates(
     rewrite: _Rewrite, module: nn.Module, path: str, holder: tuple[nn.Module, str] | None
 ) -> None:
-    """Trace ``module`` and collect its sites; fall back to module swap where it does not trace."""
-    gm, opaque, failure = _trace(module)
-    for opaque_path, reason in opaque.items():
-        rewrite.notes.append(
-            f"{_join(path, opaque_path)} does not trace ({reason}); "
-            "it is rewritten by module swap"
-        )
-    if gm is None:
-        rewrite.notes.append(
-            f"{path or 'the model'} does not trace ({failure}); its children are rewritten "
-            "one by one and ReLU calls written in its own forward cannot be reached"
-        )
-        _opaque_candidates(rewrite, module, path)
+    """Collect the sites of ``module``; a traced copy replaces it only where it must.
+
+    A traced copy replaces the module only when its own forward holds a ReLU that module swap
+    cannot give its own parameters (a functional call, a ReLU module called twice) and the
+    trace fixes nothing to one case (:func:`_specialisation`). Every other module keeps its
+    object and code: its ReLU children are swapped in place and its children looked at alone.
+    """
+    where = path or "the model"
+    if isinstance(module, fx.GraphModule):  # already a graph: export, ONNX, an earlier rewrite
+        _count_other_activations(rewrite, module, module.graph)
+        rewrite.graphs.append(module)
+        _graph_candidates(rewrite, module, path)
         return
-    if holder is None:
-        rewrite.root = gm
-    elif gm is not module:
-        parent, name = holder
-        setattr(parent, name, gm)
-    rewrite.graphs.append(gm)
-    _graph_candidates(rewrite, gm, path)
+    graph, failure, specialised = _trace(module)
+    if graph is None:
+        rewrite.untraced[where] = failure
+        rewrite.others.update(label for child in module.children()
+                              if (label := _activation_module_label(child)))
+        _kept_candidates(rewrite, module, path)
+        return
+    _count_other_activations(rewrite, module, graph)
+    sites = [site for node in graph.nodes if (site := _node_site(node, module))]
+    relu_calls = Counter(module_path for _, module_path, _ in sites if module_path)
+    functional = [kind for kind, module_path, _ in sites if not module_path]
+    needs_graph = bool(functional) or any(count > 1 for count in relu_calls.values())
+    if needs_graph and not specialised:
+        gm = _traced_copy(module, graph)
+        if holder is None:
+            rewrite.root = gm
+        else:
+            setattr(holder[0], holder[1], gm)
+        rewrite.graphs.append(gm)
+        _graph_candidates(rewrite, gm, path)
+    elif not specialised:
+        _called_candidates(rewrite, module, graph, path)
+    else:
+        if needs_graph:
+            kept = (f"{where} is kept as written: a traced copy would hold for one case of "
+                    f"{specialised}")
+            rewrite.notes.append(f"{kept}; its ReLU function calls are not replaced")
+            for kind in functional:
+                rewrite.candidates.append(_Candidate(_join(path, kind.replace("(inplace)", "")),
+                                                     kind, path, None, f"not rewritten: {kept}"))
+        _kept_candidates(rewrite, module, path)
+
+
+def _traced_copy(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """The graph module of ``module``'s traced forward, holding the original's own children,
+    parameters and buffers, in order.
+
+    fx copies only what the graph uses, and puts an empty module where a path passes through a
+    child; with the originals back, the state dict keeps its names and other code that reaches
+    into the module finds what it did.
+    """
+    gm = fx.GraphModule(module, graph, type(module).__name__)
+    gm.training = module.training
+    children = dict(module.named_children())
+    extra = {name: child for name, child in gm.named_children() if name not in children}
+    gm._modules.clear()
+    gm._modules.update({**children, **extra})
+    for name, parameter in module.named_parameters(recurse=False):
+        gm.register_parameter(name, parameter)
+    buffers = dict(module.named_buffers(recurse=False))
+    for name, buffer in buffers.items():
+        gm.register_buffer(name, buffer,
+                           persistent=name not in module._non_persistent_buffers_set)
+    # fx makes a plain tensor attribute the graph reads a buffer: it stays out of the state dict.
+    gm._non_persistent_buffers_set.update(set(gm._buffers) - set(buffers))
+    return gm
 
 
 def _collect(model: nn.Module) -> _Rewrite:
     rewrite = _Rewrite(root=model)
+    rewrite.visited.add(id(model))
     _module_candidates(rewrite, model, "", holder=None)
+    if rewrite.untraced:
+        rewrite.notes.append(_untraced_note(rewrite.untraced))
     return rewrite
+
+
+def _untraced_note(untraced: dict[str, str]) -> str:
+    """One note for all modules whose forward does not trace (a transformer has dozens)."""
+    (first, reason), *others = untraced.items()
+    listed = ", ".join(list(untraced)[:4]) + (", ..." if len(untraced) > 4 else "")
+    names = f"{len(untraced)} modules ({listed})" if others else first
+    verb = "does" if not others else "do"
+    return (f"{names} {verb} not trace ({first + ': ' if others else ''}{reason}); kept as "
+            "written: ReLU children are swapped as modules, and ReLU calls written in a forward "
+            "that does not trace are found only by running the model on sample inputs")
 
 
 def retrofit_torch_model(
@@ -414,7 +566,7 @@ def retrofit_torch_model(
     if not rewrite.candidates:
         raise UnsupportedModelError(no_site_message(
             "nn.ReLU, F.relu, torch.relu, Tensor.relu and their in-place forms",
-            _other_activations(rewrite)))
+            rewrite.others))
     names = unique_site_names([c.base_name for c in rewrite.candidates])
     decisions = select.select(names)
     reference = next(iter(model.parameters()), None)
@@ -431,21 +583,9 @@ def retrofit_torch_model(
         sites.append(ReluSite(name, candidate.kind, candidate.owner, True,
                               candidate.remark, parameters))
     for gm in rewrite.graphs:
-        _drop_text_annotations(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return RetrofitResult(rewrite.root, sites, config.name, rewrite.notes)
-
-
-def _drop_text_annotations(graph: fx.Graph) -> None:
-    """Forget input annotations written as text (``from __future__ import annotations``).
-
-    fx turns them into globals of the generated code that are strings, which pickling the
-    module (``torch.save(model)``) cannot name; the annotations change nothing it computes.
-    """
-    for node in graph.nodes:
-        if isinstance(node.type, str):
-            node.type = None
 
 
 # Activations that are not ReLU, named as reports spell them; what a model without ReLU holds.
@@ -460,19 +600,14 @@ _OTHER_ACTIVATION_OPS = frozenset({
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "retrofit.activations")
 
 
-def _other_activations(rewrite: _Rewrite) -> Counter[str]:
-    """Count the non-ReLU activation calls of the traced graphs and opaque modules."""
-    found: Counter[str] = Counter()
-    for gm in rewrite.graphs:
-        for node in gm.graph.nodes:
-            label = _activation_label(node, gm)
-            if label:
-                found[label] += 1
-    traced = {id(module) for gm in rewrite.graphs for module in gm.modules()}
-    for module in rewrite.root.modules():
-        if id(module) not in traced and type(module).__module__ in _ACTIVATION_MODULES:
-            found[_module_label(type(module))] += 1
-    return found
+def _count_other_activations(rewrite: _Rewrite, module: nn.Module, graph: fx.Graph) -> None:
+    rewrite.others.update(label for node in graph.nodes
+                          if (label := _activation_label(node, module)))
+
+
+def _activation_module_label(module: nn.Module) -> str | None:
+    kind = type(module)
+    return _module_label(kind) if kind.__module__ in _ACTIVATION_MODULES else None
 
 
 def _module_label(kind: type) -> str:
@@ -480,11 +615,10 @@ def _module_label(kind: type) -> str:
     return f"nn.{kind.__name__}" if kind.__module__.startswith("torch.") else kind.__name__
 
 
-def _activation_label(node: fx.Node, gm: fx.GraphModule) -> str | None:
+def _activation_label(node: fx.Node, owner: nn.Module) -> str | None:
+    """How a report names the activation ``node`` computes, when it is one other than ReLU."""
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        kind = type(module)
-        return _module_label(kind) if kind.__module__ in _ACTIVATION_MODULES else None
+        return _activation_module_label(owner.get_submodule(str(node.target)))
     if node.op not in ("call_function", "call_method"):
         return None
     name = getattr(node.target, "__name__", str(node.target)).split(".")[0].rstrip("_")

@@ -11,7 +11,7 @@ import copy
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ class OutputParity:
 
 def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> OutputParity:
     """Parity of two lists of outputs with the same shapes."""
+    if not reference:
+        raise BadInputError("the model returns no tensor on the sample inputs, so its outputs "
+                            "cannot be compared")
     if len(reference) != len(candidate):
         raise ParityError(f"the models return {len(reference)} and {len(candidate)} outputs")
     diff, scale, nonfinite = 0.0, 1.0, 0
@@ -81,10 +84,14 @@ def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
 
 
 def flatten_outputs(output: object) -> list[np.ndarray]:
-    """A model's output (tensor, tuple, list or dict of them) as a flat list of arrays."""
+    """A model's output (tensor, tuple, list or mapping of them, nested) as a flat list of arrays.
+
+    Only tensors count: a Hugging Face ``ModelOutput`` is a mapping of its fields that are set
+    (None fields are left out), and other values in it (a key-value cache object) are skipped.
+    """
     if isinstance(output, torch.Tensor):
         return [output.detach().float().cpu().numpy()]
-    if isinstance(output, dict):
+    if isinstance(output, Mapping):
         output = list(output.values())
     if isinstance(output, (tuple, list)):
         return [array for item in output for array in flatten_outputs(item)]

@@ -133,3 +133,85 @@ def count_relu_calls(model: nn.Module, *inputs: torch.Tensor) -> int:
     with torch.no_grad(), Counter():
         model(*inputs)
     return Counter.calls
+
+
+class TokenEmbedding(nn.Module):
+    """No ReLU, and a forward fx would specialise: traced with a Proxy for ``ids``, the
+    ``ids is not None`` branch is kept and the other one dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(10, 6)
+
+    def forward(self, ids: torch.Tensor | None = None,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if ids is not None:
+            embeds = self.table(ids)
+        assert embeds is not None
+        return embeds
+
+
+class OptionalMask(nn.Module):
+    """A functional ReLU in a forward with an optional argument (a trace would drop a branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.relu(self.lin(x))
+        return h if mask is None else h * mask
+
+
+class ModeDependent(nn.Module):
+    """A functional ReLU next to ``training=self.training`` (a trace would fix the mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(F.relu(self.lin(x)), 0.5, training=self.training)
+
+
+class TypeDependent(nn.Module):
+    """A functional ReLU next to a type check of the argument (a Proxy while tracing)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, tuple):
+            x = x[0]
+        return F.relu(x)
+
+
+class ReusedRelu(nn.Module):
+    """Straight-line code calling one ReLU module twice: the traced copy is needed (two sites);
+    ``spare`` is never called and must survive in the copy (same state dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.act = nn.ReLU()
+        self.spare = nn.Linear(2, 2)
+        self.register_buffer("scale", torch.tensor(2.0))
+        self.offset = torch.tensor(0.5)  # a plain tensor attribute: not in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin(self.act(x))) * self.scale + self.offset
+
+
+class Specialising(nn.Module):
+    """Each way tracing silently specialises, next to a module that must be traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = TokenEmbedding()
+        self.masked = OptionalMask()
+        self.mode = ModeDependent()
+        self.reused = ReusedRelu()
+        self.typed = TypeDependent()
+        self.head = nn.Sequential(nn.Linear(6, 3), nn.ReLU())
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(ids)
+        x = self.masked(x, mask) if mask is not None else self.masked(x)
+        return self.head(self.typed(self.reused(self.mode(x))))

@@ -17,6 +17,7 @@ from tests.conftest import SAMPLES
 
 VAL = SAMPLES / "data" / "digits_val.npz"
 DOCUMENTED_KEYS = {
+    "verified", "unverified_reason",
     "version", "model", "format", "activation", "config", "output", "sites", "replaced", "kept",
     "parity", "dataset", "accuracy", "deltas", "gates", "gates_passed", "finetune",
     "trained_onnx_parity", "onnx_export", "onnx_export_parity", "notes",
@@ -170,3 +171,24 @@ def test_mrepu_blend_recovers_the_mlp_and_ends_as_mrepu(tmp_path):
     before, swapped, tuned = (stage.result.top1 for stage in report.stages)
     assert tuned > swapped + 2 and report.deltas["finetune"].ci_high > -3
     assert all(m.blend == 1.0 for m in report.finetune.model.modules() if isinstance(m, MRePU))
+
+
+def test_a_result_without_sample_inputs_says_first_that_it_is_unverified(tmp_path):
+    from rich.console import Console
+
+    from retrofit.report import print_report, report_to_json
+
+    source = tmp_path / "cnn.state.pt"
+    source.write_bytes((SAMPLES / "models" / "digits_cnn.state.pt").read_bytes())
+    report = retrofit_file(RetrofitRequest(source, arch="samples.architectures:digits_cnn"))
+    assert report.parity is None and not report.verified
+    data = json.loads(report_to_json(report))
+    assert list(data)[:2] == ["verified", "unverified_reason"]
+    assert data["verified"] is False and "--input-shape" in data["unverified_reason"]
+    console = Console(record=True, width=200)
+    print_report(report, console)
+    assert console.export_text().splitlines()[0].startswith("UNVERIFIED: ")
+    assert "UNVERIFIED" in report_to_markdown(report).splitlines()[2]
+    verified = retrofit_file(RetrofitRequest(source, arch="samples.architectures:digits_cnn",
+                                             data=DataOptions(val=VAL), device="cpu", force=True))
+    assert verified.verified and json.loads(report_to_json(verified))["unverified_reason"] is None

@@ -171,3 +171,67 @@ def test_mrepu_retrofit_changes_the_function_and_keeps_mode():
                ["layer1.0.relu.0", "layer1.0.relu.1"])
     assert _parity(model, result.model, x) > 1e-3
     assert not result.model.training
+
+
+def test_modules_without_a_site_keep_their_object_and_code():
+    model = models.Specialising().eval()
+    result = retrofit_torch_model(model, CARELU)
+    traced = [name for name, module in result.model.named_modules()
+              if isinstance(module, torch.fx.GraphModule)]
+    assert traced == ["reused"]  # the one module whose own code needs a graph rewrite
+    embed = result.model.embed
+    assert type(embed) is models.TokenEmbedding
+    assert torch.equal(embed(embeds=torch.ones(1, 6)), torch.ones(1, 6))  # its other branch
+    assert type(result.model) is models.Specialising
+
+
+def test_forward_that_tracing_would_specialise_is_kept_and_its_relu_calls_listed():
+    model = models.Specialising().eval()
+    result = retrofit_torch_model(model, CARELU)
+    kept = {site.name: site.reason for site in result.sites if not site.replaced}
+    assert set(kept) == {"masked.F.relu", "mode.F.relu", "typed.F.relu"}
+    assert "optional arguments: mask" in kept["masked.F.relu"]
+    assert "reads training" in kept["mode.F.relu"]
+    assert "reads isinstance" in kept["typed.F.relu"]
+    assert [site.name for site in result.replaced] == ["reused.act#1", "reused.act#2", "head.1"]
+    ids, mask = torch.randint(0, 10, (2, 4)), torch.rand(2, 4, 6)
+    assert _parity(model, result.model, ids) == 0.0
+    assert _parity(model, result.model, ids, mask) == 0.0
+    result.model.train()
+    assert result.model.mode.training  # the mode is the module's again, not the trace's
+
+
+def test_traced_copy_keeps_every_name_of_the_state_dict():
+    model = models.Specialising().eval()
+    result = retrofit_torch_model(model, CARELU)
+    original = list(model.state_dict())
+    rewritten = list(result.model.state_dict())
+    assert [key for key in rewritten if key in original] == original  # same names, same order
+    new = {p for site in result.sites for p in site.parameters}
+    assert set(rewritten) - set(original) == new
+
+
+@pytest.mark.parametrize("build, shape", [(models.TinyResNet, (2, 3, 6, 6)),
+                                          (models.AllSpellings, (2, 6))])
+def test_retrofitted_module_survives_a_pickle_round_trip(build, shape, tmp_path):
+    model = build().eval()
+    x = torch.randn(*shape)
+    result = retrofit_torch_model(model, CARELU)
+    torch.save(result.model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))
+    assert models.count_relu_calls(loaded, x) == 0
+
+
+def test_census_does_not_count_a_listed_kept_relu_call_twice(tmp_path):
+    from retrofit.model_io import ModelFormat, TorchModel
+    from retrofit.subjects import TorchSubject
+
+    model = models.Specialising().eval()
+    ids = torch.randint(0, 10, (2, 4))
+    loaded = TorchModel(model, ModelFormat.PICKLED_MODULE, tmp_path / "m.pt", example_inputs=(ids,))
+    result = TorchSubject(loaded).rewrite(CARELU, SiteSelector())
+    assert sorted(site.name for site in result.sites if not site.replaced) == [
+        "masked.F.relu", "mode.F.relu", "typed.F.relu"]
+    assert models.count_relu_calls(result.model, ids) == 3
