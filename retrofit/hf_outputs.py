@@ -109,7 +109,7 @@ def register_output_types(path: Path) -> list[str]:
     version = _transformers_version(path, ours[0])
     modules = sorted({_import_output_type(path, name, version) for name in missing})
     imported = f"imported {', '.join(modules)}" if modules else "already imported"
-    return [f"its outputs are transformers types ({', '.join(n.rpartition('.')[2] for n in ours)}):"
+    return [f"{path.name}: its outputs are transformers types ({', '.join(n.rpartition('.')[2] for n in ours)}):"
             f" read with transformers {version} ({imported})"]
 
 

@@ -269,10 +269,13 @@ def load_torch_model(
         try:
             module = torch.load(path, map_location="cpu", weights_only=False)  # trusted by flag
         except (AttributeError, ImportError) as error:
+            missing = getattr(error, "name", None) or ""
+            remedy = ("install it: pip install transformers" if missing.partition(".")[0]
+                      == "transformers" else "run cadrelu where the model's own package is "
+                      "importable (its folder, or PYTHONPATH)")
             raise BadInputError(
                 f"{path}: cannot unpickle the module: it names code that cannot be imported "
-                f"here ({_line(error)}); run cadrelu where the model's own package is importable "
-                "(its folder, or PYTHONPATH), or save a .pt2 or a state dict instead"
+                f"here ({_line(error)}); {remedy}, or save a .pt2 or a state dict instead"
             ) from error
         except Exception as error:
             raise BadInputError(f"{path}: cannot unpickle the module ({_line(error)})") from error

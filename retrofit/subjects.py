@@ -124,7 +124,6 @@ class TorchSubject:
 
     def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[nn.Module]:
         result = retrofit_torch_model(self.original, config, select)
-        result.notes[:0] = self.loaded.notes
         if self.inputs is not None:
             _add_census(result, self.inputs)
         return result

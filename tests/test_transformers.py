@@ -293,3 +293,51 @@ def test_a_fresh_process_imports_only_the_output_module_it_needs(bert_pt2):
     note, output_type = done.stdout.strip().splitlines()[-2:]
     assert "imported transformers.modeling_outputs" in note
     assert output_type == "SequenceClassifierOutput"
+
+
+@pytest.mark.slow  # a fine-tune, its ReLU control and an ONNX export: about 10 s
+def test_pickled_bert_on_token_data_is_verified_fine_tuned_and_exported(tmp_path):
+    """The whole route a user takes with a saved classifier (in training mode, as most are):
+    int64 sample inputs from --input-shape verify it, integer data scores and fine-tunes it,
+    and the ONNX export runs in plain onnxruntime with a dynamic batch."""
+    import numpy as np
+    import onnxruntime
+
+    model, _, _ = _build("bert")
+    torch.save(model.train(), tmp_path / "bert.pt")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, VOCAB, size=(40, SEQ)).astype(np.int64)
+    np.savez(tmp_path / "tokens.npz", x=x, y=x[:, 0] % 2)
+    out, exported = tmp_path / "bert.carelu.pt", tmp_path / "bert.carelu.onnx"
+    result = run_cli("retrofit", tmp_path / "bert.pt", "--trust-pickle", "--input-shape",
+                     f"input_ids:{BATCH},{SEQ}:int64", "--data", tmp_path / "tokens.npz",
+                     "--finetune", tmp_path / "tokens.npz", "--epochs", "1", "--control",
+                     "--export-onnx", exported, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verified"] and report["parity"]["max_abs_diff"] == 0
+    assert report["replaced"] == 2 and set(report["accuracy"]) == {
+        "before", "after swap", "after fine-tune", "control"}
+    assert any("training mode" in note for note in report["notes"])
+
+    trained = torch.load(out, weights_only=False)
+    ids = torch.from_numpy(x[:5])  # a batch size the export never saw
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+    with torch.no_grad():
+        expected = trained(ids).logits
+    np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-5)
+    scored = run_cli("evaluate", exported, "--data", tmp_path / "tokens.npz", "--json")
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["top1"] == report["accuracy"]["after fine-tune"]["top1"]
+
+
+def test_pickled_transformers_model_without_transformers_says_how_to_get_it(tmp_path, monkeypatch):
+    model, _, _ = _build("bert")
+    torch.save(model, tmp_path / "bert.pt")
+    for name in [name for name in sys.modules if name.partition(".")[0] == "transformers"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
+    result = run_cli("inspect", tmp_path / "bert.pt", "--trust-pickle")
+    assert result.exit_code == 3
+    assert "pip install transformers" in one_line(result)
