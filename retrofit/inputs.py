@@ -60,16 +60,17 @@ class InputShape:
 
 def random_inputs(
     shapes: Sequence[InputShape], dtypes: Sequence[torch.dtype] | None = None, seed: int = 0,
-    index_bound: int = DEFAULT_INDEX_BOUND,
+    index_bound: int | Sequence[int] = DEFAULT_INDEX_BOUND,
 ) -> tuple[torch.Tensor, ...]:
     """Seeded inputs of the given shapes: standard normal for floating types, uniform in
-    ``[0, index_bound)`` for integer types (token ids that stay inside an embedding table: pass
-    :func:`embedding_bound` of the model), fair coin flips for bool. The type is ``dtypes[i]``,
-    else the shape's own, else float32."""
+    ``[0, bound)`` for integer types (token ids that stay inside an embedding table: pass
+    :func:`embedding_bound` of the model, or one bound per input from :func:`table_bounds`),
+    fair coin flips for bool. The type is ``dtypes[i]``, else the shape's own, else float32."""
     generator = torch.Generator().manual_seed(seed)
     chosen = list(dtypes) if dtypes else [shape.dtype or torch.float32 for shape in shapes]
-    return tuple(_random_tensor(shape.dims, dtype, generator, index_bound)
-                 for shape, dtype in zip(shapes, chosen))
+    bounds = [index_bound] * len(shapes) if isinstance(index_bound, int) else list(index_bound)
+    return tuple(_random_tensor(shape.dims, dtype, generator, bound)
+                 for shape, dtype, bound in zip(shapes, chosen, bounds))
 
 
 def _random_tensor(dims: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator,
@@ -101,6 +102,46 @@ def _table_rows(graph_module: torch.fx.GraphModule, weight: object) -> int:
     if value is None and weight.op == "get_attr":
         value = getattr(graph_module, str(weight.target), None)
     return int(value.shape[0]) if isinstance(value, torch.Tensor) and value.ndim else 0
+
+
+def table_bounds(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[int]:
+    """Per input, the rows of the smallest embedding table that input indexes, seen in one
+    forward pass on ``inputs`` (an exported graph: its ``aten.embedding`` calls on a model
+    input); :func:`embedding_bound` for inputs that index none.
+
+    BERT's ``input_ids`` index a vocabulary of thousands, its ``token_type_ids`` a table of 2:
+    the smallest table of the model would keep every sample token at 0 or 1.
+    """
+    fallback = embedding_bound(module)
+    found: dict[int, int] = {}
+
+    def note(index: int, rows: int) -> None:
+        if rows:
+            found[index] = min(rows, found.get(index, rows))
+
+    for graph_module in module.modules():
+        if isinstance(graph_module, torch.fx.GraphModule):
+            placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+            for node in graph_module.graph.nodes:
+                if node.target is torch.ops.aten.embedding.default and node.args[1] in placeholders:
+                    note(placeholders.index(node.args[1]), _table_rows(graph_module, node.args[0]))
+
+    def seen(table: nn.Module, args: tuple[object, ...]) -> None:
+        for index, given in enumerate(inputs):
+            if any(arg is given for arg in args):
+                note(index, table.num_embeddings)
+
+    handles = [m.register_forward_pre_hook(seen) for m in module.modules()
+               if isinstance(m, EMBEDDINGS)]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    except Exception:  # noqa: BLE001 - user code failing on these values: keep what was seen
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [found.get(index, fallback) for index in range(len(inputs))]
 
 
 class _FedEmbedding(Exception):

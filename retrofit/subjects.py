@@ -25,7 +25,9 @@ from retrofit.census import take_census
 from retrofit.config import ActivationConfig, MRePUConfig
 from retrofit.errors import BadInputError, UsageError
 from retrofit.evaluate import Predictor, onnx_predictor, torch_predictor
-from retrofit.inputs import InputShape, embedding_bound, embedding_inputs, random_inputs
+from retrofit.inputs import (
+    InputShape, embedding_bound, embedding_inputs, random_inputs, table_bounds,
+)
 from retrofit.model_io import ModelFormat, TorchModel, load_torch_model, save_torch_model
 from retrofit.retrofit_record import RetrofitRecord, RetrofitStep
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
@@ -314,16 +316,21 @@ def _torch_sample_inputs(loaded: TorchModel, shapes: tuple[InputShape, ...], see
                              f"exported with a static batch of {static}, which the written "
                              f".pt2 keeps: give batch {static}")
         dtypes.append(shape.dtype or declared or torch.float32)
-    bound = embedding_bound(loaded.module)
+    bound = embedding_bound(loaded.module)  # in range for every table: safe for a first run
     inputs = random_inputs(shapes, dtypes, seed=seed, index_bound=bound)
     guessed = {i for i, shape in enumerate(shapes)
                if shape.dtype is None and dtypes[i].is_floating_point}
     ids = embedding_inputs(loaded.module, inputs) & guessed
+    dtypes = [torch.int64 if index in ids else dtype for index, dtype in enumerate(dtypes)]
+    if not any(not dtype.is_floating_point and dtype != torch.bool for dtype in dtypes):
+        return inputs
+    bounds = table_bounds(loaded.module, random_inputs(shapes, dtypes, seed=seed,
+                                                       index_bound=bound))
     for index in sorted(ids):
-        dtypes[index] = torch.int64
         notes.append(f"input {index + 1} goes straight into an embedding: its sample input holds "
-                     f"int64 token ids in [0, {bound}) (add :int64 to --input-shape to say so)")
-    return random_inputs(shapes, dtypes, seed=seed, index_bound=bound) if ids else inputs
+                     f"int64 token ids in [0, {bounds[index]}) (add :int64 to --input-shape to "
+                     "say so)")
+    return random_inputs(shapes, dtypes, seed=seed, index_bound=bounds)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

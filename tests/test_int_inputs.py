@@ -14,7 +14,9 @@ from torch import nn
 
 from retrofit.errors import UsageError
 from retrofit.evaluate import onnx_predictor
-from retrofit.inputs import InputShape, embedding_bound, embedding_inputs, random_inputs
+from retrofit.inputs import (
+    InputShape, embedding_bound, embedding_inputs, random_inputs, table_bounds,
+)
 from retrofit.onnx_io import gather_bound, make_onnx_inputs
 from tests.conftest import one_line, run_cli
 
@@ -91,6 +93,30 @@ def test_integer_sample_inputs_stay_inside_the_smallest_embedding_table() -> Non
     assert int(ids.max()) > 1  # not just 0 and 1
     assert embedding_inputs(model, (torch.randn(2, LENGTH),)) == {0}
     assert embedding_inputs(nn.Linear(LENGTH, 2), (torch.randn(2, LENGTH),)) == set()
+
+
+class _TwoTables(nn.Module):
+    """BERT's pattern: token ids index a large vocabulary, segment ids a table of two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = nn.Embedding(50, 4)
+        self.segments = nn.Embedding(2, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.words(ids) + self.segments(segments)).mean(1))
+
+
+def test_each_integer_input_is_bounded_by_the_table_it_indexes() -> None:
+    model = _TwoTables()
+    inputs = (torch.zeros(2, LENGTH, dtype=torch.int64), torch.zeros(2, LENGTH, dtype=torch.int64))
+    assert embedding_bound(model) == 2
+    assert table_bounds(model, inputs) == [50, 2]
+    assert table_bounds(torch.export.export(model, inputs).module(), inputs) == [50, 2]
+    ids, segments = random_inputs([InputShape((8, LENGTH), dtype=torch.int64)] * 2,
+                                  index_bound=[50, 2])
+    assert int(ids.max()) > 1 and int(ids.max()) < 50 and int(segments.max()) <= 1
 
 
 def _pt2(tmp_path: Path) -> Path:
