@@ -213,8 +213,20 @@ def _open(request: RetrofitRequest, val: ClassificationData | None) -> Subject:
 
 def _fed_to(subject: Subject, data: ClassificationData | None) -> ClassificationData | None:
     """The data as the model takes it: int64 token ids for a model with integer inputs (integer
-    data only), else float32 (integer data such as uint8 images included, as stored)."""
-    return as_token_ids(data) if data is not None and subject.takes_token_ids else data
+    data only), else float32 (integer data such as uint8 images included, as stored).
+
+    A dataset holds one input per sample (``x``): a model that takes several is refused here,
+    before any work, rather than when its first batch fails."""
+    if data is None:
+        return None
+    names = subject.input_names
+    if len(names) != 1:
+        raise UnsupportedModelError(
+            f"{subject.path} takes {len(names)} inputs ({', '.join(names)}); scoring and "
+            "fine-tuning feed one, the data's x: save the model with that input alone (e.g. "
+            "export a classifier called with input_ids only)"
+        )
+    return as_token_ids(data) if subject.takes_token_ids else data
 
 
 def _rewrite(subject: Subject, request: RetrofitRequest) -> RetrofitResult[Any]:

@@ -63,6 +63,9 @@ class Subject(Protocol):
     @property
     def takes_token_ids(self) -> bool: ...
 
+    @property
+    def input_names(self) -> list[str]: ...
+
     def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[Any]: ...
     def parity(self, rewritten: Any) -> OutputParity | None: ...
     def predictor(self, model: Any, device: str) -> Predictor: ...
@@ -124,6 +127,14 @@ class TorchSubject:
     def inputs(self) -> tuple[torch.Tensor, ...] | None:
         return self.loaded.example_inputs
 
+    @property
+    def input_names(self) -> list[str]:
+        """The program's own input names for a ``.pt2``; positions otherwise."""
+        program = self.loaded.program
+        if program is not None:
+            return list(program.graph_signature.user_inputs)
+        return [f"input {i + 1}" for i in range(len(self.inputs or ()) or 1)]
+
     def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[nn.Module]:
         result = retrofit_torch_model(self.original, config, select)
         if self.inputs is not None:
@@ -169,6 +180,10 @@ class OnnxSubject:
     format: ModelFormat = ModelFormat.ONNX
     fixed_batch: int | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
 
     @property
     def takes_token_ids(self) -> bool:

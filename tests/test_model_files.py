@@ -293,3 +293,27 @@ def test_config_of_record_round_trips():
                             FACTORY, {"num_classes": 5})
     back = RetrofitRecord.from_json(record.to_json(), "file")
     assert back.steps == record.steps and back.arch == FACTORY
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x * mask).mean(1, keepdim=True).repeat(1, 3)
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_a_model_taking_two_inputs_is_refused_for_one_input_data_before_any_work(tmp_path, suffix):
+    example = (torch.randn(2, 4), torch.ones(2, 4))
+    path = tmp_path / f"two{suffix}"
+    if suffix == ".pt2":
+        torch.export.save(torch.export.export(TwoInputs(), example), path)
+    else:
+        torch.onnx.export(TwoInputs(), example, str(path), dynamo=False,
+                          input_names=["x", "mask"])
+    data = tmp_path / "val.npz"
+    np.savez(data, x=np.zeros((4, 4), np.float32), y=np.zeros(4, np.int64))
+    for command in (("evaluate", path, "--data", data),
+                    ("retrofit", path, "--data", data, "-o", tmp_path / f"out{suffix}")):
+        result = run_cli(*command)
+        assert result.exit_code == ExitCode.BAD_INPUT
+        assert "takes 2 inputs (x, mask)" in one_line(result)
+    assert not (tmp_path / f"out{suffix}").exists()
