@@ -128,7 +128,7 @@ def table_bounds(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[in
 
     def seen(table: nn.Module, args: tuple[object, ...]) -> None:
         for index, given in enumerate(inputs):
-            if any(arg is given for arg in args):
+            if any(_holds_data_of(arg, given) for arg in args):
                 note(index, table.num_embeddings)
 
     handles = [m.register_forward_pre_hook(seen) for m in module.modules()
@@ -144,6 +144,14 @@ def table_bounds(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[in
     return [found.get(index, fallback) for index in range(len(inputs))]
 
 
+def _holds_data_of(arg: object, given: torch.Tensor) -> bool:
+    """``arg`` is the model input ``given`` or a view of it (``input_ids.view(-1, n)``, as OPT
+    and GPT-2 write before their lookup): the same memory, reached without computing."""
+    if not isinstance(arg, torch.Tensor) or arg.numel() == 0 or given.numel() == 0:
+        return arg is given
+    return arg.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
+
+
 class _FedEmbedding(Exception):
     """Internal: an embedding was called on model input ``index`` (the probe stops there)."""
 
@@ -155,7 +163,7 @@ class _FedEmbedding(Exception):
 def _first_embedding_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None:
     def stop(_module: nn.Module, args: tuple[object, ...]) -> None:
         for index, given in enumerate(inputs):
-            if any(arg is given for arg in args):
+            if any(_holds_data_of(arg, given) for arg in args):
                 raise _FedEmbedding(index)
 
     handles = [m.register_forward_pre_hook(stop) for m in module.modules()

@@ -23,6 +23,7 @@ from retrofit.batching import (
 )
 from retrofit.census import take_census
 from retrofit.config import ActivationConfig, MRePUConfig
+from retrofit.data import MODEL_CALL_ERRORS, first_error_line
 from retrofit.errors import BadInputError, UsageError
 from retrofit.evaluate import Predictor, onnx_predictor, torch_predictor
 from retrofit.inputs import (
@@ -33,7 +34,7 @@ from retrofit.retrofit_record import RetrofitRecord, RetrofitStep
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
 from retrofit.torch_rewrite import retrofit_torch_model
 from retrofit.verify import (
-    OutputParity, compare_outputs, copy_module, torch_outputs, torch_parity,
+    OutputParity, compare_outputs, copy_module, torch_outputs,
 )
 
 
@@ -106,10 +107,25 @@ class TorchSubject:
     loaded: TorchModel
     fixed_batch: int | None = None
     notes: list[str] = field(default_factory=list)
+    _reference: list[np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def takes_token_ids(self) -> bool:
         return bool(self.inputs) and _is_index_dtype(self.inputs[0].dtype)
+
+    def reference_outputs(self) -> list[np.ndarray]:
+        """The original's outputs on the sample inputs, computed once. The original failing on
+        them is the inputs' fault (a shape, a value its code checks), not the rewrite's."""
+        assert self.inputs is not None
+        if self._reference is None:
+            try:
+                self._reference = torch_outputs(self.original, self.inputs)
+            except MODEL_CALL_ERRORS as error:
+                raise BadInputError(
+                    f"{self.path} fails on its sample inputs ({first_error_line(error)}); give "
+                    "inputs it takes: --input-shape, or --data with samples it accepts"
+                ) from error
+        return self._reference
 
     @property
     def format(self) -> ModelFormat:
@@ -138,11 +154,14 @@ class TorchSubject:
     def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[nn.Module]:
         result = retrofit_torch_model(self.original, config, select)
         if self.inputs is not None:
+            self.reference_outputs()  # before the rewritten model runs: whose fault is a failure
             _add_census(result, self.inputs)
         return result
 
     def parity(self, rewritten: nn.Module) -> OutputParity | None:
-        return None if self.inputs is None else torch_parity(self.original, rewritten, self.inputs)
+        if self.inputs is None:
+            return None
+        return compare_outputs(self.reference_outputs(), torch_outputs(rewritten, self.inputs))
 
     def predictor(self, model: nn.Module, device: str) -> Predictor:
         return torch_predictor(model, device=device, fixed_batch=self.fixed_batch)

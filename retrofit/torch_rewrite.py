@@ -564,9 +564,13 @@ def retrofit_torch_model(
     select = select or SiteSelector()
     rewrite = _collect(copy_module(model))
     if not rewrite.candidates:
-        raise UnsupportedModelError(no_site_message(
-            "nn.ReLU, F.relu, torch.relu, Tensor.relu and their in-place forms",
-            rewrite.others))
+        message = no_site_message("nn.ReLU, F.relu, torch.relu, Tensor.relu and their in-place "
+                                  "forms", rewrite.others)
+        if rewrite.untraced:
+            where, reason = next(iter(rewrite.untraced.items()))
+            message += (f"; {where}'s forward does not trace ({reason}), so ReLU calls written in "
+                        "it cannot be reached: call an nn.ReLU module there instead")
+        raise UnsupportedModelError(message)
     names = unique_site_names([c.base_name for c in rewrite.candidates])
     decisions = select.select(names)
     reference = next(iter(model.parameters()), None)

@@ -119,6 +119,25 @@ def test_each_integer_input_is_bounded_by_the_table_it_indexes() -> None:
     assert int(ids.max()) > 1 and int(ids.max()) < 50 and int(segments.max()) <= 1
 
 
+class _ViewedIds(nn.Module):
+    """OPT's and GPT-2's pattern: the ids are reshaped (a view) before the lookup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.view(-1, ids.shape[-1])
+        return self.fc(torch.relu(self.embed(flat)).mean(1))
+
+
+def test_ids_viewed_before_their_lookup_are_still_found_as_token_ids() -> None:
+    model = _ViewedIds()
+    assert embedding_inputs(model, (torch.randn(2, LENGTH),)) == {0}
+    assert table_bounds(model, (torch.zeros(2, LENGTH, dtype=torch.int64),)) == [40]
+
+
 def _pt2(tmp_path: Path) -> Path:
     path = tmp_path / "embed.pt2"
     torch.export.save(torch.export.export(_model(), (torch.zeros(2, LENGTH, dtype=torch.int64),)),

@@ -317,3 +317,40 @@ def test_a_model_taking_two_inputs_is_refused_for_one_input_data_before_any_work
         assert result.exit_code == ExitCode.BAD_INPUT
         assert "takes 2 inputs (x, mask)" in one_line(result)
     assert not (tmp_path / f"out{suffix}").exists()
+
+
+class RefusesOddBatches(nn.Module):
+    """Model code that checks its input's values (as T5's classifier checks for end tokens)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool((x < -10).any()):
+            raise ValueError("every example must hold a marker value")
+        return self.act(self.fc(x))
+
+
+def test_an_original_failing_on_its_sample_inputs_is_bad_input_not_a_bug(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(RefusesOddBatches(), path)
+    result = run_cli("retrofit", path, "--trust-pickle", "--input-shape", "3,4", "-o",
+                     tmp_path / "out.pt")
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert "fails on its sample inputs (every example must hold a marker value)" in one_line(result)
+    assert not (tmp_path / "out.pt").exists()
+
+
+class UntraceableFunctional(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) if bool(x.sum() > 0) else -x
+
+
+def test_no_reachable_site_in_a_forward_that_does_not_trace_says_why(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(UntraceableFunctional(), path)
+    line = one_line(run_cli("inspect", path, "--trust-pickle"))
+    assert "no ReLU site to replace" in line
+    assert "the model's forward does not trace" in line and "cannot be reached" in line
