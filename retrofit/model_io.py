@@ -221,8 +221,31 @@ def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     raise BadInputError(f"{path}: holds no state dict (a mapping of names to tensors)")
 
 
-def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
-    """Load strictly; a mismatch names the first missing, unexpected and mis-shaped keys."""
+# Prefixes that wrappers put before every key: DistributedDataParallel/DataParallel, Lightning's
+# LightningModule attribute, torch.compile's OptimizedModule.
+_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def _unwrapped_keys(model: nn.Module, state: dict[str, torch.Tensor]
+                    ) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The state with a wrapper's prefix removed when that, and only that, makes its keys the
+    architecture's; the prefix removed (None when the keys are used as they are)."""
+    expected = set(model.state_dict())
+    if set(state) == expected:
+        return state, None
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(key.startswith(prefix) for key in state):
+            stripped = {key[len(prefix):]: value for key, value in state.items()}
+            if set(stripped) == expected:
+                return stripped, prefix
+    return state, None
+
+
+def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
+                     arch: str) -> str | None:
+    """Load strictly; a mismatch names the first missing, unexpected and mis-shaped keys.
+    Returns a note when a wrapper's key prefix had to be removed."""
+    state, prefix = _unwrapped_keys(model, state)
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
@@ -243,6 +266,10 @@ def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
     except RuntimeError as error:  # e.g. a dtype that cannot be copied into the parameter
         raise BadInputError(f"{path}: the state dict does not load into --arch {arch} "
                             f"({_line(error)})") from error
+    if prefix is None:
+        return None
+    return (f"{path.name}: every key began with {prefix!r} (a wrapper's prefix), which was removed "
+            "to load the weights into --arch; the written weights have the architecture's own keys")
 
 
 def load_torch_model(
@@ -279,9 +306,9 @@ def load_torch_model(
             ) from error
         except Exception as error:
             raise BadInputError(f"{path}: cannot unpickle the module ({_line(error)})") from error
-        if not isinstance(module, nn.Module):
-            raise BadInputError(f"{path}: the pickle holds {type(module).__name__}, not an nn.Module")
-        notes = [_TRAINING_MODE_NOTE] if _in_training_mode(module) else []
+        module, notes = _module_in(module, path)
+        if _in_training_mode(module):
+            notes.append(_TRAINING_MODE_NOTE)
         return TorchModel(module.eval(), model_format, path, notes=notes)
     if model_format in (ModelFormat.STATE_DICT, ModelFormat.SAFETENSORS):
         state, record = _read_state(path, model_format)
@@ -297,10 +324,27 @@ def load_torch_model(
             module = record.rebuild(module, path)
             notes.append(f"{path.name} was written by a cadrelu retrofit ({record.summary()}); "
                          "the retrofit was applied to --arch before loading its weights")
-        _load_state_into(module, state, path, arch)
+        unwrapped = _load_state_into(module, state, path, arch)
+        notes += [unwrapped] if unwrapped else []
         return TorchModel(module.eval(), model_format, path, arch=arch,
                           arch_kwargs=dict(arch_kwargs or {}), record=record, notes=notes)
     raise BadInputError(f"{path}: {model_format.value} is not a PyTorch format")
+
+
+# Keys under which training checkpoints keep the module itself (YOLO-style, EMA checkpoints).
+_MODULE_KEYS = ("model", "module", "net", "network", "ema")
+
+
+def _module_in(obj: Any, path: Path) -> tuple[nn.Module, list[str]]:
+    """The unpickled module, also from a checkpoint dict that holds one under a usual key."""
+    if isinstance(obj, nn.Module):
+        return obj, []
+    if isinstance(obj, dict):
+        for key in _MODULE_KEYS:
+            if isinstance(obj.get(key), nn.Module):
+                return obj[key], [f"{path.name} is a checkpoint: its {key!r} entry is the model; "
+                                  "the written file holds that module alone"]
+    raise BadInputError(f"{path}: the pickle holds {type(obj).__name__}, not an nn.Module")
 
 
 def load_model(path: Path, *, arch: str | None = None, arch_kwargs: Mapping[str, Any] | None = None,

@@ -354,3 +354,40 @@ def test_no_reachable_site_in_a_forward_that_does_not_trace_says_why(tmp_path):
     line = one_line(run_cli("inspect", path, "--trust-pickle"))
     assert "no ReLU site to replace" in line
     assert "the model's forward does not trace" in line and "cannot be reached" in line
+
+
+@pytest.mark.parametrize("prefix", ["module.", "model.", "_orig_mod."])
+def test_weights_saved_through_a_wrapper_load_without_its_prefix(tmp_path, prefix):
+    state = {prefix + key: value for key, value in head_cnn().state_dict().items()}
+    path = tmp_path / "ddp.pt"
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    out = tmp_path / "out.pt"
+    result = run_cli("retrofit", path, "--arch", FACTORY, "--input-shape", "2,3,8,8", "-o", out,
+                     "--json")
+    assert result.exit_code == 0, result.output
+    assert any(f"began with {prefix!r}" in note for note in json.loads(result.stdout)["notes"])
+    written = torch.load(out, weights_only=True)
+    assert not any(key.startswith(prefix) for key in written)
+    x = _inputs()
+    torch.testing.assert_close(_eval_outputs(load_model(out, arch=FACTORY), x),
+                               _eval_outputs(head_cnn(), x))
+
+
+def test_a_prefix_that_does_not_make_the_keys_fit_is_still_a_mismatch(tmp_path):
+    state = {"module." + key: value for key, value in head_cnn(num_classes=7).state_dict().items()}
+    torch.save(state, tmp_path / "ddp.pt")
+    result = run_cli("inspect", tmp_path / "ddp.pt", "--arch", FACTORY)
+    assert result.exit_code == ExitCode.BAD_INPUT and "does not fit" in one_line(result)
+
+
+def test_a_pickled_checkpoint_dict_gives_its_model(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 7, "model": head_cnn(), "optimizer": {"lr": 0.1}}, path)
+    out = tmp_path / "out.pt"
+    result = run_cli("retrofit", path, "--trust-pickle", "--input-shape", "2,3,8,8", "-o", out,
+                     "--json")
+    assert result.exit_code == 0, result.output
+    assert any("its 'model' entry is the model" in n for n in json.loads(result.stdout)["notes"])
+    x = _inputs()
+    torch.testing.assert_close(_eval_outputs(torch.load(out, weights_only=False), x),
+                               _eval_outputs(head_cnn(), x))
