@@ -74,7 +74,7 @@ def setup_distributed(device: str) -> tuple[DistContext, torch.device]:
     ``cuda:LOCAL_RANK``.
     """
     already = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if already else int(os.environ.get("WORLD_SIZE", "1"))
+    world = dist.get_world_size() if already else world_size()
     resolved = resolve_device(device)
     if world <= 1:
         return DistContext(), resolved

@@ -207,8 +207,9 @@ def _open(request: RetrofitRequest, val: ClassificationData | None) -> Subject:
     if val is not None:
         sample = torch.stack([val[i][0] for i in range(min(2, len(val)))])
     return open_subject(request.model, model_format, arch=request.arch,
-                        arch_kwargs=request.arch_kwargs, trust_pickle=request.trust_pickle, input_shapes=request.input_shapes,
-                        seed=request.seed, as_functions=request.onnx_functions, data_sample=sample)
+                        arch_kwargs=request.arch_kwargs, trust_pickle=request.trust_pickle,
+                        input_shapes=request.input_shapes, seed=request.seed,
+                        as_functions=request.onnx_functions, data_sample=sample)
 
 
 def _fed_to(subject: Subject, data: ClassificationData | None) -> ClassificationData | None:

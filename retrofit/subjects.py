@@ -356,7 +356,7 @@ def _torch_sample_inputs(loaded: TorchModel, shapes: tuple[InputShape, ...], see
                if shape.dtype is None and dtypes[i].is_floating_point}
     ids = embedding_inputs(loaded.module, inputs) & guessed
     dtypes = [torch.int64 if index in ids else dtype for index, dtype in enumerate(dtypes)]
-    if not any(not dtype.is_floating_point and dtype != torch.bool for dtype in dtypes):
+    if not any(_is_index_dtype(dtype) for dtype in dtypes):
         return inputs
     bounds = table_bounds(loaded.module, random_inputs(shapes, dtypes, seed=seed,
                                                        index_bound=bound))
