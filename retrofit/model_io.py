@@ -371,15 +371,13 @@ def _read_state(path: Path, model_format: ModelFormat) -> tuple[dict[str, torch.
     try:
         if model_format is ModelFormat.SAFETENSORS:
             from safetensors import safe_open
-            from safetensors.torch import load_file
 
-            with safe_open(str(path), framework="pt") as handle:
+            with safe_open(str(path), framework="pt") as handle:  # one read: header and tensors
                 text = (handle.metadata() or {}).get(METADATA_KEY)
-            state = load_file(str(path))
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
         else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-            state = _state_dict_from(loaded, path)
-            metadata = getattr(state, "_metadata", None) or getattr(loaded, "_metadata", None)
+            state = _state_dict_from(torch.load(path, map_location="cpu", weights_only=True), path)
+            metadata = getattr(state, "_metadata", None)  # where save_torch_model puts the record
             root = metadata.get("") if isinstance(metadata, Mapping) else None
             text = root.get(METADATA_KEY) if isinstance(root, Mapping) else None
     except BadInputError:

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from retrofit.config import CONFIGS, ActivationConfig
-from retrofit.errors import BadInputError
+from retrofit.errors import BadInputError, SelectionError
+from retrofit.sites import SiteSelector
+from retrofit.torch_rewrite import retrofit_torch_model
 
 METADATA_KEY = "cadrelu"
 RECORD_VERSION = 1
@@ -84,12 +87,6 @@ class RetrofitRecord:
     def rebuild(self, module: nn.Module, source: object) -> nn.Module:
         """Apply every step to a freshly built architecture, replacing exactly the recorded
         sites; a recorded site the architecture does not have is a mismatch (BadInputError)."""
-        import re
-
-        from retrofit.errors import SelectionError
-        from retrofit.sites import SiteSelector
-        from retrofit.torch_rewrite import retrofit_torch_model
-
         for step in self.steps:
             select = SiteSelector(include=tuple(re.escape(name) for name in step.sites))
             try:
