@@ -40,14 +40,29 @@ def run_in_batches(forward: Callable[[Tensor], Tensor], batch: Tensor, size: int
     for start in range(0, n, size):
         chunk = batch[start:start + size]
         if chunk.shape[0] < size:
-            chunk = torch.cat([chunk, chunk[:1].expand(size - chunk.shape[0], *chunk.shape[1:])])
+            chunk = first_row_repeated(chunk, size - chunk.shape[0])
         outputs.append(forward(chunk))
     return torch.cat(outputs)[:n]
 
 
+def first_row_repeated(x: Tensor, rows: int = 1) -> Tensor:
+    """``x`` with ``rows`` copies of its first row appended: a larger batch whose outputs are
+    known for a model whose rows do not interact (see :func:`outputs_when_grown`)."""
+    return torch.cat([x, x[:1].expand(rows, *x.shape[1:])])
+
+
 def grown_by_one(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """Every input with its first row appended: a batch one larger whose outputs are known."""
-    return tuple(torch.cat([x, x[:1]]) for x in inputs)
+    return tuple(first_row_repeated(x) for x in inputs)
+
+
+def outputs_when_grown(reference: Sequence[np.ndarray], n: int, rows: int = 1
+                       ) -> list[np.ndarray]:
+    """What a model whose rows do not interact returns once its batch of ``n`` is grown by
+    ``rows`` copies of row 0: each output with that batch axis gets the copies of its row 0;
+    outputs without one are as they were."""
+    return [np.concatenate([ref, np.repeat(ref[:1], rows, axis=0)])
+            if np.ndim(ref) and np.shape(ref)[0] == n else ref for ref in reference]
 
 
 def _same_rows(reference: Sequence[np.ndarray], grown: Sequence[np.ndarray], n: int) -> bool:
@@ -58,9 +73,10 @@ def _same_rows(reference: Sequence[np.ndarray], grown: Sequence[np.ndarray], n: 
     batched = [i for i, r in enumerate(reference) if np.ndim(r) and np.shape(r)[0] == n]
     if any(np.shape(grown[i])[:1] != (n + 1,) for i in batched):
         return False
-    expected = [np.concatenate([reference[i], reference[i][:1]]) for i in batched]
+    expected = outputs_when_grown(reference, n)
     try:
-        return compare_outputs(expected, [grown[i] for i in batched]).relative <= PROBE_TOLERANCE
+        return compare_outputs([expected[i] for i in batched],
+                               [grown[i] for i in batched]).relative <= PROBE_TOLERANCE
     except Exception:  # noqa: BLE001 - shapes that differ beyond the batch axis: not the same rows
         return False
 

@@ -29,6 +29,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from retrofit import onnx_io
 from retrofit.atomic import check_output_path
+from retrofit.batching import first_row_repeated, outputs_when_grown
 from retrofit.errors import BadInputError, ParityError
 from retrofit.model_io import _torch_export_logs
 from retrofit.onnx_io import check_onnx_model, iter_nodes, run_onnx, save_onnx
@@ -40,7 +41,8 @@ opset 18 and converts up; onnxruntime runs opset 20 from 1.17 on."""
 
 _ERROR_LIMIT = 300
 _EXTRA = 2
-"""Rows added to the sample batch for the second batch size checked."""
+"""Rows added to the sample batch for the second batch size checked: the sample and two copies
+of its first row, larger than the batch of two a batch of one is traced with."""
 _MIXED_BATCH = ("at batch {larger} its outputs were not each sample's output at the sample "
                 "batch: the graph mixes samples, as a reshape to a fixed batch does")
 
@@ -87,7 +89,8 @@ def export_onnx(
     program, failure = _export_program(traceable, example_inputs, dynamic_dims)
     model, dynamic, parity = job.translate(program)
     if any(dynamic):
-        larger = tuple(_grow(x) if grow else x for x, grow in zip(example_inputs, dynamic))
+        larger = tuple(first_row_repeated(x, _EXTRA) if grow else x
+                       for x, grow in zip(example_inputs, dynamic))
         if _widened(dynamic, dynamic_dims):
             # The source defines its outputs at one batch only: a real batch axis keeps each
             # sample's output as it was, which is what the larger batch is held to.
@@ -142,9 +145,8 @@ class _Verifier:
                           batched_input: int) -> OutputParity | None:
         """Parity at the larger batch against the sample outputs, row by row: None when the
         outputs do not follow the batch (their shapes differ, or onnxruntime refuses)."""
-        batch = self.inputs[batched_input].shape[0]
-        expected = [np.concatenate([ref, np.repeat(ref[:1], _EXTRA, axis=0)])
-                    if ref.ndim and ref.shape[0] == batch else ref for ref in self.reference]
+        expected = outputs_when_grown(self.reference, self.inputs[batched_input].shape[0],
+                                      _EXTRA)
         try:
             return self.parity(model, larger, expected)
         except (BadInputError, ParityError):
@@ -304,12 +306,6 @@ def _cause(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return text if len(text) <= _ERROR_LIMIT else text[: _ERROR_LIMIT - 3] + "..."
-
-
-def _grow(x: torch.Tensor) -> torch.Tensor:
-    """The second batch size checked: the sample and ``_EXTRA`` copies of its first row (larger
-    than the batch of two a batch of one is traced with)."""
-    return torch.cat([x, x[:1].expand(_EXTRA, *x.shape[1:])])
 
 
 def _widened(dynamic: tuple[bool, ...], dynamic_dims: tuple[tuple[int, ...], ...] | None) -> bool:
