@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -639,24 +639,33 @@ def _session(model: onnx.ModelProto) -> "onnxruntime.InferenceSession":  # noqa:
         raise BadInputError(f"onnxruntime cannot load the model: {_one_line(error)}") from error
 
 
-def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Run ``model`` on onnxruntime's CPU provider; one array per graph output, in order."""
+def onnx_runner(model: onnx.ModelProto) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
+    """:func:`run_onnx` for several runs of one model: the onnxruntime session is built once."""
     session = _session(model)
     expected = {value.name for value in session.get_inputs()}
-    unknown = sorted(set(inputs) - expected)
-    missing = sorted(expected - set(inputs))
-    if unknown or missing:
-        parts = []
-        if missing:
-            parts.append(f"missing input(s) {', '.join(map(repr, missing))}")
-        if unknown:
-            parts.append(f"unknown input(s) {', '.join(map(repr, unknown))}")
-        raise UsageError("cannot run the model: " + "; ".join(parts))
     import onnxruntime
 
     options = onnxruntime.RunOptions()
     options.log_severity_level = 3  # the error below says it once, in one line
-    try:
-        return list(session.run(None, dict(inputs), options))
-    except Exception as error:  # onnxruntime's pybind exception types
-        raise BadInputError(f"onnxruntime failed to run the model: {_one_line(error)}") from error
+
+    def run(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        unknown = sorted(set(inputs) - expected)
+        missing = sorted(expected - set(inputs))
+        if unknown or missing:
+            parts = []
+            if missing:
+                parts.append(f"missing input(s) {', '.join(map(repr, missing))}")
+            if unknown:
+                parts.append(f"unknown input(s) {', '.join(map(repr, unknown))}")
+            raise UsageError("cannot run the model: " + "; ".join(parts))
+        try:
+            return list(session.run(None, dict(inputs), options))
+        except Exception as error:  # onnxruntime's pybind exception types
+            raise BadInputError(f"onnxruntime failed to run the model: {_one_line(error)}") from error
+
+    return run
+
+
+def run_onnx(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run ``model`` on onnxruntime's CPU provider; one array per graph output, in order."""
+    return onnx_runner(model)(inputs)

@@ -373,7 +373,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _open_onnx(path: Path, input_shapes: tuple[InputShape, ...], seed: int, as_functions: bool,
                data_sample: torch.Tensor | None) -> OnnxSubject:
-    from retrofit.onnx_io import check_onnx_model, load_onnx, make_onnx_inputs, run_onnx
+    from retrofit.onnx_io import check_onnx_model, load_onnx, make_onnx_inputs, onnx_runner
 
     model = load_onnx(path)
     try:
@@ -399,8 +399,9 @@ def _open_onnx(path: Path, input_shapes: tuple[InputShape, ...], seed: int, as_f
         return OnnxSubject(model, path, inputs, as_functions, fixed_batch=declared_batch,
                            notes=notes)
     tensors = tuple(torch.from_numpy(array) for array in inputs.values())
+    run = onnx_runner(model)  # one session for the probe's runs
     probe = probe_fixed_batch(
-        lambda feeds: run_onnx(model, {n: t.numpy() for n, t in zip(inputs, feeds)}), tensors)
+        lambda feeds: run({n: t.numpy() for n, t in zip(inputs, feeds)}), tensors)
     if probe.fixed is not None:
         inputs = {name: tensor.numpy() for name, tensor in zip(inputs, probe.inputs)}
         notes.append(fixed_batch_note(
