@@ -2,7 +2,9 @@
 
 Every :class:`~retrofit.errors.RetrofitError` becomes one line on stderr and its documented
 exit code; anything unexpected becomes one "internal error" line and exit code 1 (set
-``CADRELU_DEBUG=1`` to see the traceback).
+``CADRELU_DEBUG=1`` to see the traceback). Click's own usage errors (an unknown option, a bad
+choice) are one line and exit code 2 too (:class:`_OneLineErrors`). The console script starts
+in :mod:`cli.entry`, which catches Ctrl-C and SIGTERM before this module's imports run.
 """
 
 from __future__ import annotations
@@ -13,33 +15,77 @@ import sys
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig, RePUConfig
+from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.distributed import is_main_process
 from retrofit.errors import ExitCode, RetrofitError
 from retrofit.inputs import InputShape
 from retrofit.model_io import parse_arch_kwargs
+from retrofit.options import ACTIVATION_OPTIONS, activation_config, check_options_apply
 from retrofit.job import (
     DataOptions, Gates, RetrofitReport, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
 )
 from retrofit.report import append_step_summary, print_report, report_to_json, report_to_markdown
 from retrofit.sites import SiteSelector
-from retrofit.train import FinetuneConfig, TrainingDiverged
+from retrofit.train import FinetuneConfig
 from retrofit.atomic import write_text_atomic
 
+try:  # Typer 0.2x vendors Click, and raises its own copy's exceptions
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+
+
+def _error(message: object, prefix: str = "error: ") -> None:
+    """One line on stderr, printed as it is (no markup), from the main process only: under
+    torchrun every rank fails alike, and one line is what the caller reads."""
+    if is_main_process():
+        err.print(Text.assemble((prefix, "red"), " ".join(str(message).split())), highlight=False)
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Click's usage errors (unknown option, bad choice, missing argument) as one line and exit
+    code 2, like every other error, instead of Typer's box of usage and help text."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as no_args:
+            no_args.show()  # no command at all: the help is the answer
+            code = no_args.exit_code
+        except click_errors.UsageError as error:
+            command = error.ctx.command_path if error.ctx else "cadrelu"
+            message = error.format_message().replace(": Value error, ", ": ")  # pydantic's prefix
+            _error(f"{message} (see {command} --help)")
+            code = ExitCode.USAGE
+        except click_errors.ClickException as error:
+            _error(error.format_message())
+            code = error.exit_code
+        except click_errors.Abort:
+            _error("interrupted", prefix="")
+            code = ExitCode.INTERRUPTED
+        code = int(code or 0)
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Retrofit trained ReLU networks: every ReLU becomes CompetitiveReLU (CAReLU) or MRePU.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-T = TypeVar("T")
 
 
 class Activation(str, Enum):
@@ -77,12 +123,10 @@ def _run(job: Callable[[], T]) -> T:
     try:
         return job()
     except RetrofitError as error:
-        err.print(f"[red]error:[/] {error}", highlight=False)
+        _error(error)
         raise typer.Exit(int(error.exit_code)) from None
     except KeyboardInterrupt as interrupt:
-        saved = getattr(interrupt, "checkpoint", None)
-        hint = f"; {saved} was saved: run the same command with --resume to go on" if saved else ""
-        err.print(f"interrupted{hint}", highlight=False)
+        _error(interrupted_line(interrupt), prefix="")
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     except typer.Exit:
         raise
@@ -90,9 +134,28 @@ def _run(job: Callable[[], T]) -> T:
         if os.environ.get("CADRELU_DEBUG"):
             raise
         first = (str(error).strip().splitlines() or [""])[0]
-        err.print(f"[red]internal error:[/] {type(error).__name__}: {first} "
-                  "(set CADRELU_DEBUG=1 for the traceback)", highlight=False)
+        _error(f"{type(error).__name__}: {first} (set CADRELU_DEBUG=1 for the traceback)",
+               prefix="internal error: ")
         raise typer.Exit(int(ExitCode.INTERNAL)) from None
+
+
+def interrupted_line(interrupt: KeyboardInterrupt) -> str:
+    """What Ctrl-C or SIGTERM printed: the signal, and the checkpoint ``--resume`` goes on from."""
+    by = f" by {interrupt.args[0]}" if interrupt.args and str(interrupt.args[0]).startswith("SIG") else ""
+    saved = getattr(interrupt, "checkpoint", None)
+    hint = f"; {saved} was saved: run the same command with --resume to go on" if saved else ""
+    return f"interrupted{by}{hint}"
+
+
+def _given(ctx: typer.Context) -> dict[str, Any]:
+    """The options the user set (on the command line or through the environment), with their
+    values: an option left at its default cannot contradict anything."""
+    return {name: value.value if isinstance(value, Enum) else value
+            for name, value in ctx.params.items()
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in _DEFAULTS}
+
+
+_DEFAULTS = ("DEFAULT", "DEFAULT_MAP")  # click's ParameterSource names for "not set by the user"
 
 
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2, state dict/safetensors (with --arch), pickled module (with --trust-pickle) or ONNX; the format is read from the content.")]
@@ -115,17 +178,6 @@ MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std to divide by, e.g. 0.229,0.224,0.225 (default 1).", rich_help_panel=DATA)]
 LabelOpt = Annotated[Optional[str], typer.Option("--label-column", help="CSV column holding the label (default: label/target/class/y, else the last).", rich_help_panel=DATA)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size for scoring and fine-tuning.", rich_help_panel=DATA)]
-
-
-def _config(to: Activation, measure: Measure, k: float, reduce: Reduce, p: float, c: float) -> ActivationConfig:
-    try:
-        if to is Activation.carelu:
-            return CompetitiveReLUConfig(measure=measure.value, k=k, reduce=reduce.value)
-        if to is Activation.mrepu:
-            return MRePUConfig(p=p, c=c)
-        return RePUConfig(p=p)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
 
 
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -156,6 +208,7 @@ def _request(model: Path, config: ActivationConfig, include: list[str] | None,
 
 @app.command()
 def retrofit(
+    ctx: typer.Context,
     model: ModelArg,
     to: Annotated[Activation, typer.Option("--to", help="The activation that replaces ReLU.")] = Activation.carelu,
     measure: Annotated[Measure, typer.Option(help="CAReLU competition measure: energy share, L1 share or count share of the positive side.")] = Measure.energy,
@@ -205,19 +258,21 @@ def retrofit(
     json: JsonOpt = False,
 ) -> None:
     """Rewrite every selected ReLU site, verify, optionally fine-tune, score and save."""
-    config = _config(to, measure, k, reduce, p, c)
-    data_options = _data_options(data, finetune, image_size, crop_size, mean, std, label_column,
-                                 batch_size, val_fraction)
+    given = _given(ctx)
 
     def request() -> RetrofitRequest:
+        check_options_apply(given, data=data is not None, finetune=finetune is not None)
+        config = activation_config(to.value, {name: value for name, value in given.items()
+                                              if name in ACTIVATION_OPTIONS})
+        data_options = _data_options(data, finetune, image_size, crop_size, mean, std,
+                                     label_column, batch_size, val_fraction)
         finetune_config = None
         if finetune is not None:
             finetune_config = FinetuneConfig(
                 epochs=epochs, batch_size=batch_size, optimizer=optimizer.value, lr=lr,
                 activation_lr=activation_lr, weight_decay=weight_decay, warmup_fraction=warmup,
                 grad_clip=grad_clip, seed=seed, deterministic=deterministic, amp=amp.value,
-                blend_ramp_fraction=blend_ramp, device=device, checkpoint=checkpoint,
-                resume=resume,
+                device=device, checkpoint=checkpoint, resume=resume,
             )
         return _request(model, config, include, exclude, input_shape, output=output, force=force,
                         arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
@@ -228,37 +283,32 @@ def retrofit(
                         markdown=markdown)
 
     job = _run(request)
-
-    def run() -> RetrofitReport:
-        try:
-            return retrofit_file(job)
-        except TrainingDiverged as diverged:  # show what was measured before it stopped
-            if diverged.report is not None and is_main_process():
-                _show(diverged.report, json, markdown)
-            raise
-
-    report = _run(run)
-    if not is_main_process():
-        return
-    _show(report, json, markdown)
+    report = _run(lambda: retrofit_file(job))
+    if is_main_process():
+        _run(lambda: _show(report, json, markdown))
+    if report.failure is not None:
+        _error(report.failure)
+        raise typer.Exit(int(report.failure.exit_code))
     if not report.gates_passed:
         failed = ", ".join(gate.name for gate in report.gates if not gate.passed)
-        err.print(f"[red]error:[/] gate failed: {failed}", highlight=False)
+        _error(f"gate failed: {failed}")
         raise typer.Exit(int(ExitCode.GATE))
 
 
 def _show(report: RetrofitReport, json: bool, markdown: Path | None) -> None:
-    if json:
-        print(report_to_json(report))
-    else:
-        print_report(report, out)
-    _run(lambda: _write_markdown(report, markdown))
-
-
-def _write_markdown(report, path: Path | None) -> None:  # type: ignore[no-untyped-def]
+    """The report on stdout (a reader that closed the pipe does not stop the job), then the
+    Markdown report and the CI step summary."""
+    try:
+        if json:
+            print(report_to_json(report))
+        else:
+            print_report(report, out)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `cadrelu ... | head`: the rest of stdout goes nowhere
+        sys.stdout = open(os.devnull, "w")
     text = report_to_markdown(report)
-    if path is not None:
-        write_text_atomic(path, text)
+    if markdown is not None:
+        write_text_atomic(markdown, text)
     append_step_summary(text)
 
 
@@ -301,8 +351,9 @@ def evaluate(
     json: JsonOpt = False,
 ) -> None:
     """Top-1 (and top-5) accuracy of any supported model on a dataset."""
-    options = _data_options(data, None, image_size, crop_size, mean, std, label_column, batch_size)
-    report = _run(lambda: evaluate_file(model, options, arch=arch,
+    report = _run(lambda: evaluate_file(model, _data_options(data, None, image_size, crop_size,
+                                                             mean, std, label_column, batch_size),
+                                        arch=arch,
                                         arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
                                         trust_pickle=trust_pickle, device=device))
     result, dataset = report.result, report.dataset
@@ -316,12 +367,14 @@ def evaluate(
     out.print(f"{model}: top-1 {result.top1:.2f}%{top5} on {result.n} samples of {dataset['validation']}")
 
 
-def main() -> None:
-    """Console-script entry point."""
+def run(args: list[str] | None = None) -> int:
+    """Run the command line (``sys.argv`` by default) and return its exit code."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
-    sys.exit(app())
+    return app(args=args, prog_name="cadrelu", standalone_mode=False)
 
 
 if __name__ == "__main__":
+    from cli.entry import main
+
     main()

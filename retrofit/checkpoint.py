@@ -10,6 +10,7 @@ checks the envelope, and captures the random number generators.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import random
@@ -22,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from retrofit.atomic import atomic_output
+from retrofit.atomic import write_bytes_atomic
 from retrofit.data import first_error_line
 from retrofit.errors import BadInputError
 
@@ -33,8 +34,9 @@ CHECKPOINT_FORMAT = "cadrelu.finetune-checkpoint/1"
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Write ``state`` (plus the format tag) to ``path`` atomically: a reader, or a resumed run
     after a crash, sees the previous checkpoint or this one, never a half-written file."""
-    with atomic_output(path) as temp:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, temp)
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -38,10 +38,10 @@ class CompetitiveReLUConfig:
     identity_at_init = True
 
     def __post_init__(self) -> None:
-        if self.k <= 1:
-            raise ValueError(f"K must be greater than 1, got {self.k}")
-        if self.eps <= 0:
-            raise ValueError(f"eps must be positive, got {self.eps}")
+        if not 1 < self.k < math.inf:  # NaN fails every comparison
+            raise ValueError(f"K must be a finite number greater than 1, got {self.k}")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"eps must be a finite positive number, got {self.eps}")
 
     @property
     def beta(self) -> float:
@@ -72,8 +72,9 @@ class MRePUConfig:
     identity_at_init = False
 
     def __post_init__(self) -> None:
-        if self.p <= 1:
-            raise ValueError(f"p must be greater than 1, got {self.p}")
+        _check_power(self.p)
+        if not math.isfinite(self.c):
+            raise ValueError(f"c must be a finite number, got {self.c}")
         if not 0.0 <= self.blend <= 1.0:
             raise ValueError(f"blend must lie in [0, 1], got {self.blend}")
         if not 0.0 <= self.ramp_fraction <= 1.0:
@@ -94,6 +95,14 @@ class RePUConfig:
     name = "repu"
     identity_at_init = False
     is_identity_init = False
+
+    def __post_init__(self) -> None:
+        _check_power(self.p)
+
+
+def _check_power(p: float) -> None:
+    if not 1 < p < math.inf:
+        raise ValueError(f"p must be a finite number greater than 1, got {p}")
 
 
 ActivationConfig = Union[CompetitiveReLUConfig, MRePUConfig, RePUConfig]

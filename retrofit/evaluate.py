@@ -38,15 +38,22 @@ class Predictor(Protocol):
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
-    """``"auto"`` is CUDA when there is a GPU, else CPU; other values go to ``torch.device``."""
+    """``"auto"`` is CUDA when there is a GPU, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` name
+    themselves. Anything else (``mps``, ``tpu``, a GPU that is not there) is a usage error."""
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
-    except RuntimeError as error:
-        raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda was asked for but no CUDA GPU is available")
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {str(device)!r}: use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device} was asked for but no CUDA GPU is available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UsageError(f"device {device} was asked for but there are only "
+                             f"{torch.cuda.device_count()} CUDA GPU(s)")
     return resolved
 
 

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from retrofit.atomic import check_output_path
+from retrofit.options import flag, require_finite
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.batching import exact_batches_note
 from retrofit.data import ClassificationData, as_token_ids, load_dataset, split_train_val
 from retrofit.distributed import is_main_process, world_size
-from retrofit.errors import UnsupportedModelError, UsageError
-from retrofit.evaluate import EvalResult, evaluate
+from retrofit.errors import OutputError, RetrofitError, UnsupportedModelError, UsageError
+from retrofit.evaluate import EvalResult, evaluate, resolve_device
 from retrofit.inputs import InputShape
 from retrofit.metrics import PairedDelta, paired_delta_ci
 from retrofit.model_io import ModelFormat, default_output_path, detect_format
@@ -53,6 +54,27 @@ class DataOptions:
     label_column: str | None = None
     batch_size: int = 256
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must lie strictly between 0 and 1, got "
+                             f"{self.val_fraction}")
+        for option, size in (("image_size", self.image_size), ("crop_size", self.crop_size)):
+            if size is not None and size < 1:
+                raise UsageError(f"{flag(option)} must be at least 1 pixel, got {size}")
+        for option, values in (("mean", self.mean), ("std", self.std)):
+            for value in values or ():
+                require_finite(option, value)
+        if self.std is not None and not all(value > 0 for value in self.std):
+            raise UsageError(f"--std values divide the data: each must be positive, got "
+                             f"{', '.join(f'{v:g}' for v in self.std)}")
+
+    @property
+    def given(self) -> bool:
+        """Whether there is any data to score on."""
+        return self.val is not None or self.train is not None
+
 
 @dataclass(frozen=True)
 class Gates:
@@ -61,6 +83,15 @@ class Gates:
 
     max_drop: float | None = None
     min_gain: float | None = None
+
+    def __post_init__(self) -> None:
+        for option, value in (("max_drop", self.max_drop), ("min_gain", self.min_gain)):
+            if value is not None:
+                require_finite(option, float(value))
+
+    @property
+    def any(self) -> bool:
+        return self.max_drop is not None or self.min_gain is not None
 
 
 @dataclass(frozen=True)
@@ -92,6 +123,20 @@ class RetrofitRequest:
     plot: Path | None = None
     markdown: Path | None = None
     """Where the caller will write the Markdown report; only checked here, before any work."""
+
+    def __post_init__(self) -> None:
+        """What can be checked without reading a file, checked before anything is read."""
+        if not 0 < self.tolerance < math.inf:
+            raise UsageError(f"--tolerance must be a finite positive number, got {self.tolerance}")
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must lie in 0 .. 2**32-1, got {self.seed}")
+        resolve_device(self.device)  # used or not: a wrong --device is never ignored
+        if self.gates.any and not self.data.given:
+            raise UsageError("a gate (--max-drop, --min-gain) needs data to score on: pass "
+                             "--data VAL (or --finetune TRAIN); without it the gate could not fail")
+        if (self.data.train is None) != (self.finetune is None):
+            raise UsageError("fine-tuning needs both training data (data.train, --finetune) "
+                             "and a FinetuneConfig (request.finetune)")
 
 
 @dataclass(frozen=True)
@@ -143,6 +188,13 @@ class RetrofitReport:
     onnx_export: Path | None = None
     onnx_export_parity: OutputParity | None = None
     unverified: str = ""
+    written: list[Path] = field(default_factory=list)
+    """The files this run wrote, in order; ``output`` is where the model was to go."""
+    failure: RetrofitError | None = None
+    """What stopped the job after the report was made (a fine-tune that diverged, an output that
+    could not be written): the caller shows the report, then fails with this error."""
+    resumed: bool = False
+    """Whether a fine-tune went on from a checkpoint (``--resume``)."""
 
     def __post_init__(self) -> None:
         if self.parity is None and not self.unverified:
@@ -190,8 +242,9 @@ def _score(subject: Subject, model: Any, val: ClassificationData, request: Retro
 
 
 def _gates(report: RetrofitReport, gates: Gates) -> list[GateResult]:
-    if not report.stages or (gates.max_drop is None and gates.min_gain is None):
+    if not gates.any:
         return []
+    assert report.stages, "a gate without data is refused by RetrofitRequest"
     change = report.stages[-1].result.top1 - report.stages[0].result.top1
     results = []
     if gates.max_drop is not None:
@@ -276,12 +329,22 @@ def evaluate_file(model: Path, data: DataOptions, *, arch: str | None = None,
 
 
 def _check_outputs(request: RetrofitRequest, model_format: ModelFormat) -> Path:
+    if request.onnx_functions and model_format is not ModelFormat.ONNX:
+        raise UsageError(f"--onnx-functions applies to ONNX models; {request.model} is "
+                         f"{model_format.value}")
     output = request.output or default_output_path(request.model, request.config.name, model_format)
+    onnx_outputs = [output] if model_format is ModelFormat.ONNX else []
     check_output_path(output, inputs=[request.model], force=request.force)
     if request.export_onnx is not None:
         if request.export_onnx.resolve() == output.resolve():
             raise UsageError("--export-onnx and -o name the same file")
         check_output_path(request.export_onnx, inputs=[request.model], force=request.force)
+        onnx_outputs.append(request.export_onnx)
+    from retrofit.onnx_io import external_data_path
+
+    for onnx_output in onnx_outputs:  # written when the weights go external: ask first
+        check_output_path(external_data_path(onnx_output), inputs=[request.model],
+                          force=request.force)
     # Reports follow the model's --force rule. The checkpoint's own rule (resume or refuse) is
     # the fine-tuning's; only its folder is checked here. All of it now, not after a fine-tune
     # whose result would then be lost.
@@ -289,8 +352,10 @@ def _check_outputs(request: RetrofitRequest, model_format: ModelFormat) -> Path:
     for report in (request.plot, request.markdown):
         if report is not None:
             check_output_path(report, inputs=inputs, force=request.force)
-    if request.finetune is not None and request.data.train is not None:
-        check_output_path(_checkpoint_path(request, output), inputs=inputs, force=True)
+    if request.finetune is not None:
+        checkpoint = _checkpoint_path(request, output)
+        for path in (checkpoint, _control_checkpoint(checkpoint)):
+            check_output_path(path, inputs=inputs, force=True)
     return output
 
 
@@ -300,17 +365,21 @@ def _checkpoint_path(request: RetrofitRequest, output: Path) -> Path:
     return Path(request.finetune.checkpoint or output.with_name(output.name + ".ckpt"))
 
 
+def _control_checkpoint(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.stem + ".control" + checkpoint.suffix)
+
+
 def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
     """Rewrite the model file, verify, score and fine-tune it, and write it; the input is never
     modified and nothing is written when a step fails.
 
     Raises :class:`~retrofit.errors.ParityError` when an identity-init rewrite does not
-    reproduce the original outputs within ``request.tolerance``. Failed gates do not raise:
-    they are in ``report.gates`` for the caller to act on after the report is shown.
+    reproduce the original outputs within ``request.tolerance``, and any other
+    :class:`~retrofit.errors.RetrofitError` found before the report exists. What fails after it
+    (a fine-tune that diverged, an output that cannot be written) is ``report.failure``, and
+    failed gates are in ``report.gates``: the caller shows the report, then acts on them.
     """
     output = _check_outputs(request, detect_format(request.model))
-    if request.data.train is not None and request.finetune is None:
-        raise UsageError("fine-tuning needs a FinetuneConfig (request.finetune)")
     val, train = _load_data(request.data, request.seed)
     subject = _open(request, val)
     val, train = _fed_to(subject, val), _fed_to(subject, train)
@@ -327,16 +396,15 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
         report.dataset = _dataset_summary(val, train)
         report.stages.append(_score(subject, subject.original, val, request, "before"))
         report.stages.append(_score(subject, result.model, val, request, "after swap"))
+    checkpoints: list[Path] = []
     if train is not None and val is not None:
         from retrofit.train import TrainingDiverged
 
         try:
-            final = _finetune(subject, request, train, val, report)
+            final, checkpoints = _finetune(subject, request, train, val, report)
         except TrainingDiverged as diverged:
-            report.notes.append(f"fine-tuning stopped: {diverged}; nothing was written")
-            _compare(report, request.seed)
-            diverged.report = report
-            raise
+            report.notes.append(f"fine-tuning stopped: {diverged}")
+            report.failure = diverged
     elif not report.preserves_function:
         report.notes.append(f"{request.config.name} does not start as ReLU: the model computes a "
                             "different function now; fine-tune it (--finetune) to recover accuracy")
@@ -344,13 +412,30 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
             report.parity.max_abs_diff):
         report.notes.append(f"MRePU overflows in this network right after the swap. {_MREPU_GROWTH}")
     _compare(report, request.seed)
-    report.gates = _gates(report, request.gates)
-    if is_main_process():
-        # The export is checked before it is written: if it fails, nothing is written at all.
+    if report.failure is None:
+        report.gates = _gates(report, request.gates)
+        if is_main_process():
+            _write_outputs(subject, final, request, report, checkpoints)
+    return report
+
+
+def _write_outputs(subject: Subject, final: Any, request: RetrofitRequest,
+                   report: RetrofitReport, checkpoints: list[Path]) -> None:
+    """The ONNX export, then the model; the fine-tune's checkpoints go only once both are
+    written, so an interrupt or a full disk before that loses no training (``--resume``).
+    An output that cannot be written is ``report.failure``; the export is checked before it is
+    written, so a failed check writes nothing at all."""
+    try:
         if request.export_onnx is not None:
             _export(subject, final, request, report)
-        subject.save(final, output, _step(report))
-    return report
+            report.written.append(request.export_onnx)
+        subject.save(final, report.output, _step(report))
+        report.written.append(report.output)
+    except OutputError as error:
+        report.failure = error
+        return
+    for checkpoint in checkpoints:
+        checkpoint.unlink(missing_ok=True)
 
 
 def _step(report: RetrofitReport) -> RetrofitStep:
@@ -372,9 +457,12 @@ def _compare(report: RetrofitReport, seed: int) -> None:
 
 
 def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationData,
-              val: ClassificationData, report: RetrofitReport) -> Any:
+              val: ClassificationData, report: RetrofitReport) -> tuple[Any, list[Path]]:
     """Fine-tune the retrofitted model (and the ReLU control when asked); returns the final
-    model in the subject's format."""
+    model in the subject's format and the checkpoints to remove once it is written (those the
+    user did not name). Ctrl-C after the fine-tune finished says which checkpoint keeps it."""
+    from retrofit.train import TrainingInterrupted
+
     assert report.output is not None
     checkpoint = _checkpoint_path(request, report.output)
     config = replace(request.finetune, device=request.device, checkpoint=checkpoint)
@@ -383,44 +471,60 @@ def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationD
         report.notes.append(exact_batches_note(subject.fixed_batch, request.finetune.batch_size,
                                                len(train), world_size()))
     trained = _finetune_once(subject.trainable(request.config, request.select), train, val,
-                             config, request)
-    report.finetune = trained
-    if request.plot is not None:
-        from retrofit.plots import save_training_plot
+                             config, request, report)
+    try:
+        report.finetune = trained
+        if request.plot is not None:
+            from retrofit.plots import save_training_plot
 
-        save_training_plot(trained.history, request.plot)
-    final, report.trained_parity = subject.from_trained(trained.model, request.config,
-                                                       request.select)
-    if report.trained_parity is not None:
-        report.trained_parity.require(request.tolerance * 10,
-                                      "the fine-tuned ONNX model disagrees with torch")
-    report.stages.append(_score(subject, final, val, request, "after fine-tune"))
-    if request.control:
-        control_checkpoint = checkpoint.with_name(checkpoint.stem + ".control" + checkpoint.suffix)
-        control = _finetune_once(subject.trainable_original(), train, val,
-                                 replace(config, checkpoint=control_checkpoint), request)
-        report.control = Stage("control", _score_torch(control.model, val, request,
-                                                       subject.fixed_batch))
-    return final
+            save_training_plot(trained.history, request.plot)
+            report.written.append(request.plot)
+        final, report.trained_parity = subject.from_trained(trained.model, request.config,
+                                                           request.select)
+        if report.trained_parity is not None:
+            report.trained_parity.require(request.tolerance * 10,
+                                          "the fine-tuned ONNX model disagrees with torch")
+        report.stages.append(_score(subject, final, val, request, "after fine-tune"))
+        kept = [checkpoint]
+        if request.control:
+            control_checkpoint = _control_checkpoint(checkpoint)
+            control = _finetune_once(subject.trainable_original(), train, val,
+                                     replace(config, checkpoint=control_checkpoint), request,
+                                     report)
+            kept.append(control_checkpoint)
+            report.control = Stage("control", _score_torch(control.model, val, request,
+                                                           subject.fixed_batch))
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise TrainingInterrupted("interrupted after the fine-tune finished", trained,
+                                  checkpoint) from None
+    named = request.finetune.checkpoint is not None
+    return final, [] if named else kept
 
 
 def _finetune_once(model: Any, train: ClassificationData, val: ClassificationData,
-                   config: Any, request: RetrofitRequest) -> Any:
-    """One fine-tuning run. Its checkpoint is kept while it may be resumed (interrupted or
-    failed runs) and removed after success unless the user named it."""
+                   config: Any, request: RetrofitRequest, report: RetrofitReport) -> Any:
+    """One fine-tuning run. Its checkpoint stays until the job's outputs are written. With
+    ``--resume`` a run whose checkpoint is missing (a control arm never started) starts anew;
+    one that had finished only loads its final state."""
     from retrofit.train import TrainingDiverged, finetune
 
     checkpoint = Path(config.checkpoint)
     if request.force and not config.resume:
         checkpoint.unlink(missing_ok=True)
+    if config.resume:
+        if checkpoint.exists():
+            report.resumed = True
+        elif report.finetune is not None:  # the retrofitted arm was resumed: this one is new
+            config = replace(config, resume=False)
     try:
         result = finetune(model, train, val, config)
     except TrainingDiverged as diverged:
         if isinstance(request.config, MRePUConfig):
             raise TrainingDiverged(f"{diverged} {_MREPU_GROWTH}", diverged.result) from None
         raise
-    if request.finetune.checkpoint is None and is_main_process():
-        checkpoint.unlink(missing_ok=True)
+    report.notes.extend(result.notes)
     return result
 
 

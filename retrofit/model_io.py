@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from retrofit.atomic import atomic_output
+from retrofit.atomic import write_bytes_atomic
 from retrofit.errors import BadInputError, UntrustedPickleError, UsageError
 from retrofit.retrofit_record import METADATA_KEY, RetrofitRecord
 from retrofit.verify import eval_mode
@@ -610,25 +610,32 @@ def save_torch_model(model: TorchModel, module: nn.Module, path: Path,
     :func:`load_torch_model` can rebuild the module they fit; see :mod:`retrofit.retrofit_record`.
     """
     model_format = model_format or model.format
-    record = record or model.record
-    with atomic_output(path) as temp:
-        if model_format is ModelFormat.EXPORTED:
-            if model.example_inputs is None:
-                raise UsageError("saving a .pt2 needs sample inputs: pass --input-shape or --data")
-            program = export_program(module, model.example_inputs, model.dynamic_dims)
-            with _torch_export_logs(), open(temp, "wb") as handle:  # a file: any suffix works
-                torch.export.save(program, handle)
-        elif model_format is ModelFormat.SAFETENSORS:
-            from safetensors.torch import save_file
+    write_bytes_atomic(path, _serialized(model, module, model_format, record or model.record))
 
-            state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-            save_file(state, str(temp), metadata={METADATA_KEY: record.to_json()} if record else None)
-        elif model_format is ModelFormat.STATE_DICT:
-            state = module.state_dict()
-            if record is not None:
-                state._metadata.setdefault("", {})[METADATA_KEY] = record.to_json()  # type: ignore[attr-defined]
-            torch.save(state, temp)
-        elif model_format is ModelFormat.PICKLED_MODULE:
-            torch.save(module, temp)
-        else:
-            raise UsageError(f"cannot save a PyTorch model as {model_format.value}")
+
+def _serialized(model: TorchModel, module: nn.Module, model_format: ModelFormat,
+                record: RetrofitRecord | None) -> bytes:
+    """The file's bytes, made in memory (see :func:`~retrofit.atomic.write_bytes_atomic`; on a
+    full disk ``torch.export.save``'s own zip writer aborts the process)."""
+    buffer = io.BytesIO()
+    if model_format is ModelFormat.EXPORTED:
+        if model.example_inputs is None:
+            raise UsageError("saving a .pt2 needs sample inputs: pass --input-shape or --data")
+        program = export_program(module, model.example_inputs, model.dynamic_dims)
+        with _torch_export_logs():
+            torch.export.save(program, buffer)
+    elif model_format is ModelFormat.SAFETENSORS:
+        from safetensors.torch import save
+
+        state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+        return save(state, metadata={METADATA_KEY: record.to_json()} if record else None)
+    elif model_format is ModelFormat.STATE_DICT:
+        state = module.state_dict()
+        if record is not None:
+            state._metadata.setdefault("", {})[METADATA_KEY] = record.to_json()  # type: ignore[attr-defined]
+        torch.save(state, buffer)
+    elif model_format is ModelFormat.PICKLED_MODULE:
+        torch.save(module, buffer)
+    else:
+        raise UsageError(f"cannot save a PyTorch model as {model_format.value}")
+    return buffer.getvalue()

@@ -28,7 +28,6 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from retrofit import onnx_io
-from retrofit.atomic import check_output_path
 from retrofit.batching import first_row_repeated, outputs_when_grown
 from retrofit.errors import BadInputError, ParityError
 from retrofit.model_io import _torch_export_logs
@@ -317,10 +316,7 @@ def _widened(dynamic: tuple[bool, ...], dynamic_dims: tuple[tuple[int, ...], ...
 def _save(model: onnx.ModelProto, path: Path, force: bool) -> None:
     """One file, or the file and its ``.data`` when over the protobuf limit; the weights file
     follows the same replace-only-with-force rule as the file itself."""
-    external = model.ByteSize() > onnx_io._SAFE_PROTO_SIZE
-    if external:
-        check_output_path(path.with_name(path.name + ".data"), force=force)
-    save_onnx(model, path, external_data=external)
+    save_onnx(model, path, external_data=model.ByteSize() > onnx_io._SAFE_PROTO_SIZE, force=force)
 
 
 def _batch_note(path: Path, inputs: tuple[torch.Tensor, ...], names: list[str],

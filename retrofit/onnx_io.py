@@ -287,6 +287,7 @@ def save_onnx(
     source: str | os.PathLike[str] | None = None,
     external_data: bool | None = None,
     size_threshold: int = 1024,
+    force: bool = True,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; a reader sees the old file or the whole new one.
 
@@ -295,8 +296,9 @@ def save_onnx(
     the source did (or when the model is too large for one protobuf, > 2 GiB). External data goes
     to ``<path name>.data`` beside the output, written to a temporary file and renamed before the
     model file itself; tensors smaller than ``size_threshold`` bytes stay inline. The caller's
-    model is not modified. Existing outputs are replaced: refusing them is the caller's policy
-    (:func:`retrofit.atomic.check_output_path`).
+    model is not modified. An existing ``path`` is replaced: refusing it is the caller's policy
+    (:func:`retrofit.atomic.check_output_path`); an existing data file only with ``force``, which
+    the caller passes on from the user (it may not have known the data would be external).
     """
     path = Path(path)
     protected: list[Path] = []
@@ -317,14 +319,20 @@ def save_onnx(
         with atomic_output(path) as temp:
             temp.write_bytes(model.SerializeToString())
         return path
-    data_path = path.with_name(path.name + ".data")
+    data_path = external_data_path(path)
     if data_path.resolve() in {p.resolve() for p in protected}:
         raise OutputError(
             f"cannot write {path}: its data file {data_path.name} is the input's data file"
         )
-    check_output_path(data_path, inputs=protected, force=True)
+    check_output_path(data_path, inputs=protected, force=force)
     _save_with_external_data(model, path, data_path, size_threshold)
     return path
+
+
+def external_data_path(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`save_onnx` puts the external data of an ONNX file written to ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
 
 
 _ALIGN_THRESHOLD = 1 << 20  # tensors from 1 MiB start at a multiple of _ALIGNMENT (mmap)

@@ -59,7 +59,10 @@ def report_to_dict(report: RetrofitReport) -> dict[str, Any]:
         "format": report.format.value,
         "activation": report.activation,
         "config": dataclasses.asdict(report.config),
-        "output": str(report.output) if report.output else None,
+        "output": str(report.output) if report.output in report.written else None,
+        "written": [str(path) for path in report.written],
+        "failure": str(report.failure) if report.failure else None,
+        "resumed": report.resumed,
         "sites": [dataclasses.asdict(site) for site in report.sites],
         "replaced": len(report.replaced),
         "kept": len(report.sites) - len(report.replaced),
@@ -78,7 +81,7 @@ def report_to_dict(report: RetrofitReport) -> dict[str, Any]:
         "gates_passed": report.gates_passed,
         "finetune": _finetune_summary(report),
         "trained_onnx_parity": _parity(report.trained_parity),
-        "onnx_export": str(report.onnx_export) if report.onnx_export else None,
+        "onnx_export": str(report.onnx_export) if report.onnx_export in report.written else None,
         "onnx_export_parity": _parity(report.onnx_export_parity),
         "notes": list(report.notes),
     }
@@ -103,10 +106,13 @@ def _top5(value: float | None) -> str:
 
 
 def sites_table(sites: list[ReluSite], *, dry_run: bool = False) -> Table:
-    """One row per site: its name, spelling, what happens to it and why."""
+    """One row per site: its name, spelling, what happens to it and why. Names and spellings
+    are never cut or wrapped: ``--include`` needs them whole; the remark wraps instead."""
     table = Table(title="ReLU sites", title_justify="left")
-    table.add_column("site", style="bold")
-    table.add_column("spelling")
+    table.add_column("site", style="bold", no_wrap=True,
+                     min_width=max((len(site.name) for site in sites), default=4))
+    table.add_column("spelling", no_wrap=True,
+                     min_width=max((len(site.kind) for site in sites), default=8))
     table.add_column("would replace" if dry_run else "replaced", justify="center")
     table.add_column("remark")
     for site in sites:
@@ -150,7 +156,7 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
     An unverified result says so first, before anything that could be read as a success."""
     if not report.verified:
         console.print(f"[bold red]{_unverified_line(report)}[/]")
-    console.print(sites_table(report.sites, dry_run=dry_run))
+    _print_whole(console, sites_table(report.sites, dry_run=dry_run))
     verb = "would be replaced" if dry_run else "replaced"
     console.print(f"{len(report.replaced)} of {len(report.sites)} ReLU sites {verb} by "
                   f"{report.activation} ({report.model}, {report.format.value})")
@@ -158,8 +164,10 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
         console.print(line)
     if report.trained_parity is not None:
         console.print(f"fine-tuned ONNX vs torch: max abs diff {report.trained_parity.max_abs_diff:.3g}")
+    if report.resumed:
+        console.print("resumed: the fine-tune went on from its checkpoint")
     if report.stages:
-        console.print(accuracy_table(report))
+        _print_whole(console, accuracy_table(report))
         for name, delta in report.deltas.items():
             console.print(f"{_DELTA_TITLES[name]}: {_delta_text(delta)}")
     for gate in report.gates:
@@ -167,12 +175,19 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
         console.print(f"gate {_gate_text(gate)}: {mark}")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
-    if report.output and not dry_run:
-        console.print(f"wrote {report.output}")
-    if report.onnx_export:
-        parity = report.onnx_export_parity
+    for path in report.written:
+        parity = report.onnx_export_parity if path == report.onnx_export else None
         extra = f" (onnxruntime vs torch: max abs diff {parity.max_abs_diff:.3g})" if parity else ""
-        console.print(f"wrote {report.onnx_export}{extra}")
+        console.print(f"wrote {path}{extra}")
+    if report.failure is not None and report.output not in report.written:
+        console.print("[bold red]the model was not written[/] (the error below says why)")
+
+
+def _print_whole(console: Console, table: Table) -> None:
+    """A table at its natural width when the output is not a terminal (a pipe, a CI log):
+    there is no screen to fit, and a cut name would be copied wrong."""
+    width = None if console.is_terminal else max(console.width, console.measure(table).maximum)
+    console.print(table, width=width)
 
 
 def report_to_markdown(report: RetrofitReport) -> str:

@@ -149,14 +149,17 @@ class FinetuneConfig:
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one "
              f"of: {', '.join(OPTIMIZERS)}"),
-            (self.lr > 0, f"the learning rate must be positive, got {self.lr}"),
-            (self.activation_lr is None or self.activation_lr >= 0,
-             f"the activation learning rate must be 0 or more, got {self.activation_lr}"),
-            (self.weight_decay >= 0, f"weight decay must be 0 or more, got {self.weight_decay}"),
+            (0 < self.lr < math.inf, f"the learning rate must be a finite positive number, got {self.lr}"),
+            (self.activation_lr is None or 0 <= self.activation_lr < math.inf,
+             f"the activation learning rate must be a finite number, 0 or more, got "
+             f"{self.activation_lr}"),
+            (0 <= self.weight_decay < math.inf,
+             f"weight decay must be a finite number, 0 or more, got {self.weight_decay}"),
             (0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}"),
             (0 <= self.warmup_fraction <= 1,
              f"warmup fraction must lie in [0, 1], got {self.warmup_fraction}"),
-            (self.grad_clip >= 0, f"gradient clip must be 0 (off) or more, got {self.grad_clip}"),
+            (0 <= self.grad_clip < math.inf,
+             f"gradient clip must be 0 (off) or a finite positive number, got {self.grad_clip}"),
             (self.amp in AMP_MODES, f"unknown amp mode {self.amp!r}; choose one of: "
              f"{', '.join(AMP_MODES)}"),
             (self.blend_ramp_fraction is None or 0 <= self.blend_ramp_fraction <= 1,
@@ -227,16 +230,13 @@ class FinetuneResult:
 
 class TrainingDiverged(RetrofitError):
     """The training loss became NaN or infinite. ``result`` holds the model restored to its
-    best state (see :class:`FinetuneResult`); the checkpoint on disk is the last good one.
-    ``report`` is set by :func:`retrofit.job.retrofit_file`: what the job had measured before
-    (sites, parity, accuracy before and after the swap), for the caller to show."""
+    best state (see :class:`FinetuneResult`); the checkpoint on disk is the last good one."""
 
     exit_code = ExitCode.BAD_INPUT
 
-    def __init__(self, message: str, result: FinetuneResult, report: Any = None) -> None:
+    def __init__(self, message: str, result: FinetuneResult) -> None:
         super().__init__(message)
         self.result = result
-        self.report = report
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -489,6 +489,7 @@ class _Finetuning:
         self.start_val: float | None = None
         self.in_update = False
         self.num_outputs: int | None = None
+        self.notes: list[str] = []  # for the report, whatever the outcome
 
     # ----- setup, finish
 
@@ -563,6 +564,9 @@ class _Finetuning:
         self.start_val = state["start_val_top1"]
         self.history = [EpochRecord(**record) for record in state["history"]]
         set_rng_state(state["rng"])
+        left = ("nothing was left to train" if self.epoch >= self.config.epochs
+                else "training went on from there")
+        self.notes.append(f"resumed from {self.checkpoint} {self._position()}: {left}")
 
     def _restore_best(self, *, collective: bool) -> None:
         """Load the best state (or the given weights when no epoch qualified), make every MRePU
@@ -578,7 +582,7 @@ class _Finetuning:
 
     def _result(self, *, stopped_early: str | None = None, interrupted: bool = False
                 ) -> FinetuneResult:
-        notes = []
+        notes = list(self.notes)
         ramp_finished = self.step >= self.schedule.ramp_steps
         if self.mrepu and not ramp_finished:
             notes.append(

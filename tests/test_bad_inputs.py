@@ -418,7 +418,8 @@ def test_pickle_as_a_dataset_is_never_unpickled_even_with_trust(malicious_pickle
     """Data is read without unpickling; --trust-pickle is about models, not data."""
     path, marker = malicious_pickle
     digest = sha256(path)
-    result = cli("retrofit", copy(MLP, tmp_path), option, path, "--trust-pickle", "--epochs", "1",
+    epochs = ["--epochs", "1"] if option == "--finetune" else []
+    result = cli("retrofit", copy(MLP, tmp_path), option, path, "--trust-pickle", *epochs,
                  "-o", tmp_path / "out.pt2")
     assert result.exit_code == ExitCode.BAD_INPUT, result.output
     assert "not unpickled" in _error_line(result)

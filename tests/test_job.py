@@ -20,7 +20,8 @@ DOCUMENTED_KEYS = {
     "verified", "unverified_reason",
     "version", "model", "format", "activation", "config", "output", "sites", "replaced", "kept",
     "parity", "dataset", "accuracy", "deltas", "gates", "gates_passed", "finetune",
-    "trained_onnx_parity", "onnx_export", "onnx_export_parity", "notes",
+    "trained_onnx_parity", "onnx_export", "onnx_export_parity", "notes", "written", "failure",
+    "resumed",
 }
 
 

@@ -1,0 +1,5 @@
+"""``python -m cli``: the same as the ``cadrelu`` console script."""
+
+from cli.entry import main
+
+main()
