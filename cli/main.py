@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from retrofit.config import CompetitiveReLUConfig, MRePUConfig
+from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.distributed import is_main_process
 from retrofit.errors import ExitCode, RetrofitError
 from retrofit.inputs import InputShape

@@ -396,7 +396,7 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
         report.dataset = _dataset_summary(val, train)
         report.stages.append(_score(subject, subject.original, val, request, "before"))
         report.stages.append(_score(subject, result.model, val, request, "after swap"))
-    checkpoints: list[Path] = []
+    checkpoints: list[Path] = []  # the fine-tune's, kept until the outputs are written
     if train is not None and val is not None:
         from retrofit.train import TrainingDiverged
 
@@ -422,9 +422,11 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
 def _write_outputs(subject: Subject, final: Any, request: RetrofitRequest,
                    report: RetrofitReport, checkpoints: list[Path]) -> None:
     """The ONNX export, then the model; the fine-tune's checkpoints go only once both are
-    written, so an interrupt or a full disk before that loses no training (``--resume``).
-    An output that cannot be written is ``report.failure``; the export is checked before it is
-    written, so a failed check writes nothing at all."""
+    written (those the user named stay), so an interrupt or a full disk before that loses no
+    training (``--resume``). An output that cannot be written is ``report.failure``; the export
+    is checked before it is written, so a failed check writes nothing at all."""
+    from retrofit.train import TrainingInterrupted
+
     try:
         if request.export_onnx is not None:
             _export(subject, final, request, report)
@@ -434,8 +436,14 @@ def _write_outputs(subject: Subject, final: Any, request: RetrofitRequest,
     except OutputError as error:
         report.failure = error
         return
-    for checkpoint in checkpoints:
-        checkpoint.unlink(missing_ok=True)
+    except KeyboardInterrupt as interrupt:
+        if not checkpoints or isinstance(interrupt, TrainingInterrupted):
+            raise
+        raise TrainingInterrupted("interrupted before the model was written", report.finetune,
+                                  checkpoints[0]) from None
+    if request.finetune is None or request.finetune.checkpoint is None:
+        for checkpoint in checkpoints:
+            checkpoint.unlink(missing_ok=True)
 
 
 def _step(report: RetrofitReport) -> RetrofitStep:
@@ -459,8 +467,8 @@ def _compare(report: RetrofitReport, seed: int) -> None:
 def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationData,
               val: ClassificationData, report: RetrofitReport) -> tuple[Any, list[Path]]:
     """Fine-tune the retrofitted model (and the ReLU control when asked); returns the final
-    model in the subject's format and the checkpoints to remove once it is written (those the
-    user did not name). Ctrl-C after the fine-tune finished says which checkpoint keeps it."""
+    model in the subject's format and the runs' checkpoints. Ctrl-C after the fine-tune
+    finished says which checkpoint keeps it."""
     from retrofit.train import TrainingInterrupted
 
     assert report.output is not None
@@ -499,8 +507,7 @@ def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationD
     except KeyboardInterrupt:
         raise TrainingInterrupted("interrupted after the fine-tune finished", trained,
                                   checkpoint) from None
-    named = request.finetune.checkpoint is not None
-    return final, [] if named else kept
+    return final, kept
 
 
 def _finetune_once(model: Any, train: ClassificationData, val: ClassificationData,

@@ -4,18 +4,17 @@
 
 Writes ``OUT/weights-rank{r}.pt`` (final state dict), ``OUT/result-rank{r}.pt`` (best epoch and
 validation accuracies) and, for every file a process writes through
-:func:`retrofit.atomic.atomic_output`, a line in ``OUT/writes-rank{r}.txt``. The checkpoint goes
+:func:`retrofit.atomic.write_bytes_atomic`, a line in ``OUT/writes-rank{r}.txt``. The checkpoint goes
 to ``OUT/checkpoint.pt``. :func:`tiny_problem` and :data:`CONFIG` are shared with the test, which
 runs the single-process equivalent (batch size x 2).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,16 +54,14 @@ def main(out: Path) -> None:
     from retrofit.train import FinetuneConfig, finetune
 
     rank = int(os.environ["RANK"])
-    original = retrofit.checkpoint.atomic_output
+    original = retrofit.checkpoint.write_bytes_atomic
 
-    @contextlib.contextmanager
-    def logged(path: Any) -> Iterator[Path]:
+    def logged(path: Any, data: bytes) -> None:
         with open(out / f"writes-rank{rank}.txt", "a", encoding="utf-8") as log:
             log.write(f"{path}\n")
-        with original(path) as temp:
-            yield temp
+        original(path, data)
 
-    retrofit.checkpoint.atomic_output = logged  # type: ignore[assignment]
+    retrofit.checkpoint.write_bytes_atomic = logged  # type: ignore[assignment]
     model, train, val = tiny_problem()
     config = FinetuneConfig(
         batch_size=BATCH_PER_PROCESS, checkpoint=out / "checkpoint.pt", **CONFIG

@@ -8,7 +8,6 @@ import json
 import os
 import pathlib
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

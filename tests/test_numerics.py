@@ -151,7 +151,8 @@ def test_non_finite_data_is_refused_naming_the_sample(tmp_path, where, kind, bad
     else:
         torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, path)
     digest = sha256(path)
-    result = cli("retrofit", MLP, where, path, "--epochs", "1", "--device", "cpu",
+    epochs = ["--epochs", "1"] if where == "--finetune" else []
+    result = cli("retrofit", MLP, where, path, *epochs, "--device", "cpu",
                  "-o", tmp_path / "out.pt2")
     assert result.exit_code == ExitCode.BAD_INPUT, result.output
     assert f"sample 11 in {path} contains NaN or Inf" in one_line(result)
