@@ -30,7 +30,9 @@ from retrofit.options import ACTIVATION_OPTIONS, activation_config, check_option
 from retrofit.job import (
     DataOptions, Gates, RetrofitReport, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
 )
-from retrofit.report import append_step_summary, print_report, report_to_json, report_to_markdown
+from retrofit.report import (
+    append_step_summary, classes_line, print_report, report_to_json, report_to_markdown,
+)
 from retrofit.sites import SiteSelector
 from retrofit.train import FinetuneConfig
 from retrofit.atomic import write_text_atomic
@@ -365,6 +367,9 @@ def evaluate(
         out.print(f"[yellow]note:[/] {note}", highlight=False)
     top5 = "" if result.top5 is None else f", top-5 {result.top5:.2f}%"
     out.print(f"{model}: top-1 {result.top1:.2f}%{top5} on {result.n} samples of {dataset['validation']}")
+    classes = classes_line(dataset)
+    if classes:
+        out.print(classes, markup=False, highlight=False)
 
 
 def run(args: list[str] | None = None) -> int:

@@ -17,8 +17,10 @@ import csv
 import math
 import os
 import pickle
+import re
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,56 @@ LABEL_COLUMN_NAMES = ("label", "target", "class", "y")
 
 _GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 _CHANNEL_PROBE_LIMIT = 16
+_INTEGER_NAME = re.compile(r"[0-9]+")
+_PREVIEW_NAMES = 3
+
+
+@dataclass(frozen=True)
+class ClassNames:
+    """How class names (folder names, text labels) became class indices: ``index[name]``.
+
+    Names that are all integers ("3", "7") are their own indices, so folders named after some
+    classes of a larger model keep their meaning. Other names (cat/dog, ImageNet wnids, a mix
+    of numbers and words) are sorted into 0..n-1, torchvision's ``ImageFolder`` order: a guess
+    that can only be right for a model with n outputs (:func:`check_labels_fit` refuses the
+    rest). ``index`` is ordered by class index.
+    """
+
+    index: dict[str, int]
+    sorted_names: bool
+
+    @property
+    def rule(self) -> str:
+        """The rule in words, for the report."""
+        return "names sorted into class indices" if self.sorted_names else "names are class indices"
+
+
+def class_names(names: Iterable[str], source: str) -> ClassNames:
+    """The class index of every distinct name (see :class:`ClassNames`)."""
+    distinct = sorted(set(names))
+    if not all(_INTEGER_NAME.fullmatch(name) for name in distinct):
+        return ClassNames({name: i for i, name in enumerate(distinct)}, sorted_names=True)
+    index: dict[str, int] = {}
+    for name in sorted(distinct, key=int):
+        twin = next((other for other, value in index.items() if value == int(name)), None)
+        if twin is not None:
+            raise BadInputError(f"class names {twin} and {name} in {source} both mean class "
+                                f"{int(name)}; keep one of them")
+        index[name] = int(name)
+    return ClassNames(index, sorted_names=False)
+
+
+def shown_name(name: str) -> str:
+    """A class name as it reads unambiguously in a comma-separated, one-line list: quoted
+    (``repr``) when it is empty, has edge spaces, unprintable characters or list marks."""
+    plain = bool(name) and name.isprintable() and name.strip() == name and not any(
+        mark in name for mark in (",", "→", "…", "'", '"'))
+    return name if plain else repr(name)
+
+
+def _preview(names: Sequence[str]) -> str:
+    shown = ", ".join(shown_name(name) for name in names[:_PREVIEW_NAMES])
+    return shown + (f" and {len(names) - _PREVIEW_NAMES} more" if len(names) > _PREVIEW_NAMES else "")
 
 
 class ClassificationData(Dataset):
@@ -52,16 +104,18 @@ class ClassificationData(Dataset):
 
     Attributes the caller may rely on:
 
-    - ``num_classes``: one more than the largest label (or the number of class names).
-    - ``class_names``: names in label order (image folders, CSV with text labels), else None.
+    - ``num_classes``: one more than the largest label.
+    - ``classes``: how class names became indices (image folders, text labels), else None.
     - ``source``: the path the data was read from, for messages and the report.
     - ``preprocessing``: a JSON-friendly dict of what was done to the raw data.
+    - ``notes``: what the user must hear about how the samples are fed (uint8 scaling).
     - ``sample_shape``: the shape of one ``x``.
     - ``targets``: every label as an int64 tensor, in dataset order, without decoding samples.
     """
 
     num_classes: int
-    class_names: list[str] | None
+    classes: ClassNames | None = None
+    notes: tuple[str, ...] = ()
     source: str
     preprocessing: dict[str, Any]
     sample_shape: tuple[int, ...]
@@ -86,8 +140,11 @@ class ClassificationData(Dataset):
 class TensorClassificationData(ClassificationData):
     """Samples held in memory (``.npz``, ``.pt``, CSV), already checked.
 
-    ``x`` is float32, or integers as stored (token ids or uint8 pixels: the model decides,
-    see :func:`as_token_ids`); each sample is handed out as ``feed_dtype``.
+    ``x`` is kept as stored: floats, or integers until the model says how it takes them
+    (:func:`as_token_ids`, :func:`as_float_inputs`). Each sample is handed out as
+    ``feed_dtype``; as float32 it is ``(x / divisor - mean) / std``, per channel (the sample's
+    first axis), in the order image folders use, computed per sample so that uint8 data stays
+    uint8 in memory.
     """
 
     def __init__(
@@ -97,17 +154,35 @@ class TensorClassificationData(ClassificationData):
         *,
         source: str,
         preprocessing: dict[str, Any],
-        class_names: list[str] | None = None,
+        classes: ClassNames | None = None,
         feed_dtype: torch.dtype = torch.float32,
+        divisor: float | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        notes: tuple[str, ...] = (),
     ) -> None:
         self.x = x
-        self.feed_dtype = feed_dtype
         self.y = y
         self.source = source
         self.preprocessing = preprocessing
-        self.class_names = class_names
-        self.num_classes = len(class_names) if class_names else int(y.max()) + 1
+        self.classes = classes
+        self.feed_dtype = feed_dtype
+        self.divisor = divisor
+        self.mean = mean
+        self.std = std
+        self.notes = notes
+        self.num_classes = int(y.max()) + 1
         self.sample_shape = tuple(x.shape[1:])
+        per_channel = (-1,) + (1,) * (x.ndim - 2)
+        self._mean = None if mean is None else torch.tensor(mean).view(per_channel)
+        self._std = None if std is None else torch.tensor(std).view(per_channel)
+
+    def replaced(self, **changes: Any) -> TensorClassificationData:
+        """The same samples with some constructor arguments changed."""
+        fields = {"source": self.source, "preprocessing": self.preprocessing,
+                  "classes": self.classes, "feed_dtype": self.feed_dtype, "divisor": self.divisor,
+                  "mean": self.mean, "std": self.std, "notes": self.notes}
+        return TensorClassificationData(self.x, self.y, **{**fields, **changes})
 
     @property
     def targets(self) -> Tensor:
@@ -117,13 +192,20 @@ class TensorClassificationData(ClassificationData):
         return self.y.shape[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.x[index].to(self.feed_dtype), int(self.y[index])
+        sample = self.x[index].to(self.feed_dtype)
+        if self.feed_dtype == torch.float32:
+            if self.divisor is not None:
+                sample = sample / self.divisor
+            if self._mean is not None and self._std is not None:
+                sample = (sample - self._mean) / self._std
+        return sample, int(self.y[index])
 
 
 class ImageFolderData(ClassificationData):
     """Images in one sub-folder per class, decoded with Pillow when an item is read.
 
-    Class names are the sub-folder names sorted as strings (the order torchvision's
+    Class indices come from the sub-folder names (:class:`ClassNames`): integer names are
+    their own indices, other names are sorted as strings (the order torchvision's
     ``ImageFolder`` uses, so a model trained with it sees the same indices).
     """
 
@@ -132,7 +214,7 @@ class ImageFolderData(ClassificationData):
         files: list[str],
         labels: list[int],
         *,
-        class_names: list[str],
+        classes: ClassNames,
         source: str,
         channels: int,
         image_size: int | None,
@@ -144,8 +226,8 @@ class ImageFolderData(ClassificationData):
     ) -> None:
         self.files = files
         self.labels = torch.tensor(labels, dtype=torch.int64)
-        self.class_names = class_names
-        self.num_classes = len(class_names)
+        self.classes = classes
+        self.num_classes = int(self.labels.max()) + 1
         self.source = source
         self.channels = channels
         self.image_size = image_size
@@ -186,16 +268,17 @@ class ImageFolderData(ClassificationData):
 
 class ClassificationSubset(ClassificationData):
     """Some samples of a :class:`ClassificationData`, in the order of ``indices``; keeps the
-    parent's classes, source and preprocessing."""
+    parent's classes, source, preprocessing and notes."""
 
     def __init__(self, dataset: ClassificationData, indices: Sequence[int], *, name: str) -> None:
         self.dataset = dataset
         self.indices = torch.as_tensor(list(indices), dtype=torch.int64)
         self.name = name
         self.num_classes = dataset.num_classes
-        self.class_names = dataset.class_names
+        self.classes = dataset.classes
         self.source = dataset.source
         self.preprocessing = dataset.preprocessing
+        self.notes = dataset.notes
         self.sample_shape = dataset.sample_shape
 
     @property
@@ -231,16 +314,21 @@ def load_dataset(
       ``channels`` is 1 (grayscale) or 3 (RGB); by default 1 when the first image of every class
       is grayscale, else 3.
     - ``.npz`` with arrays ``x`` and ``y`` (never unpickled); ``.pt`` holding a dict
-      ``{"x": tensor, "y": tensor}`` (read with ``weights_only=True``); values used as stored.
+      ``{"x": tensor, "y": tensor}`` (read with ``weights_only=True``). Float ``x`` is used as
+      stored; integer ``x`` is held as stored until the model's input type is known:
+      :func:`as_token_ids` (ids) or :func:`as_float_inputs` (uint8 pixels scaled to [0, 1]).
     - CSV with a header row: the label column is ``label_column``, else a column named
       label/target/class/y, else the last one; every other column is a float feature.
-      Integer labels are class indices; text labels become class names, sorted.
+      Numeric labels are class indices.
+
+    Class names (folder names, text labels) become indices by :func:`class_names`: integer
+    names are their own index, other names are sorted.
 
     ``mean``/``std`` (one value, or one per channel: the sample's first axis) normalise
-    ``(x - mean) / std``. They default to 0 and 1, i.e. no normalisation: the tool cannot know
-    how a model was trained, and a silent ImageNet guess would hide that; pass
-    :data:`IMAGENET_MEAN`/:data:`IMAGENET_STD` for torchvision-style models. Every choice,
-    defaults included, is recorded in ``dataset.preprocessing``.
+    ``(x - mean) / std``, after pixels are scaled to [0, 1]. They default to 0 and 1, i.e. no
+    normalisation: the tool cannot know how a model was trained, and a silent ImageNet guess
+    would hide that; pass :data:`IMAGENET_MEAN`/:data:`IMAGENET_STD` for torchvision-style
+    models. Every choice, defaults included, is recorded in ``dataset.preprocessing``.
     """
     path = Path(path)
     if not path.exists():
@@ -266,12 +354,12 @@ def load_dataset(
     if label_column is not None and kind != "csv":
         raise UsageError(f"a label column applies to CSV data, not to {path.name}")
     if kind == "npz":
-        x, y, class_names, info = _read_npz(path)
+        x, y, classes, info = _read_npz(path)
     elif kind == "pt":
-        x, y, class_names, info = _read_pt(path)
+        x, y, classes, info = _read_pt(path)
     else:
-        x, y, class_names, info = _read_csv(path, label_column)
-    return _tensor_dataset(path, x, y, class_names, info, mean, std)
+        x, y, classes, info = _read_csv(path, label_column)
+    return _tensor_dataset(path, x, y, classes, info, mean, std)
 
 
 def _detect_file_format(path: Path) -> str:
@@ -391,11 +479,13 @@ def _load_image_folder(
             )
         raise BadInputError(f"{root} has no class sub-folders (expected one folder per class)")
 
+    classes = class_names((d.name for d in class_dirs), str(root))
     files: list[str] = []
     labels: list[int] = []
     first_files: list[str] = []
     skipped = 0
-    for label, class_dir in enumerate(class_dirs):
+    for class_dir in class_dirs:
+        label = classes.index[class_dir.name]
         class_files, class_skipped = _image_files(Path(class_dir.path))
         skipped += class_skipped
         if not class_files:
@@ -416,6 +506,7 @@ def _load_image_folder(
             width, height = first.size
         sample_shape = (channels, height, width)
     mean_values, std_values = _normalisation(mean, std, channels, str(root))
+    _check_pixel_units(mean_values, std_values, str(root))
     preprocessing = {
         "format": "image folder",
         "images": len(files),
@@ -427,11 +518,12 @@ def _load_image_folder(
         "scale": "pixels / 255",
         "mean": mean_values,
         "std": std_values,
+        "labels": classes.rule,
     }
     return ImageFolderData(
         files,
         labels,
-        class_names=[d.name for d in class_dirs],
+        classes=classes,
         source=str(root),
         channels=channels,
         image_size=image_size,
@@ -480,10 +572,20 @@ def _normalisation(
     return mean_values, std_values
 
 
+def _check_pixel_units(mean: Sequence[float], std: Sequence[float], source: str) -> None:
+    """Pixels are scaled to [0, 1] before normalising: a mean outside [0, 1] or a std above 1
+    cannot describe them, it was given in 0..255 units (123.675, 58.395...)."""
+    if any(not 0.0 <= v <= 1.0 for v in mean) or any(v > 1.0 for v in std):
+        raise UsageError(
+            f"mean {list(mean)} / std {list(std)} are not in the units of {source}'s pixels, "
+            "which are scaled to [0, 1] first: divide 0..255 values by 255"
+        )
+
+
 # --------------------------------------------------------------------------- tensor files
 
 
-def _read_npz(path: Path) -> tuple[Tensor, np.ndarray, list[str] | None, dict[str, Any]]:
+def _read_npz(path: Path) -> tuple[Tensor, np.ndarray, ClassNames | None, dict[str, Any]]:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -518,11 +620,11 @@ def _read_npz(path: Path) -> tuple[Tensor, np.ndarray, list[str] | None, dict[st
     if x_array.dtype.kind not in "biuf":
         raise BadInputError(f"x in {path} holds {x_array.dtype} values; it must be numeric")
     x = torch.from_numpy(np.ascontiguousarray(x_array))
-    y, class_names = _labels_from_array(arrays["y"], path)
-    return x, y, class_names, {"format": "npz", "stored_dtype": str(x_array.dtype)}
+    y, classes = _labels_from_array(arrays["y"], path)
+    return x, y, classes, {"format": "npz", "stored_dtype": str(x_array.dtype)}
 
 
-def _read_pt(path: Path) -> tuple[Tensor, np.ndarray, list[str] | None, dict[str, Any]]:
+def _read_pt(path: Path) -> tuple[Tensor, np.ndarray, ClassNames | None, dict[str, Any]]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -549,18 +651,19 @@ def _read_pt(path: Path) -> tuple[Tensor, np.ndarray, list[str] | None, dict[str
     if not (y.is_floating_point() or y.dtype in _INT_DTYPES):
         raise BadInputError(f"y in {path} holds {y.dtype} values; it must be class indices")
     y_wide = y.detach().to(torch.float64 if y.is_floating_point() else torch.int64)
-    y_array, class_names = _labels_from_array(y_wide.numpy(), path)
+    y_array, classes = _labels_from_array(y_wide.numpy(), path)
     info = {"format": "pt", "stored_dtype": str(x.dtype).replace("torch.", "")}
-    return x.detach(), y_array, class_names, info
+    return x.detach(), y_array, classes, info
 
 
 _INT_DTYPES = frozenset(
-    {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+    {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+     torch.uint32, torch.uint64}
 )
 
 
-def _labels_from_array(y: np.ndarray, path: Path) -> tuple[np.ndarray, list[str] | None]:
-    """Class indices (int64) from a label array; text labels become sorted class names."""
+def _labels_from_array(y: np.ndarray, path: Path) -> tuple[np.ndarray, ClassNames | None]:
+    """Class indices (int64) from a label array; text labels are class names."""
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
@@ -568,10 +671,14 @@ def _labels_from_array(y: np.ndarray, path: Path) -> tuple[np.ndarray, list[str]
             f"y in {path} has shape {tuple(y.shape)}; it must hold one class index per sample"
             + (" (one-hot? store the argmax)" if y.ndim == 2 else "")
         )
-    if y.dtype.kind in "US":
-        names = sorted({str(v) for v in y})
-        lookup = {name: i for i, name in enumerate(names)}
-        return np.array([lookup[str(v)] for v in y], dtype=np.int64), names
+    if y.dtype.kind == "S":
+        try:
+            y = np.char.decode(y, "utf-8")
+        except UnicodeDecodeError as error:
+            raise BadInputError(f"y in {path} holds bytes that are not UTF-8 text: "
+                                f"{error.reason}") from error
+    if y.dtype.kind == "U":
+        return _indices_of_names([str(v) for v in y], str(path))
     if y.dtype.kind == "f":
         bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
         if bad.size:
@@ -593,7 +700,7 @@ def _tensor_dataset(
     path: Path,
     x: Tensor,
     y: np.ndarray,
-    class_names: list[str] | None,
+    classes: ClassNames | None,
     info: dict[str, Any],
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
@@ -607,22 +714,17 @@ def _tensor_dataset(
         raise BadInputError(f"{path} has {x.shape[0]} samples in x but {y.shape[0]} labels in y")
     if x.shape[0] == 0:
         raise BadInputError(f"{path} holds no samples")
-    normalise = mean is not None or std is not None
-    if x.is_floating_point() or normalise:
+    if x.is_floating_point():
         x = x.to(torch.float32).contiguous()
         finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
         if not bool(finite.all()):
             first = int(torch.nonzero(~finite)[0, 0])
             raise BadInputError(f"sample {first} in {path} contains NaN or Inf")
-    else:  # integers stay as stored until the model says whether they are token ids
+    else:  # integers stay as stored until the model says how it takes them
         x = x.contiguous()
-    channels = x.shape[1]
-    if normalise:
-        mean_values, std_values = _normalisation(mean, std, channels, str(path))
-        shape = (1, channels) + (1,) * (x.ndim - 2)
-        x = (x - torch.tensor(mean_values).view(shape)) / torch.tensor(std_values).view(shape)
-    else:
-        mean_values, std_values = [0.0], [1.0]
+    normalise = mean is not None or std is not None
+    mean_values, std_values = (_normalisation(mean, std, x.shape[1], str(path)) if normalise
+                               else ([0.0], [1.0]))
     preprocessing = {
         **info,
         "samples": int(x.shape[0]),
@@ -632,14 +734,16 @@ def _tensor_dataset(
     }
     if normalise:
         preprocessing["normalised"] = True
-    if class_names is not None:
-        preprocessing["labels"] = "text, sorted into class indices"
+    if classes is not None:
+        preprocessing["labels"] = classes.rule
     return TensorClassificationData(
         x,
         torch.from_numpy(y),
         source=str(path),
         preprocessing=preprocessing,
-        class_names=class_names,
+        classes=classes,
+        mean=mean_values if normalise else None,
+        std=std_values if normalise else None,
     )
 
 
@@ -648,7 +752,7 @@ def _tensor_dataset(
 
 def _read_csv(
     path: Path, label_column: str | None
-) -> tuple[Tensor, np.ndarray, list[str] | None, dict[str, Any]]:
+) -> tuple[Tensor, np.ndarray, ClassNames | None, dict[str, Any]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             first_line = handle.readline()
@@ -676,14 +780,14 @@ def _read_csv(
         raise BadInputError(f"cannot read {path}: {error.strerror or error}") from error
     if not rows:
         raise BadInputError(f"{path} has a header but no data rows")
-    y, class_names = _csv_labels(labels, lines, path)
+    y, classes = _csv_labels(labels, lines, path)
     x = torch.tensor(rows, dtype=torch.float32)
     info = {
         "format": "csv",
         "label_column": header[label_index],
         "feature_columns": len(feature_names),
     }
-    return x, y, class_names, info
+    return x, y, classes, info
 
 
 def _label_column_index(header: list[str], label_column: str | None, path: Path) -> int:
@@ -743,20 +847,13 @@ def _csv_rows(
 
 def _csv_labels(
     labels: list[str], lines: list[int], path: Path
-) -> tuple[np.ndarray, list[str] | None]:
-    """Integer labels are class indices; if the first label is text, all are class names."""
-    if not _is_number(labels[0]):
-        names = sorted(set(labels))
-        lookup = {name: i for i, name in enumerate(names)}
-        return np.array([lookup[label] for label in labels], dtype=np.int64), names
+) -> tuple[np.ndarray, ClassNames | None]:
+    """Numeric labels are class indices; if any label is text, all are class names."""
+    if not all(_is_number(label) for label in labels):
+        return _indices_of_names(labels, str(path))
     indices = np.empty(len(labels), dtype=np.int64)
     for i, (label, line) in enumerate(zip(labels, lines)):
-        try:
-            value = float(label)
-        except ValueError:
-            raise BadInputError(
-                f"{path} line {line}: label {label!r} is not a number (earlier labels are)"
-            ) from None
+        value = float(label)
         if not math.isfinite(value) or value != int(value):
             raise BadInputError(
                 f"{path} line {line}: label {label!r} is not an integer class index"
@@ -767,6 +864,11 @@ def _csv_labels(
             )
         indices[i] = int(value)
     return indices, None
+
+
+def _indices_of_names(labels: list[str], source: str) -> tuple[np.ndarray, ClassNames]:
+    classes = class_names(labels, source)
+    return np.array([classes.index[label] for label in labels], dtype=np.int64), classes
 
 
 def _is_number(text: str) -> bool:
@@ -832,15 +934,53 @@ def split_train_val(
 
 
 def check_labels_fit(dataset: ClassificationData, num_outputs: int) -> None:
-    """Raise BadInputError when a label has no model output to match it."""
+    """Raise BadInputError when a label has no model output to match it, or when class names
+    were sorted into indices for a model with another number of outputs: that mapping is then
+    a guess, and the scores it gives mean nothing."""
+    classes = getattr(dataset, "classes", None)  # duck-typed datasets may have no names
+    if classes is not None and classes.sorted_names and len(classes.index) != num_outputs:
+        names = list(classes.index)
+        raise BadInputError(
+            f"{dataset.source} names {len(names)} classes ({_preview(names)}), sorted into "
+            f"indices 0 to {len(names) - 1}, but the model has {num_outputs} outputs, so which "
+            f"output each name stands for is a guess: name the classes by their index "
+            f"(0 to {num_outputs - 1})"
+        )
     targets = dataset.targets
     if len(targets) == 0:
         return
     highest = int(targets.max())
     if highest >= num_outputs:
+        named = " (integer class names are their own index)" if classes is not None else ""
         raise BadInputError(
-            f"labels in {dataset.source} go up to {highest} but the model has {num_outputs} outputs"
+            f"labels in {dataset.source} go up to {highest} but the model has {num_outputs} "
+            f"outputs{named}"
         )
+
+
+def check_same_classes(val: ClassificationData, train: ClassificationData) -> None:
+    """Sorted names index each dataset on its own: when validation and training data name
+    different classes, one name would stand for two indices, so that is refused."""
+    a, b = val.classes, train.classes
+    if a is None or b is None or a.index == b.index or not (a.sorted_names or b.sorted_names):
+        return
+    only = [(sorted(set(one.index) - set(other.index)), source)
+            for one, other, source in ((a, b, val.source), (b, a, train.source))]
+    detail = "; ".join(f"{_preview(names)} only in {source}" for names, source in only if names)
+    raise BadInputError(
+        f"{val.source} and {train.source} name different classes "
+        f"({detail or 'the same names, read as different indices'}), so their indices would "
+        "not match: give both the same class names, or name the classes by their index"
+    )
+
+
+def _on_tensors(dataset: ClassificationData,
+                change: Callable[[ClassificationData], ClassificationData]) -> ClassificationData:
+    """``change`` applied to the dataset that holds the samples (a subset's parent)."""
+    if isinstance(dataset, ClassificationSubset):
+        return ClassificationSubset(_on_tensors(dataset.dataset, change),
+                                    dataset.indices.tolist(), name=dataset.name)
+    return change(dataset)
 
 
 def as_token_ids(dataset: ClassificationData) -> ClassificationData:
@@ -848,12 +988,12 @@ def as_token_ids(dataset: ClassificationData) -> ClassificationData:
 
     Only integer data qualifies: float values (or integers normalised with mean/std, which only
     apply to float inputs) would be truncated into wrong ids, so they are refused in one line.
-    Without this call, integer data (uint8 images, say) is fed as float32, as stored.
     """
-    if isinstance(dataset, ClassificationSubset):
-        return ClassificationSubset(as_token_ids(dataset.dataset), dataset.indices.tolist(),
-                                    name=dataset.name)
-    preprocessing = getattr(dataset, "preprocessing", {})
+    return _on_tensors(dataset, _token_ids)
+
+
+def _token_ids(dataset: ClassificationData) -> ClassificationData:
+    preprocessing = dataset.preprocessing
     if preprocessing.get("normalised"):
         raise UsageError(f"--mean/--std apply to float inputs, but the model takes integer token "
                          f"ids: leave them out for {dataset.source}")
@@ -861,10 +1001,42 @@ def as_token_ids(dataset: ClassificationData) -> ClassificationData:
         stored = preprocessing.get("stored_dtype", "float")
         raise BadInputError(f"{dataset.source} holds {stored} values but the model takes integer "
                             "inputs (token ids): store x as integers (int64)")
-    return TensorClassificationData(
-        dataset.x, dataset.y, source=dataset.source, class_names=dataset.class_names,
-        preprocessing={**preprocessing, "values": "as stored, as int64 (token ids)"},
-        feed_dtype=torch.int64)
+    return dataset.replaced(feed_dtype=torch.int64, preprocessing={
+        **preprocessing, "values": "as stored, as int64 (token ids)"})
+
+
+def as_float_inputs(dataset: ClassificationData) -> ClassificationData:
+    """The samples as a model with float inputs takes them: float32.
+
+    Float and bool ``x`` are fed as stored (bool as 0 and 1). uint8 ``x`` are pixels: scaled
+    to [0, 1] (/255) before mean/std, as image folders are, and a note says so. Other integer
+    types have no such convention (16-bit images? counts?): they are refused in one line rather
+    than fed in a scale the model may not expect.
+    """
+    return _on_tensors(dataset, _float_inputs)
+
+
+def _float_inputs(dataset: ClassificationData) -> ClassificationData:
+    if not isinstance(dataset, TensorClassificationData) or dataset.x.is_floating_point() or (
+            dataset.x.dtype == torch.bool):
+        return dataset
+    stored = str(dataset.x.dtype).replace("torch.", "")
+    if dataset.x.dtype != torch.uint8:
+        raise BadInputError(
+            f"x in {dataset.source} holds {stored} values but the model takes floats, and only "
+            "uint8 has a rule (pixels, scaled to [0, 1]): store x as float32, in the scale the "
+            "model was trained on"
+        )
+    normalised = dataset.mean is not None and dataset.std is not None
+    if normalised:
+        _check_pixel_units(dataset.mean, dataset.std, dataset.source)  # type: ignore[arg-type]
+    note = (f"x in {dataset.source} is uint8: fed as pixels scaled to [0, 1] (/255)"
+            f"{', then normalised with mean/std' if normalised else ''}, as image folders are; "
+            "store x as float32 to feed other values")
+    return dataset.replaced(
+        divisor=255.0, notes=(*dataset.notes, note),
+        preprocessing={**dataset.preprocessing, "values": "uint8 pixels / 255, as float32",
+                       "scale": "pixels / 255"})
 
 
 def model_input_error(error: BaseException, sample_shape: Sequence[int]) -> BadInputError:

@@ -19,7 +19,10 @@ from retrofit.atomic import check_output_path
 from retrofit.options import flag, require_finite
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.batching import exact_batches_note
-from retrofit.data import ClassificationData, as_token_ids, load_dataset, split_train_val
+from retrofit.data import (
+    ClassificationData, as_float_inputs, as_token_ids, check_same_classes, load_dataset,
+    split_train_val,
+)
 from retrofit.distributed import is_main_process, world_size
 from retrofit.errors import OutputError, RetrofitError, UnsupportedModelError, UsageError
 from retrofit.evaluate import EvalResult, evaluate, resolve_device
@@ -220,17 +223,22 @@ def _load_data(options: DataOptions, seed: int) -> tuple[ClassificationData | No
                    std=options.std, label_column=options.label_column)
     train = load_dataset(options.train, **prepare) if options.train else None
     val = load_dataset(options.val, **prepare) if options.val else None
+    if train is not None and val is not None:
+        check_same_classes(val, train)
     if train is not None and val is None:
         train, val = split_train_val(train, options.val_fraction, seed)
     return val, train
 
 
 def _dataset_summary(val: ClassificationData, train: ClassificationData | None) -> dict[str, Any]:
+    """The data as the report shows it; ``class_index`` maps class names to the indices they
+    were read as (None when the labels were indices already)."""
     return {
         "validation": val.source, "validation_samples": len(val),
         "train": train.source if train is not None else None,
         "train_samples": len(train) if train is not None else 0,
         "classes": val.num_classes, "preprocessing": val.preprocessing,
+        "class_index": dict(val.classes.index) if val.classes is not None else None,
     }
 
 
@@ -267,7 +275,8 @@ def _open(request: RetrofitRequest, val: ClassificationData | None) -> Subject:
 
 def _fed_to(subject: Subject, data: ClassificationData | None) -> ClassificationData | None:
     """The data as the model takes it: int64 token ids for a model with integer inputs (integer
-    data only), else float32 (integer data such as uint8 images included, as stored).
+    data only), else float32 (uint8 pixels scaled to [0, 1], other integer types refused). Only
+    here is the model's input type known; how the data is fed goes into the subject's notes.
 
     A dataset holds one input per sample (``x``): a model that takes several is refused here,
     before any work, rather than when its first batch fails."""
@@ -280,7 +289,9 @@ def _fed_to(subject: Subject, data: ClassificationData | None) -> Classification
             "fine-tuning feed one, the data's x: save the model with that input alone (e.g. "
             "export a classifier called with input_ids only)"
         )
-    return as_token_ids(data) if subject.takes_token_ids else data
+    fed = as_token_ids(data) if subject.takes_token_ids else as_float_inputs(data)
+    subject.notes.extend(note for note in fed.notes if note not in subject.notes)
+    return fed
 
 
 def _rewrite(subject: Subject, request: RetrofitRequest) -> RetrofitResult[Any]:

@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from retrofit.data import shown_name
 from retrofit.job import GateResult, RetrofitReport
 from retrofit.metrics import PairedDelta
 from retrofit.sites import ReluSite
@@ -101,6 +102,25 @@ def _gate_text(gate: GateResult) -> str:
     return f"{gate.name} {gate.threshold:g} pp ({measured} {gate.value:.2f} pp)"
 
 
+_SHOWN_CLASSES = 8
+"""A longer label mapping shows its first names, an ellipsis, its last name and the count."""
+
+
+def classes_line(dataset: dict[str, Any] | None) -> str | None:
+    """The label mapping, when class names (folders, text labels) gave the labels:
+    ``classes: cat→0, dog→1 (names sorted into class indices)``; None for index labels."""
+    index = (dataset or {}).get("class_index")
+    if not index:
+        return None
+    pairs = [f"{shown_name(name)}→{value}" for name, value in index.items()]
+    count = ""
+    if len(pairs) > _SHOWN_CLASSES:
+        pairs = [*pairs[:_SHOWN_CLASSES - 2], "…", pairs[-1]]
+        count = f"{len(index)} names, all in --json; "
+    rule = dataset["preprocessing"].get("labels", "")  # type: ignore[index]
+    return f"classes: {', '.join(pairs)} ({count}{rule})"
+
+
 def _top5(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}%"
 
@@ -168,6 +188,9 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
         console.print("resumed: the fine-tune went on from its checkpoint")
     if report.stages:
         _print_whole(console, accuracy_table(report))
+        classes = classes_line(report.dataset)
+        if classes:
+            console.print(classes, markup=False, highlight=False)
         for name, delta in report.deltas.items():
             console.print(f"{_DELTA_TITLES[name]}: {_delta_text(delta)}")
     for gate in report.gates:
@@ -205,6 +228,9 @@ def report_to_markdown(report: RetrofitReport) -> str:
             result = stage.result
             lines.append(f"| {stage.name} | {result.top1:.2f}% | {_top5(result.top5)} | {result.n} |")
         lines.append("")
+        classes = classes_line(report.dataset)
+        if classes:
+            lines += [classes, ""]
         lines += [f"- {_DELTA_TITLES[name]}: {_delta_text(delta)}"
                   for name, delta in report.deltas.items()]
     for gate in report.gates:

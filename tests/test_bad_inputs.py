@@ -165,6 +165,73 @@ def _nan_in_data(folder: Path) -> list[object]:
     return ["retrofit", copy(MLP, folder), "--data", path, "-o", folder / "out.pt2"]
 
 
+def _class_folders(root: Path, names: list[str], per_class: int = 2) -> Path:
+    """8x8 grayscale images (the sample MLP's input) in one folder per name."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def _names_for_other_outputs(folder: Path) -> list[object]:
+    return ["evaluate", copy(MLP, folder), "--data",
+            _class_folders(folder / "images", ["cat", "dog", "emu"])]
+
+
+def _mixed_names_for_other_outputs(folder: Path) -> list[object]:
+    return ["evaluate", copy(MLP, folder), "--data",
+            _class_folders(folder / "images", ["3", "7", "other"])]
+
+
+def _csv_text_labels_for_other_outputs(folder: Path) -> list[object]:
+    rows = [f"0.5,0.5,0.5,0.5,{('cat', 'dog')[i % 2]}" for i in range(4)]
+    (folder / "data.csv").write_text("\n".join(["a,b,c,d,label", *rows]) + "\n")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    return ["evaluate", onnx_file(folder / "four.onnx", nodes), "--data", folder / "data.csv"]
+
+
+def _npz_text_labels_for_other_outputs(folder: Path) -> list[object]:
+    np.savez(folder / "names.npz", x=np.zeros((4, 1, 8, 8), np.float32),
+             y=np.array(["cat", "dog", "cat", "dog"]))
+    return ["evaluate", copy(MLP, folder), "--data", folder / "names.npz"]
+
+
+def _two_names_for_one_class(folder: Path) -> list[object]:
+    return ["evaluate", copy(MLP, folder), "--data", _class_folders(folder / "images", ["1", "01"])]
+
+
+def _integer_folder_beyond_outputs(folder: Path) -> list[object]:
+    return ["evaluate", copy(MLP, folder), "--data", _class_folders(folder / "images", ["3", "12"])]
+
+
+def _train_and_val_name_different_classes(folder: Path) -> list[object]:
+    val = _class_folders(folder / "val", ["cat", "dog"])
+    train = _class_folders(folder / "train", ["cat", "emu"], per_class=3)
+    return ["retrofit", copy(MLP, folder), "-o", folder / "out.pt2", "--data", val, "--finetune",
+            train, "--epochs", "1", "--device", "cpu"]
+
+
+def _wide_integers_for_a_float_model(folder: Path) -> list[object]:
+    path = small_data(folder)
+    with np.load(path) as stored:
+        np.savez(path, x=np.round(stored["x"] * 255).astype(np.int16), y=stored["y"])
+    return ["evaluate", copy(MLP, folder), "--data", path]
+
+
+def _uint8_with_mean_in_0_255_units(folder: Path) -> list[object]:
+    path = small_data(folder)
+    with np.load(path) as stored:
+        np.savez(path, x=np.round(stored["x"] * 255).astype(np.uint8), y=stored["y"])
+    return ["evaluate", copy(MLP, folder), "--data", path, "--mean", "123.675", "--std", "58.395"]
+
+
+def _folder_with_mean_in_0_255_units(folder: Path) -> list[object]:
+    return ["evaluate", copy(MLP, folder), "--data",
+            _class_folders(folder / "images", [str(i) for i in range(10)]), "--mean", "127.5"]
+
+
 def _missing_output_folder(folder: Path) -> list[object]:
     return ["retrofit", copy(MLP, folder), "-o", folder / "missing" / "out.pt2"]
 
@@ -255,6 +322,31 @@ CORPUS = [
              "go up to 12 but the model has 10 outputs"),
     BadInput("samples that do not fit the model", _samples_do_not_fit, ExitCode.BAD_INPUT,
              "do not fit the model"),
+    BadInput("class folder names sorted for a model with other outputs",
+             _names_for_other_outputs, ExitCode.BAD_INPUT,
+             "names 3 classes (cat, dog, emu), sorted into indices 0 to 2, but the model has 10 "
+             "outputs, so which output each name stands for is a guess"),
+    BadInput("class folders mixing numbers and names", _mixed_names_for_other_outputs,
+             ExitCode.BAD_INPUT, "names 3 classes (3, 7, other), sorted into indices 0 to 2"),
+    BadInput("CSV text labels for a model with other outputs",
+             _csv_text_labels_for_other_outputs, ExitCode.BAD_INPUT,
+             "names 2 classes (cat, dog), sorted into indices 0 to 1, but the model has 4 outputs"),
+    BadInput(".npz text labels for a model with other outputs",
+             _npz_text_labels_for_other_outputs, ExitCode.BAD_INPUT,
+             "name the classes by their index (0 to 9)"),
+    BadInput("two class folders for one class index", _two_names_for_one_class,
+             ExitCode.BAD_INPUT, "class names 01 and 1 in"),
+    BadInput("integer class folder beyond the model's outputs", _integer_folder_beyond_outputs,
+             ExitCode.BAD_INPUT, "go up to 12 but the model has 10 outputs"),
+    BadInput("validation and training data naming different classes",
+             _train_and_val_name_different_classes, ExitCode.BAD_INPUT,
+             "name different classes (dog only in"),
+    BadInput("int16 samples for a float model", _wide_integers_for_a_float_model,
+             ExitCode.BAD_INPUT, "holds int16 values but the model takes floats"),
+    BadInput("uint8 samples with --mean/--std in 0..255 units", _uint8_with_mean_in_0_255_units,
+             ExitCode.USAGE, "scaled to [0, 1] first: divide 0..255 values by 255"),
+    BadInput("image folder with --mean in 0..255 units", _folder_with_mean_in_0_255_units,
+             ExitCode.USAGE, "scaled to [0, 1] first: divide 0..255 values by 255"),
     BadInput("image folder with a broken image", _broken_image, ExitCode.BAD_INPUT, "1.png"),
     BadInput("CSV row without a label", _csv_missing_label, ExitCode.BAD_INPUT, "line 4"),
     BadInput("NaN in the data", _nan_in_data, ExitCode.BAD_INPUT, "sample 7"),

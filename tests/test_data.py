@@ -12,12 +12,22 @@ from PIL import Image
 
 from retrofit.data import (
     ClassificationData,
+    as_float_inputs,
+    as_token_ids,
     check_input_fits,
     check_labels_fit,
+    check_same_classes,
+    class_names,
     load_dataset,
     split_train_val,
 )
 from retrofit.errors import BadInputError, UsageError
+from retrofit.job import DataOptions, RetrofitRequest, evaluate_file, retrofit_file
+from retrofit.report import classes_line, report_to_dict, report_to_markdown
+from tests.conftest import SAMPLES, run_cli
+
+CNN = SAMPLES / "models" / "digits_cnn.pt2"
+VAL = SAMPLES / "data" / "digits_val.npz"
 
 
 def _save_png(path: Path, value: int, size: tuple[int, int] = (6, 8), mode: str = "RGB") -> None:
@@ -43,7 +53,8 @@ def image_folder(tmp_path: Path) -> Path:
 def test_image_folder_maps_sorted_class_folders_to_indices(image_folder: Path) -> None:
     data = load_dataset(image_folder)
     assert isinstance(data, ClassificationData)
-    assert data.class_names == ["cat", "dog", "emu"]
+    assert data.classes is not None and data.classes.sorted_names
+    assert data.classes.index == {"cat": 0, "dog": 1, "emu": 2}
     assert data.num_classes == 3
     assert len(data) == 6
     assert data.targets.tolist() == [0, 0, 1, 1, 2, 2]
@@ -147,7 +158,7 @@ def test_npz_loads_in_memory(tmp_path: Path) -> None:
     assert len(data) == 4 and data.num_classes == 3 and data.sample_shape == (3,)
     x, y = data[1]
     assert x.dtype == torch.float32 and x.tolist() == [3.0, 4.0, 5.0] and y == 2
-    assert data.class_names is None
+    assert data.classes is None
     assert data.preprocessing["format"] == "npz"
 
 
@@ -262,7 +273,7 @@ def test_csv_label_defaults_to_last_column_and_text_labels_become_names(tmp_path
     path = tmp_path / "d.csv"
     path.write_text("a,b,species\n1,2,setosa\n3,4,virginica\n5,6,setosa\n")
     data = load_dataset(path)
-    assert data.class_names == ["setosa", "virginica"]
+    assert data.classes is not None and data.classes.index == {"setosa": 0, "virginica": 1}
     assert data.targets.tolist() == [0, 1, 0]
 
 
@@ -353,3 +364,246 @@ def test_check_input_fits_turns_shape_errors_into_one_line() -> None:
     with pytest.raises(BadInputError, match=message) as info:
         check_input_fits(model, torch.zeros(1, 8, 8))
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- integer pixels
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(VAL) as stored:
+        return stored["x"], stored["y"]
+
+
+def _save(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    if path.suffix == ".pt":
+        torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, path)
+    else:
+        np.savez(path, x=x, y=y)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_uint8_pixels_score_as_their_float_version_on_the_sample_model(
+        tmp_path: Path, suffix: str) -> None:
+    """Fed raw (0..255) the sample CNN scores 16 %; as pixels / 255, what the float data does."""
+    x, y = _digits()
+    pixels = np.round(x * 255).astype(np.uint8)
+    as_uint8 = evaluate_file(CNN, DataOptions(val=_save(tmp_path / f"u8{suffix}", pixels, y)),
+                             device="cpu")
+    as_float = evaluate_file(CNN, DataOptions(val=_save(tmp_path / f"f32{suffix}",
+                                                        pixels.astype(np.float32) / 255, y)),
+                             device="cpu")
+    assert torch.equal(as_uint8.result.correct1, as_float.result.correct1)
+    assert as_uint8.result.top1 > 90.0
+    assert as_uint8.dataset["preprocessing"]["scale"] == "pixels / 255"
+    assert any("is uint8: fed as pixels scaled to [0, 1]" in note for note in as_uint8.notes)
+
+
+def test_uint8_pixels_are_scaled_before_mean_and_std_as_image_folders_are(tmp_path: Path) -> None:
+    values = np.arange(256, dtype=np.uint8)
+    for name in ("a", "b"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        Image.fromarray(values.reshape(16, 16), mode="L").save(tmp_path / "folder" / name / "0.png")
+    arrays = _save(tmp_path / "u8.npz", values.reshape(1, 1, 16, 16).repeat(2, 0), np.array([0, 1]))
+    folder = load_dataset(tmp_path / "folder", mean=[0.25], std=[0.5])
+    pixels = as_float_inputs(load_dataset(arrays, mean=[0.25], std=[0.5]))
+    assert pixels[0][0].dtype == torch.float32
+    assert torch.equal(pixels[0][0], folder[0][0])
+    assert torch.equal(pixels[1][0], (torch.from_numpy(values).float().view(1, 16, 16) / 255
+                                      - 0.25) / 0.5)
+
+
+def test_uint8_stays_token_ids_for_a_model_that_takes_ids(tmp_path: Path) -> None:
+    ids = np.array([[0, 7, 255], [3, 2, 1]], dtype=np.uint8)
+    data = as_token_ids(load_dataset(_save(tmp_path / "ids.npz", ids, np.array([0, 1]))))
+    assert data[0][0].dtype == torch.int64 and data[0][0].tolist() == [0, 7, 255]
+    assert data.notes == ()
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint16, np.uint32])
+def test_other_integer_types_for_a_float_model_are_refused_in_one_line(
+        tmp_path: Path, dtype: type) -> None:
+    data = load_dataset(_save(tmp_path / "x.npz", np.ones((4, 3), dtype=dtype), np.arange(4)))
+    train, _ = split_train_val(data, 0.25)
+    with pytest.raises(BadInputError, match=rf"holds {np.dtype(dtype).name} values but the model "
+                                            "takes floats") as info:
+        as_float_inputs(train)  # a split's parent holds the samples: refused through it too
+    assert "\n" not in str(info.value)
+    assert as_token_ids(data)[0][0].tolist() == [1, 1, 1]  # the same data stays valid ids
+
+
+@pytest.mark.parametrize(("x", "expected"), [
+    (np.array([[0.5, 2.0]], dtype=np.float32), [0.5, 2.0]),
+    (np.array([[300.0, 2.0]], dtype=np.float64), [300.0, 2.0]),  # floats are the user's units
+    (np.array([[True, False]]), [1.0, 0.0]),
+])
+def test_float_and_bool_data_are_fed_as_stored(tmp_path: Path, x: np.ndarray,
+                                               expected: list[float]) -> None:
+    data = as_float_inputs(load_dataset(_save(tmp_path / "x.npz", x, np.array([0]))))
+    assert data[0][0].dtype == torch.float32 and data[0][0].tolist() == expected
+    assert data.notes == () and "scale" not in data.preprocessing
+
+
+@pytest.mark.parametrize(("mean", "std"), [([123.675], [58.395]), ([0.5], [58.0]), ([-0.5], [1.0])])
+def test_mean_and_std_in_0_to_255_units_for_pixels_are_a_usage_error(
+        tmp_path: Path, image_folder: Path, mean: list[float], std: list[float]) -> None:
+    with pytest.raises(UsageError, match=r"scaled to \[0, 1\] first: divide 0\.\.255 values"):
+        load_dataset(image_folder, mean=mean, std=std)
+    pixels = load_dataset(_save(tmp_path / "u8.npz", np.zeros((2, 3), np.uint8), np.array([0, 1])),
+                          mean=mean, std=std)
+    with pytest.raises(UsageError, match=r"u8\.npz's pixels, which are scaled to \[0, 1\] first"):
+        as_float_inputs(pixels)
+
+
+# --------------------------------------------------------------------------- class names
+
+
+@pytest.mark.parametrize(("names", "index", "sorted_names"), [
+    (["7", "3"], {"3": 3, "7": 7}, False),
+    (["10", "2", "0"], {"0": 0, "2": 2, "10": 10}, False),  # by value, not "10" < "2"
+    (["007", "12"], {"007": 7, "12": 12}, False),
+    (["dog", "cat"], {"cat": 0, "dog": 1}, True),
+    (["3", "cat"], {"3": 0, "cat": 1}, True),  # a mix is names
+    (["-1", "2"], {"-1": 0, "2": 1}, True),
+    (["n02", "n01"], {"n01": 0, "n02": 1}, True),
+    (["3", "٣"], {"3": 0, "٣": 1}, True),  # only ASCII digits make an index
+])
+def test_integer_names_are_their_index_other_names_are_sorted(
+        names: list[str], index: dict[str, int], sorted_names: bool) -> None:
+    classes = class_names(names, "src")
+    assert classes.index == index and list(classes.index.items()) == sorted(
+        index.items(), key=lambda item: item[1])
+    assert classes.sorted_names is sorted_names
+
+
+def test_two_names_for_one_class_index_are_refused() -> None:
+    with pytest.raises(BadInputError, match="class names 07 and 7 in src both mean class 7"):
+        class_names(["7", "07", "1"], "src")
+
+
+def _digit_folder(root: Path, names: dict[str, int], per_class: int = 15) -> Path:
+    x, y = _digits()
+    for name, digit in names.items():
+        (root / name).mkdir(parents=True)
+        for i in np.flatnonzero(y == digit)[:per_class]:
+            pixels = np.round(x[i, 0] * 255).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(root / name / f"{i}.png")
+    return root
+
+
+def test_class_folders_named_3_and_7_are_classes_3_and_7_of_a_10_class_model(
+        tmp_path: Path) -> None:
+    folder = _digit_folder(tmp_path / "val", {"3": 3, "7": 7})
+    data = load_dataset(folder)
+    assert sorted(set(data.targets.tolist())) == [3, 7] and data.num_classes == 8
+    report = evaluate_file(CNN, DataOptions(val=folder), device="cpu")
+    assert report.result.top1 > 90.0  # sorted into 0 and 1 it scored 0 %
+    assert report.dataset["class_index"] == {"3": 3, "7": 7}
+    assert report.dataset["preprocessing"]["labels"] == "names are class indices"
+
+
+def test_twelve_integer_folders_keep_their_values(tmp_path: Path) -> None:
+    for name in map(str, range(12)):
+        _save_png(tmp_path / name / "0.png", 0)
+    data = load_dataset(tmp_path)
+    assert data.classes is not None and data.classes.index["10"] == 10
+    assert data.targets.tolist() == [0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9]  # folders read sorted
+
+
+def test_sorted_names_must_match_the_model_outputs(image_folder: Path) -> None:
+    data = load_dataset(image_folder)
+    check_labels_fit(data, 3)
+    for outputs in (2, 4, 10):
+        with pytest.raises(BadInputError, match=rf"names 3 classes \(cat, dog, emu\), sorted into "
+                                                rf"indices 0 to 2, but the model has {outputs} "
+                                                r"outputs, so which output .* is a guess"):
+            check_labels_fit(split_train_val(data, 0.5)[1], outputs)
+
+
+def test_integer_names_beyond_the_outputs_say_how_they_were_read(tmp_path: Path) -> None:
+    for name in ("3", "12"):
+        _save_png(tmp_path / name / "0.png", 0)
+    with pytest.raises(BadInputError, match=r"go up to 12 but the model has 10 outputs \(integer "
+                                            r"class names are their own index\)"):
+        check_labels_fit(load_dataset(tmp_path), 10)
+
+
+@pytest.mark.parametrize(("labels", "index"), [
+    (["cat", "dog", "cat"], {"cat": 0, "dog": 1}),
+    (["7", "3", "7"], None),  # numbers: class indices as they are
+    (["3.0", "7", "3"], None),
+    (["3", "cat", "3"], {"3": 0, "cat": 1}),  # any text: all are names
+])
+def test_csv_labels_follow_the_same_rule(tmp_path: Path, labels: list[str],
+                                         index: dict[str, int] | None) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("a,label\n" + "".join(f"{i},{label}\n" for i, label in enumerate(labels)))
+    data = load_dataset(path)
+    if index is None:
+        assert data.classes is None and data.targets.tolist() == [int(float(v)) for v in labels]
+    else:
+        assert data.classes is not None and data.classes.index == index
+        assert data.targets.tolist() == [index[label] for label in labels]
+        assert data.preprocessing["labels"] == "names sorted into class indices"
+
+
+@pytest.mark.parametrize("labels", [np.array(["7", "3", "7"]), np.array([b"7", b"3", b"7"])])
+def test_npz_text_labels_follow_the_same_rule(tmp_path: Path, labels: np.ndarray) -> None:
+    data = load_dataset(_save(tmp_path / "d.npz", np.zeros((3, 2), np.float32), labels))
+    assert data.classes is not None and data.classes.index == {"3": 3, "7": 7}
+    assert data.targets.tolist() == [7, 3, 7]
+    names = load_dataset(_save(tmp_path / "n.npz", np.zeros((2, 2), np.float32),
+                               np.array([b"dog", b"cat"])))
+    assert names.classes is not None and names.classes.index == {"cat": 0, "dog": 1}
+
+
+def test_validation_and_training_data_must_name_the_same_classes(
+        tmp_path: Path, image_folder: Path) -> None:
+    other = tmp_path / "other"
+    for name in ("cat", "dog", "fox"):
+        _save_png(other / name / "0.png", 0)
+    same, different = load_dataset(image_folder), load_dataset(other)
+    check_same_classes(same, load_dataset(image_folder))
+    with pytest.raises(BadInputError, match=r"name different classes \(emu only in .*images; "
+                                            r"fox only in .*other\)"):
+        check_same_classes(same, different)
+    numbered = tmp_path / "numbered"
+    for name in ("1", "2"):
+        _save_png(numbered / "a" / name / "0.png", 0)
+        _save_png(numbered / "b" / name / "0.png", 0)
+    _save_png(numbered / "b" / "5" / "0.png", 0)
+    check_same_classes(load_dataset(numbered / "a"), load_dataset(numbered / "b"))  # values agree
+
+
+# --------------------------------------------------------------------------- the label mapping
+
+
+@pytest.mark.parametrize(("index", "line"), [
+    (None, None),
+    ({"cat": 0, "dog": 1}, "classes: cat→0, dog→1 (names sorted into class indices)"),
+    ({"a,b": 0, " c": 1, "d\ne": 2}, ("classes: 'a,b'→0, ' c'→1, 'd\\ne'→2 (names sorted "
+                                       "into class indices)")),
+    ({f"n{i:02}": i for i in range(12)},
+     ("classes: n00→0, n01→1, n02→2, n03→3, n04→4, n05→5, …, n11→11 (12 names, all in --json; "
+      "names sorted into class indices)")),
+])
+def test_classes_line_shows_the_mapping_unambiguously(index: dict[str, int] | None,
+                                                      line: str | None) -> None:
+    dataset = {"class_index": index,
+               "preprocessing": {"labels": "names sorted into class indices"}}
+    assert classes_line(dataset) == line
+
+
+def test_the_label_mapping_is_in_the_table_markdown_and_json(tmp_path: Path) -> None:
+    folder = _digit_folder(tmp_path / "val", {"3": 3, "7": 7}, per_class=4)
+    report = retrofit_file(RetrofitRequest(CNN, data=DataOptions(val=folder), device="cpu",
+                                           output=tmp_path / "out.pt2"))
+    assert report_to_dict(report)["dataset"]["class_index"] == {"3": 3, "7": 7}
+    assert "classes: 3→3, 7→7 (names are class indices)" in report_to_markdown(report)
+    table = run_cli("retrofit", CNN, "--data", folder, "--device", "cpu", "-o",
+                    tmp_path / "again.pt2")
+    assert table.exit_code == 0, table.output
+    assert "classes: 3→3, 7→7 (names are class indices)" in table.stdout
+    scored = run_cli("evaluate", CNN, "--data", folder, "--device", "cpu")
+    assert "classes: 3→3, 7→7 (names are class indices)" in scored.stdout
+

@@ -1,6 +1,6 @@
 """Integer inputs (token ids): ``--input-shape ...:int64``, integer ``.npz`` data fed as int64 to
-models that take ids (torch and ONNX, scoring and fine-tuning), and uint8 images still fed as
-floats to float models."""
+models that take ids (torch and ONNX, scoring and fine-tuning), and uint8 images fed to float
+models as pixels scaled to [0, 1]."""
 
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def test_input_shape_type_that_contradicts_the_model_is_a_usage_error(tmp_path: 
     assert "int64" in one_line(result)
 
 
-def test_uint8_images_are_still_fed_as_floats_to_a_float_model(tmp_path: Path) -> None:
+def test_uint8_images_are_fed_to_a_float_model_as_pixels_over_255(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
     path = tmp_path / "mlp.pt2"
@@ -228,11 +228,12 @@ def test_uint8_images_are_still_fed_as_floats_to_a_float_model(tmp_path: Path) -
     pixels = np.random.default_rng(0).integers(0, 256, (10, 3, 2, 2)).astype(np.uint8)
     labels = np.random.default_rng(1).integers(0, 3, 10)
     np.savez(tmp_path / "u8.npz", x=pixels, y=labels)
-    np.savez(tmp_path / "f32.npz", x=pixels.astype(np.float32), y=labels)
+    np.savez(tmp_path / "f32.npz", x=pixels.astype(np.float32) / 255, y=labels)
     as_uint8 = run_cli("evaluate", path, "--data", tmp_path / "u8.npz", "--device", "cpu")
     as_float = run_cli("evaluate", path, "--data", tmp_path / "f32.npz", "--device", "cpu")
     assert as_uint8.exit_code == 0 and as_float.exit_code == 0, as_uint8.output
     assert _top1(as_uint8) == _top1(as_float)
+    assert "u8.npz is uint8: fed as pixels scaled to [0, 1]" in as_uint8.stdout
 
 
 @pytest.mark.parametrize("elem_type", [onnx.TensorProto.INT64, onnx.TensorProto.INT32,
