@@ -193,7 +193,12 @@ def test_a_diverging_finetune_stops_with_one_line_and_keeps_the_last_good_checkp
     assert list(report["accuracy"]) == ["before", "after swap"]
     assert report["deltas"]["swap"]["delta"] == 0.0
     assert any("fine-tuning stopped" in note for note in report["notes"])
+    assert report["output"] is None and report["written"] == [] and report["failure"]
     assert not output.exists() and no_partial_files(tmp_path)
+    table = cli("retrofit", MLP, "--finetune", SAMPLES / "data" / "digits_train.npz",
+                "--epochs", "2", "--device", "cpu", "-o", tmp_path / "table.pt2")
+    assert table.exit_code == ExitCode.BAD_INPUT and "wrote" not in table.stdout
+    assert "the model was not written" in table.stdout
     state = load_checkpoint(tmp_path / "out.pt2.ckpt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["best"]["state"].values()
