@@ -17,6 +17,7 @@ from typing import Annotated, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig, RePUConfig
 from retrofit.distributed import is_main_process
@@ -38,7 +39,7 @@ app = typer.Typer(
     add_completion=False,
 )
 out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # messages quote paths and user text
 T = TypeVar("T")
 
 
@@ -77,7 +78,7 @@ def _run(job: Callable[[], T]) -> T:
     try:
         return job()
     except RetrofitError as error:
-        err.print(f"[red]error:[/] {error}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(error))}", highlight=False)
         raise typer.Exit(int(error.exit_code)) from None
     except KeyboardInterrupt as interrupt:
         saved = getattr(interrupt, "checkpoint", None)
@@ -90,7 +91,7 @@ def _run(job: Callable[[], T]) -> T:
         if os.environ.get("CADRELU_DEBUG"):
             raise
         first = (str(error).strip().splitlines() or [""])[0]
-        err.print(f"[red]internal error:[/] {type(error).__name__}: {first} "
+        err.print(f"[red]internal error:[/] {type(error).__name__}: {escape(first)} "
                   "(set CADRELU_DEBUG=1 for the traceback)", highlight=False)
         raise typer.Exit(int(ExitCode.INTERNAL)) from None
 
