@@ -43,7 +43,7 @@ except ImportError:
     from click import exceptions as click_errors
 
 out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # messages quote paths and user text
 T = TypeVar("T")
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from retrofit.errors import UsageError
+from retrofit.errors import BadInputError, UsageError
 
 INPUT_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
@@ -40,7 +40,9 @@ class InputShape:
 
     @classmethod
     def parse(cls, text: str) -> "InputShape":
-        """``"1,3,32,32"``, ``"image:1,3,32,32"``, ``"2,16:int64"`` or ``"ids:2,16:int64"``."""
+        """``"1,3,32,32"``, ``"image:1,3,32,32"``, ``"2,16:int64"`` or ``"ids:2,16:int64"``.
+
+        Every size is a positive whole number: ``1,,3`` or ``1,3,`` is a typo, not ``1,3``."""
         head, _, last = text.rpartition(":")
         dtype = INPUT_DTYPES.get(last.strip().lower())
         if dtype is None and last.strip().lower() in ("float", "int", "long", "half", "double"):
@@ -48,14 +50,54 @@ class InputShape:
                              f"{', '.join(INPUT_DTYPES)}")
         body = head if dtype is not None else text
         name, _, dims_text = body.rpartition(":")
-        try:
-            dims = tuple(int(part) for part in dims_text.replace("x", ",").split(",") if part)
-        except ValueError:
-            dims = ()
-        if not dims or any(dim <= 0 for dim in dims):
+        parts = [part.strip() for part in dims_text.replace("x", ",").split(",")]
+        if not all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):
             raise UsageError(f"--input-shape {text!r} must look like 1,3,32,32, name:1,3,32,32 "
-                             f"or name:2,16:int64 (types: {', '.join(INPUT_DTYPES)})")
-        return cls(dims, name or None, dtype)
+                             f"or name:2,16:int64 (sizes above 0; types: "
+                             f"{', '.join(INPUT_DTYPES)})")
+        dims = tuple(int(part) for part in parts)
+        affordable(f"--input-shape {text!r}", dims)
+        return cls(dims, name.strip() or None, dtype)
+
+
+MAX_SAMPLE_ELEMENTS = 2**28
+"""Most elements one sample input may have (1 GiB of float32): a larger shape is refused in one
+line before anything is allocated, instead of exhausting memory."""
+
+
+def affordable(what: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` when a sample input of it fits :data:`MAX_SAMPLE_ELEMENTS`; else
+    :class:`BadInputError` naming ``what`` (a shape the model may take, but not one to run)."""
+    elements = 1
+    for size in shape:
+        elements *= size
+    if elements > MAX_SAMPLE_ELEMENTS:
+        raise BadInputError(
+            f"{what}: a sample input of shape {tuple(shape)} has {elements:,} elements, more "
+            f"than the {MAX_SAMPLE_ELEMENTS:,} cadrelu allocates for one; give a smaller shape "
+            "(a batch of 1 or 2 verifies as well)")
+    return tuple(shape)
+
+
+def assign_shapes(shapes: Sequence[InputShape], names: Sequence[str], model: object
+                  ) -> dict[str, InputShape]:
+    """Which of the model's inputs (``names``, in order) each ``--input-shape`` is for: the one
+    it names, else the one at its own position. An unknown name, two shapes for one input, or
+    more shapes than inputs are the command line's mistake (:class:`UsageError`)."""
+    listed = ", ".join(names) or "none"
+    assigned: dict[str, InputShape] = {}
+    for position, shape in enumerate(shapes):
+        if shape.name is not None and shape.name not in names:
+            raise UsageError(f"--input-shape names {shape.name!r}, which is not an input of "
+                             f"{model}; its inputs: {listed}")
+        if shape.name is None and position >= len(names):
+            raise UsageError(f"--input-shape is given {len(shapes)} times, but {model} takes "
+                             f"{len(names)} input(s): {listed}")
+        name = shape.name if shape.name is not None else names[position]
+        if name in assigned:
+            raise UsageError(f"two --input-shape for input {name!r} of {model}")
+        assigned[name] = shape
+    return assigned
 
 
 def random_inputs(

@@ -13,10 +13,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import inspect
 import io
 import json
 import logging
 import pickle
+import re
 import struct
 import sys
 import zipfile
@@ -184,41 +186,101 @@ def _import_from_current_folder() -> None:
         sys.path.insert(0, "")
 
 
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
 def load_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build a fresh module from ``package.module:factory`` (a class or a function), called
-    with ``kwargs``.
+    """Build a fresh module from ``package.module:factory`` (a class or a function, or a
+    dotted attribute such as ``Class.from_config``), called with ``kwargs``.
 
     The current folder is importable, as with ``python -m``, so a project's own models work.
+    What the user typed wrong (a malformed spec, a module or attribute that does not exist, a
+    keyword the factory does not take) is a :class:`UsageError`; code that exists but fails
+    (a syntax error, a failing import of its own, a factory that raises or returns something
+    else than a module) is the architecture's fault: :class:`BadInputError`.
     """
     module_name, _, factory_name = spec.partition(":")
-    if not module_name or not factory_name:
+    if not (_DOTTED.fullmatch(module_name) and _DOTTED.fullmatch(factory_name)):
         raise UsageError(f"--arch {spec!r} must look like package.module:factory")
-    _import_from_current_folder()
-    try:
-        factory = getattr(importlib.import_module(module_name), factory_name)
-    except Exception as error:  # user code: a syntax error or any failure at import time
-        raise UsageError(f"--arch {spec!r}: cannot import it ({type(error).__name__}: "
-                         f"{_line(error)})") from error
+    factory = _arch_factory(spec, module_name, factory_name)
+    _check_arch_kwargs(spec, factory, dict(kwargs or {}))
     try:
         model = factory(**dict(kwargs or {}))
-    except Exception as error:  # user code: any failure is reported as one line
-        raise UsageError(f"--arch {spec!r}: calling it failed ({type(error).__name__}: "
-                         f"{_line(error)})") from error
+    except (Exception, SystemExit) as error:  # user code: any failure is reported as one line
+        raise BadInputError(f"--arch {spec!r}: calling it failed ({_described(error)})") from error
     if not isinstance(model, nn.Module):
-        raise UsageError(f"--arch {spec!r} returned {type(model).__name__}, not an nn.Module")
+        raise BadInputError(f"--arch {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
+def _described(error: BaseException) -> str:
+    return f"{type(error).__name__}: {_line(error)}"
+
+
+def _arch_factory(spec: str, module_name: str, factory_name: str) -> Any:
+    """The object ``spec`` names: a missing module or attribute is the spec's fault, any other
+    failure while importing is the module's."""
+    _import_from_current_folder()
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = error.name or module_name
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise UsageError(f"--arch {spec!r}: there is no module {missing!r} to import "
+                             "(run cadrelu where it is importable: its folder, or PYTHONPATH)"
+                             ) from error
+        raise BadInputError(f"--arch {spec!r}: importing {module_name} failed: it needs "
+                            f"{missing!r}, which is not installed here") from error
+    except (Exception, SystemExit) as error:  # user code: a syntax error or any import failure
+        raise BadInputError(f"--arch {spec!r}: importing {module_name} failed "
+                            f"({_described(error)})") from error
+    for part in factory_name.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError as error:
+            raise UsageError(f"--arch {spec!r}: {module_name} has no {factory_name!r}") from error
+        except (Exception, SystemExit) as error:  # a property or module __getattr__ of user code
+            raise BadInputError(f"--arch {spec!r}: reading {factory_name} failed "
+                                f"({_described(error)})") from error
+    if not callable(found):
+        raise UsageError(f"--arch {spec!r} names a {type(found).__name__}, not a class or function")
+    return found
+
+
+def _check_arch_kwargs(spec: str, factory: Any, kwargs: dict[str, Any]) -> None:
+    """Keywords the factory does not take (or required ones missing) are the command line's
+    fault, told apart from a failure inside the factory by binding them to its signature."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins and C extensions may have none: the call tells
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        raise UsageError(f"--arch {spec!r} does not take these --arch-kwargs ({error})") from error
+
+
 def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """Accept a bare state dict or the usual checkpoint wrappers around one."""
+    """Accept a bare state dict or the usual checkpoint wrappers around one; anything else is
+    refused saying what the file holds instead."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        odd = next(((key, value) for key, value in obj.items()
+                    if not isinstance(value, torch.Tensor)), None)
+        if obj and odd is None:
             return obj  # as loaded: a state dict's _metadata may hold a retrofit record
-    raise BadInputError(f"{path}: holds no state dict (a mapping of names to tensors)")
+        found = ("an empty mapping" if not obj else
+                 f"a mapping whose entry {odd[0]!r} is {_a(type(odd[1]).__name__)}")
+    else:
+        found = _a(type(obj).__name__)
+    raise BadInputError(f"{path}: holds {found}, not a state dict (a mapping of names to tensors)")
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 # Prefixes that wrappers put before every key: DistributedDataParallel/DataParallel, Lightning's
@@ -249,12 +311,14 @@ def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
-    misshaped = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in state if key in expected and state[key].shape != expected[key].shape
-    ]
+    shared = [key for key in state if key in expected]
+    misshaped = [f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+                 for key in shared if state[key].shape != expected[key].shape]
+    mistyped = [f"{key} {_dtype_text(state[key])} vs {_dtype_text(expected[key])}"
+                for key in shared if _kind(state[key]) != _kind(expected[key])]
     problems = []
-    for label, keys in (("shapes differ (file vs --arch)", misshaped), ("missing", missing),
+    for label, keys in (("shapes differ (file vs --arch)", misshaped),
+                        ("types differ (file vs --arch)", mistyped), ("missing", missing),
                         ("unexpected", unexpected)):
         if keys:
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
@@ -270,6 +334,19 @@ def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
         return None
     return (f"{path.name}: every key began with {prefix!r} (a wrapper's prefix), which was removed "
             "to load the weights into --arch; the written weights have the architecture's own keys")
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    """What a value means, not its precision: float16 weights load into float32 parameters,
+    integer or complex ones would change (truncate, drop) what they hold."""
+    dtype = tensor.dtype
+    if dtype == torch.bool:
+        return "bool"
+    return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else "integer"
+
+
+def _dtype_text(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).replace("torch.", "")
 
 
 def load_torch_model(

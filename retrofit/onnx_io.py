@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
@@ -28,6 +29,7 @@ from retrofit.errors import (
     UnsupportedModelError,
     UsageError,
 )
+from retrofit.inputs import affordable
 
 _SAFE_PROTO_SIZE = 2**31 - 2**26
 """A serialized protobuf cannot exceed 2 GiB: above this (less 64 MiB of headroom) a model is
@@ -189,7 +191,25 @@ def _parse(path: Path) -> onnx.ModelProto:
             f"{path} is not a complete ONNX model (no {', '.join(missing)}); "
             "the file is truncated or is not ONNX"
         )
+    damaged = _undecodable_text(model)
+    if damaged is not None:
+        raise BadInputError(f"{path}: its {damaged} is not UTF-8 text; the file is damaged")
     return model
+
+
+def _undecodable_text(message: Any) -> str | None:
+    """The first string field (name, op type...) whose bytes are not UTF-8, which protobuf
+    hands over as ``bytes`` instead of ``str``; None when every one decodes."""
+    for field, value in message.ListFields():
+        values = [value] if isinstance(value, (str, bytes, Message)) else value  # repeated
+        if field.type == field.TYPE_STRING and any(isinstance(v, bytes) for v in values):
+            return field.full_name
+        if field.type == field.TYPE_MESSAGE:
+            for item in values:
+                found = _undecodable_text(item)
+                if found is not None:
+                    return found
+    return None
 
 
 def _external_locations(model: onnx.ModelProto) -> list[str]:
@@ -555,20 +575,20 @@ def _input_shape(value: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> t
     if not tensor_type.HasField("shape"):
         if given is None:
             raise UsageError(f"input {value.name!r} has no declared shape; {hint}")
-        return _affordable(value.name, given, UsageError)
+        return affordable(f"input {value.name!r}", given)
     dims = tensor_type.shape.dim
     if given is not None:
         if len(given) != len(dims):
-            raise UsageError(
-                f"input {value.name!r} has {len(dims)} dimensions, the shape given has {len(given)}"
+            raise BadInputError(
+                f"input {value.name!r} has {len(dims)} dimensions, --input-shape gives {len(given)}"
             )
         for axis, (dim, size) in enumerate(zip(dims, given)):
             if dim.HasField("dim_value") and dim.dim_value != size:
-                raise UsageError(
+                raise BadInputError(
                     f"input {value.name!r} has size {dim.dim_value} at axis {axis}, "
-                    f"the shape given says {size}"
+                    f"--input-shape says {size}"
                 )
-        return _affordable(value.name, given, UsageError)
+        return affordable(f"input {value.name!r}", given)
     shape = []
     for axis, dim in enumerate(dims):
         if dim.HasField("dim_value"):
@@ -585,24 +605,7 @@ def _input_shape(value: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> t
             raise UsageError(
                 f"input {value.name!r} has a dynamic dimension{label} at axis {axis}; {hint}"
             )
-    return _affordable(value.name, tuple(shape), BadInputError)
-
-
-MAX_SAMPLE_ELEMENTS = 2**28
-"""Most elements one sample input may have (1 GiB of float32): a declared shape beyond it is
-refused in one line instead of exhausting memory."""
-
-
-def _affordable(name: str, shape: tuple[int, ...], error: type[Exception]) -> tuple[int, ...]:
-    elements = 1
-    for size in shape:
-        elements *= size
-    if elements > MAX_SAMPLE_ELEMENTS:
-        raise error(
-            f"input {name!r} of shape {shape} has {elements:,} elements, more than the "
-            f"{MAX_SAMPLE_ELEMENTS:,} cadrelu allocates for a sample input"
-        )
-    return shape
+    return affordable(f"input {value.name!r}", shape)
 
 
 def _random_array(

@@ -76,6 +76,16 @@ def _rule_matches(rule: str, name: str) -> bool:
         return False
 
 
+def _regex_problem(rule: str) -> str:
+    """Why ``rule`` is no regular expression (empty when it is one): a rule that matches no
+    name and does not compile is most likely a mistyped pattern."""
+    try:
+        re.compile(rule)
+    except re.error as error:
+        return f" (not a valid regular expression: {error})"
+    return ""
+
+
 @dataclass(frozen=True)
 class SiteSelector:
     """Which sites to replace: all by default; ``include`` narrows, ``exclude`` removes.
@@ -101,7 +111,7 @@ class SiteSelector:
             if not any(_rule_matches(rule, name) for name in names)
         ]
         if unmatched:
-            listed = ", ".join(repr(rule) for rule in unmatched)
+            listed = ", ".join(f"{rule!r}{_regex_problem(rule)}" for rule in unmatched)
             raise SelectionError(
                 f"selection rule(s) {listed} match no ReLU site; "
                 "run `cadrelu inspect` to list the site names"

@@ -9,6 +9,7 @@ are written back into the original graph.
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from retrofit.data import MODEL_CALL_ERRORS, first_error_line
 from retrofit.errors import BadInputError, UsageError
 from retrofit.evaluate import Predictor, onnx_predictor, torch_predictor
 from retrofit.inputs import (
-    InputShape, embedding_bound, embedding_inputs, random_inputs, table_bounds,
+    InputShape, assign_shapes, embedding_bound, embedding_inputs, random_inputs, table_bounds,
 )
 from retrofit.model_io import ModelFormat, TorchModel, load_torch_model, save_torch_model
 from retrofit.retrofit_record import RetrofitRecord, RetrofitStep
@@ -120,9 +121,12 @@ class TorchSubject:
         if self._reference is None:
             try:
                 self._reference = torch_outputs(self.original, self.inputs)
-            except MODEL_CALL_ERRORS as error:
+            except Exception as error:  # the model's own code, whatever it raises
+                why = first_error_line(error)
+                if not isinstance(error, MODEL_CALL_ERRORS):
+                    why = f"{type(error).__name__}: {why}"
                 raise BadInputError(
-                    f"{self.path} fails on its sample inputs ({first_error_line(error)}); give "
+                    f"{self.path} fails on its sample inputs ({why}); give "
                     "inputs it takes: --input-shape, or --data with samples it accepts"
                 ) from error
         return self._reference
@@ -338,15 +342,16 @@ def _torch_sample_inputs(loaded: TorchModel, shapes: tuple[InputShape, ...], see
     """Inputs of the given shapes. An input's type is the one given, else the ``.pt2``
     program's, else int64 when the model feeds it into an embedding, else float32. A ``.pt2``
     with a ``static`` batch needs that batch: the program is written back with these inputs."""
+    shapes = _ordered_shapes(loaded, shapes)
     program = loaded.example_inputs if loaded.format is ModelFormat.EXPORTED else None
     dtypes = []
     for index, shape in enumerate(shapes):
         declared = program[index].dtype if program and index < len(program) else None
         if shape.dtype is not None and declared is not None and shape.dtype != declared:
-            raise UsageError(f"--input-shape {index + 1} says {_dtype_name(shape.dtype)} but "
+            raise BadInputError(f"--input-shape {index + 1} says {_dtype_name(shape.dtype)} but "
                              f"{loaded.path} takes {_dtype_name(declared)} there")
         if static is not None and shape.dims[0] != static:
-            raise UsageError(f"--input-shape says batch {shape.dims[0]} but {loaded.path} was "
+            raise BadInputError(f"--input-shape says batch {shape.dims[0]} but {loaded.path} was "
                              f"exported with a static batch of {static}, which the written "
                              f".pt2 keeps: give batch {static}")
         dtypes.append(shape.dtype or declared or torch.float32)
@@ -367,6 +372,41 @@ def _torch_sample_inputs(loaded: TorchModel, shapes: tuple[InputShape, ...], see
     return random_inputs(shapes, dtypes, seed=seed, index_bound=bounds)
 
 
+def _ordered_shapes(loaded: TorchModel, shapes: tuple[InputShape, ...]
+                    ) -> tuple[InputShape, ...]:
+    """The shapes in the order the model takes its inputs (a torch model takes them by
+    position): each one named or at its position, none left out before the last one given, and
+    one for every input without a default. A forward of ``*args`` is taken as given."""
+    signature = _torch_input_names(loaded)
+    if signature is None:
+        return shapes
+    names, required = signature
+    assigned = assign_shapes(shapes, names, loaded.path)
+    count = max(required, *(names.index(name) + 1 for name in assigned))
+    missing = [name for name in names[:count] if name not in assigned]
+    if missing:
+        raise UsageError(f"{loaded.path} takes its inputs by position ({', '.join(names)}): "
+                         f"give an --input-shape for {', '.join(missing)} too")
+    return tuple(assigned[name] for name in names[:count])
+
+
+def _torch_input_names(loaded: TorchModel) -> tuple[list[str], int] | None:
+    """The model's input names and how many of them have no default (None: not known)."""
+    if loaded.program is not None:
+        names = list(loaded.program.graph_signature.user_inputs)
+        return names, len(names)
+    try:
+        parameters = list(inspect.signature(loaded.module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(parameter.kind is parameter.VAR_POSITIONAL for parameter in parameters):
+        return None
+    positional = [parameter for parameter in parameters
+                  if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)]
+    required = sum(parameter.default is parameter.empty for parameter in positional)
+    return [parameter.name for parameter in positional], required
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -381,17 +421,20 @@ def _open_onnx(path: Path, input_shapes: tuple[InputShape, ...], seed: int, as_f
     except BadInputError as error:  # name the file: the checker's message cannot
         raise BadInputError(f"{path}: {error}") from error
     names = _feed_names(model)
-    given = {shape.name or names[0]: shape for shape in input_shapes}
+    given = assign_shapes(input_shapes, names, path)
     for name, shape in given.items():
         declared = _onnx_input_dtype(model, name)
         if shape.dtype is not None and declared is not None and shape.dtype != declared:
-            raise UsageError(f"--input-shape {name}:... says {_dtype_name(shape.dtype)} but input "
+            raise BadInputError(f"--input-shape {name}:... says {_dtype_name(shape.dtype)} but input "
                              f"{name!r} of {path} is {_dtype_name(declared)}")
     shapes = {name: shape.dims for name, shape in given.items()}
     declared_batch = _declared_batch(model, names)
     if data_sample is not None and not shapes and len(names) == 1:
         shapes[names[0]] = (declared_batch or 1,) + tuple(data_sample.shape[1:])
-    inputs = make_onnx_inputs(model, shapes or None, seed)
+    try:
+        inputs = make_onnx_inputs(model, shapes or None, seed)
+    except (BadInputError, UsageError) as error:  # name the file: the graph's inputs cannot
+        raise type(error)(f"{path}: {error}") from error
     notes: list[str] = []
     if declared_batch is not None:
         notes.append(fixed_batch_note(str(path), declared_batch,

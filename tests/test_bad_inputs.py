@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,6 +300,34 @@ def _samples_do_not_fit(folder: Path) -> list[object]:
     return ["evaluate", copy(MLP, folder), "--data", path]
 
 
+STATE = SAMPLES / "models" / "digits_mlp.state.pt"
+ARCH = "samples.architectures:digits_mlp"
+
+
+def _state_dict(change: Callable[[dict[str, torch.Tensor]], object]) -> Callable[[Path], list[object]]:
+    def build(folder: Path) -> list[object]:
+        torch.save(change(torch.load(STATE)), folder / "weights.pt")
+        return ["inspect", folder / "weights.pt", "--arch", ARCH]
+
+    return build
+
+
+def _with_options(source: Path, *options: str) -> Callable[[Path], list[object]]:
+    def build(folder: Path) -> list[object]:
+        path = copy(source, folder)
+        arch = ["--arch", ARCH] if source == STATE else []
+        return ["inspect", path, *arch, *options]
+
+    return build
+
+
+def _arch_with_syntax_error(folder: Path) -> list[object]:
+    (folder / "syntax_error_arch.py").write_text("def model(:\n")  # no bytecode is written
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    return ["inspect", copy(STATE, folder), "--arch", "syntax_error_arch:model"]
+
+
 CORPUS = [
     BadInput("empty file", _empty, ExitCode.BAD_INPUT, "empty"),
     BadInput("truncated .pt2", _truncated_pt2, ExitCode.BAD_INPUT, "cut.pt2"),
@@ -368,6 +397,50 @@ CORPUS = [
              "does not exist"),
     BadInput("existing --export-onnx without --force", _export_onnx_existing, ExitCode.OUTPUT,
              "already exists"),
+    BadInput("state dict of the wrong shapes for --arch",
+             _state_dict(lambda state: {key: torch.zeros(3, 3) for key in state}),
+             ExitCode.BAD_INPUT, "shapes differ (file vs --arch): fc1.weight (3, 3) vs (64, 64)"),
+    BadInput("state dict of integer tensors for float parameters",
+             _state_dict(lambda state: {key: value.long() for key, value in state.items()}),
+             ExitCode.BAD_INPUT, "types differ (file vs --arch): fc1.weight int64 vs float32"),
+    BadInput("a list of tensors instead of a state dict",
+             _state_dict(lambda state: list(state.values())), ExitCode.BAD_INPUT,
+             "weights.pt: holds a list, not a state dict"),
+    BadInput("a state dict with a non-tensor entry",
+             _state_dict(lambda state: {**state, "epoch": 3}), ExitCode.BAD_INPUT,
+             "entry 'epoch' is an int"),
+    BadInput("--arch module with a syntax error", _arch_with_syntax_error, ExitCode.BAD_INPUT,
+             "--arch 'syntax_error_arch:model': importing syntax_error_arch failed (SyntaxError"),
+    BadInput("--arch spec a:b:c", _with_options(STATE, "--arch", "a:b:c"), ExitCode.USAGE,
+             "--arch 'a:b:c' must look like package.module:factory"),
+    BadInput("--arch module that does not exist",
+             _with_options(STATE, "--arch", "no_such_package.models:net"), ExitCode.USAGE,
+             "no module 'no_such_package'"),
+    BadInput("--arch-kwargs the factory does not take",
+             _with_options(STATE, "--arch-kwargs", "depth=3"), ExitCode.USAGE,
+             "does not take these --arch-kwargs (got an unexpected keyword argument 'depth')"),
+    BadInput("--input-shape 1,,3", _with_options(MLP, "--input-shape", "1,,3"), ExitCode.USAGE,
+             "--input-shape '1,,3' must look like"),
+    BadInput("--input-shape too large to allocate",
+             _with_options(MLP, "--input-shape", "100000,100000,100000"), ExitCode.BAD_INPUT,
+             "1,000,000,000,000,000 elements"),
+    BadInput("--input-shape the module cannot take",
+             _with_options(STATE, "--input-shape", "1,3,32,32"), ExitCode.BAD_INPUT,
+             "fails on its sample inputs (mat1 and mat2 shapes cannot be multiplied"),
+    BadInput("--input-shape the .pt2's guards refuse",
+             _with_options(MLP, "--input-shape", "2,63"), ExitCode.BAD_INPUT,
+             "digits_mlp.pt2 fails on its sample inputs (Guard failed"),
+    BadInput("--input-shape of another rank than the ONNX input",
+             _with_options(CNN_ONNX, "--input-shape", "1,64"), ExitCode.BAD_INPUT,
+             "digits_cnn.onnx: input 'image' has 4 dimensions, --input-shape gives 2"),
+    BadInput("--input-shape for an ONNX input that does not exist",
+             _with_options(CNN_ONNX, "--input-shape", "pixels:1,1,8,8"), ExitCode.USAGE,
+             "names 'pixels', which is not an input of"),
+    BadInput("--input-shape given twice for a one-input model",
+             _with_options(STATE, "--input-shape", "1,64", "--input-shape", "1,64"),
+             ExitCode.USAGE, "--input-shape is given 2 times"),
+    BadInput("--include that is an invalid regex", _with_options(MLP, "--include", "fc1("),
+             ExitCode.USAGE, "not a valid regular expression"),
 ]
 
 

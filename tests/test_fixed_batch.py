@@ -232,11 +232,11 @@ def test_too_few_training_samples_for_the_fixed_batch_is_one_line(
 
 
 @pytest.mark.parametrize("fixed", [True, False], ids=["chunked", "reexported"])
-def test_input_shape_with_another_batch_than_a_static_pt2_is_a_usage_error(
+def test_input_shape_with_another_batch_than_a_static_pt2_is_bad_input(
         tmp_path: Path, fixed: bool) -> None:
     model = _static_pt2(tmp_path, fixed=fixed)
     result = run_cli("inspect", model, "--input-shape", "2,3,8,8")
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert "static batch of 4" in one_line(result)
     assert run_cli("inspect", model, "--input-shape", "4,3,8,8").exit_code == 0
 

@@ -214,9 +214,9 @@ def test_mean_and_std_with_token_ids_is_a_usage_error(tmp_path: Path, data) -> N
     assert "--mean/--std apply to float inputs" in one_line(result)
 
 
-def test_input_shape_type_that_contradicts_the_model_is_a_usage_error(tmp_path: Path) -> None:
+def test_input_shape_type_that_contradicts_the_model_is_bad_input(tmp_path: Path) -> None:
     result = run_cli("inspect", _onnx(tmp_path), "--input-shape", f"input_ids:2,{LENGTH}:float32")
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert "int64" in one_line(result)
 
 

@@ -206,19 +206,21 @@ def test_malformed_arch_kwargs_are_usage_errors(item):
         parse_arch_kwargs([item])
 
 
-def test_arch_factory_failures_are_usage_errors(tmp_path, monkeypatch):
+def test_arch_code_that_fails_is_bad_input_and_a_keyword_it_lacks_a_usage_error(
+        tmp_path, monkeypatch):
     (tmp_path / "broken_arch.py").write_text("def model(:\n")
     (tmp_path / "raising_arch.py").write_text(
         "def model(**kw):\n    raise KeyError('depth')\n")
     monkeypatch.chdir(tmp_path)
     weights = tmp_path / "weights.pt"
     torch.save(head_cnn().state_dict(), weights)
-    for arch, expected in (("broken_arch:model", "SyntaxError"),
-                           ("raising_arch:model", "KeyError"),
-                           (FACTORY, "unexpected keyword argument 'depth'")):
+    for arch, expected, code in (("broken_arch:model", "SyntaxError", ExitCode.BAD_INPUT),
+                                 ("raising_arch:model", "KeyError", ExitCode.BAD_INPUT),
+                                 (FACTORY, "unexpected keyword argument 'depth'",
+                                  ExitCode.USAGE)):
         extra = ("--arch-kwargs", "depth=3") if arch == FACTORY else ()
         result = run_cli("inspect", weights, "--arch", arch, *extra)
-        assert result.exit_code == ExitCode.USAGE, result.output
+        assert result.exit_code == code, result.output
         assert expected in one_line(result)
 
 
