@@ -13,7 +13,7 @@ import sys
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TypeVar
+from typing import Annotated, Callable, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,6 +26,7 @@ from retrofit.model_io import parse_arch_kwargs
 from retrofit.job import (
     DataOptions, Gates, RetrofitReport, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
 )
+from retrofit.launch import launch, prints_errors, record_failure, worker_argv
 from retrofit.report import append_step_summary, print_report, report_to_json, report_to_markdown
 from retrofit.sites import SiteSelector
 from retrofit.train import FinetuneConfig, TrainingDiverged
@@ -77,22 +78,28 @@ def _run(job: Callable[[], T]) -> T:
     try:
         return job()
     except RetrofitError as error:
-        err.print(f"[red]error:[/] {error}", highlight=False)
-        raise typer.Exit(int(error.exit_code)) from None
+        _fail(error.exit_code, str(error))
     except KeyboardInterrupt as interrupt:
         saved = getattr(interrupt, "checkpoint", None)
         hint = f"; {saved} was saved: run the same command with --resume to go on" if saved else ""
-        err.print(f"interrupted{hint}", highlight=False)
-        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        _fail(ExitCode.INTERRUPTED, f"interrupted{hint}", label="")
     except typer.Exit:
         raise
     except Exception as error:  # a bug of ours: still one line unless debugging
         if os.environ.get("CADRELU_DEBUG"):
             raise
         first = (str(error).strip().splitlines() or [""])[0]
-        err.print(f"[red]internal error:[/] {type(error).__name__}: {first} "
-                  "(set CADRELU_DEBUG=1 for the traceback)", highlight=False)
-        raise typer.Exit(int(ExitCode.INTERNAL)) from None
+        _fail(ExitCode.INTERNAL, f"{type(error).__name__}: {first} "
+              "(set CADRELU_DEBUG=1 for the traceback)", label="internal error")
+
+
+def _fail(code: ExitCode, message: str, label: str = "error") -> NoReturn:
+    """Leave with ``code`` after one line: on rank 0 only, and recorded for a launcher to
+    print instead (retrofit.launch), so N processes still say it once."""
+    record_failure(f"{label}: {message}" if label else message, code)
+    if prints_errors():
+        err.print(f"[red]{label}:[/] {message}" if label else message, highlight=False)
+    raise typer.Exit(int(code)) from None
 
 
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .pt2, state dict/safetensors (with --arch), pickled module (with --trust-pickle) or ONNX; the format is read from the content.")]
@@ -203,6 +210,7 @@ def retrofit(
     min_gain: Annotated[Optional[float], typer.Option("--min-gain", help="Fail (exit 5) unless the final top-1 gains at least this many points.", rich_help_panel=CI)] = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report here (also appended to $GITHUB_STEP_SUMMARY when set).", rich_help_panel=CI)] = None,
     json: JsonOpt = False,
+    nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", help="Fine-tune in N local processes (one GPU each, or N CPU processes), started and watched by cadrelu: the exit code is the documented one and one line says why (torchrun reports every failure as 1).", rich_help_panel=FINETUNE)] = None,
 ) -> None:
     """Rewrite every selected ReLU site, verify, optionally fine-tune, score and save."""
     config = _config(to, measure, k, reduce, p, c)
@@ -228,6 +236,12 @@ def retrofit(
                         markdown=markdown)
 
     job = _run(request)
+    if nproc_per_node is not None:  # the workers run this command without the option
+        outcome = _run(lambda: launch(worker_argv(sys.argv[1:]), nproc_per_node,
+                                      fine_tunes=job.finetune is not None))
+        if outcome.line:
+            err.print(outcome.line, highlight=False, markup=False)
+        raise typer.Exit(outcome.code)
 
     def run() -> RetrofitReport:
         try:
@@ -243,8 +257,7 @@ def retrofit(
     _show(report, json, markdown)
     if not report.gates_passed:
         failed = ", ".join(gate.name for gate in report.gates if not gate.passed)
-        err.print(f"[red]error:[/] gate failed: {failed}", highlight=False)
-        raise typer.Exit(int(ExitCode.GATE))
+        _fail(ExitCode.GATE, f"gate failed: {failed}")
 
 
 def _show(report: RetrofitReport, json: bool, markdown: Path | None) -> None:
