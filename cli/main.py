@@ -15,7 +15,7 @@ import sys
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -30,6 +30,7 @@ from retrofit.options import ACTIVATION_OPTIONS, activation_config, check_option
 from retrofit.job import (
     DataOptions, Gates, RetrofitReport, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
 )
+from retrofit.launch import launch, prints_errors, record_failure, worker_argv
 from retrofit.report import (
     append_step_summary, classes_line, print_report, report_to_json, report_to_markdown,
 )
@@ -47,11 +48,14 @@ err = Console(stderr=True, soft_wrap=True, emoji=False)  # messages quote paths 
 T = TypeVar("T")
 
 
-def _error(message: object, prefix: str = "error: ") -> None:
-    """One line on stderr, printed as it is (no markup), from the main process only: under
-    torchrun every rank fails alike, and one line is what the caller reads."""
-    if is_main_process():
-        err.print(Text.assemble((prefix, "red"), " ".join(str(message).split())), highlight=False)
+def _error(message: object, prefix: str = "error: ") -> str:
+    """Print one line on stderr as it is (no markup), from rank 0 only unless a launcher
+    reports for the workers: under torchrun every rank fails alike, and one line is what the
+    caller reads. Returns the line."""
+    line = " ".join(str(message).split())
+    if prints_errors():
+        err.print(Text.assemble((prefix, "red"), line), highlight=False)
+    return prefix + line
 
 
 class _OneLineErrors(typer.core.TyperGroup):
@@ -125,20 +129,25 @@ def _run(job: Callable[[], T]) -> T:
     try:
         return job()
     except RetrofitError as error:
-        _error(error)
-        raise typer.Exit(int(error.exit_code)) from None
+        _fail(error.exit_code, error)
     except KeyboardInterrupt as interrupt:
-        _error(interrupted_line(interrupt), prefix="")
-        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        _fail(ExitCode.INTERRUPTED, interrupted_line(interrupt), prefix="")
     except typer.Exit:
         raise
     except Exception as error:  # a bug of ours: still one line unless debugging
         if os.environ.get("CADRELU_DEBUG"):
             raise
         first = (str(error).strip().splitlines() or [""])[0]
-        _error(f"{type(error).__name__}: {first} (set CADRELU_DEBUG=1 for the traceback)",
-               prefix="internal error: ")
-        raise typer.Exit(int(ExitCode.INTERNAL)) from None
+        _fail(ExitCode.INTERNAL, f"{type(error).__name__}: {first} "
+              "(set CADRELU_DEBUG=1 for the traceback)", prefix="internal error: ")
+
+
+def _fail(code: int, message: object, prefix: str = "error: ") -> NoReturn:
+    """Leave with ``code`` after one line: printed by rank 0 only, and recorded for a launcher
+    to print instead (:mod:`retrofit.launch`), so N processes still say it once."""
+    line = _error(message, prefix)
+    record_failure(line, code)
+    raise typer.Exit(int(code)) from None
 
 
 def interrupted_line(interrupt: KeyboardInterrupt) -> str:
@@ -258,6 +267,7 @@ def retrofit(
     min_gain: Annotated[Optional[float], typer.Option("--min-gain", help="Fail (exit 5) unless the final top-1 gains at least this many points.", rich_help_panel=CI)] = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report here (also appended to $GITHUB_STEP_SUMMARY when set).", rich_help_panel=CI)] = None,
     json: JsonOpt = False,
+    nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", help="Fine-tune in N local processes (one GPU each, or N CPU processes), started and watched by cadrelu: the exit code is the documented one and one line says why (torchrun reports every failure as 1).", rich_help_panel=FINETUNE)] = None,
 ) -> None:
     """Rewrite every selected ReLU site, verify, optionally fine-tune, score and save."""
     given = _given(ctx)
@@ -285,16 +295,20 @@ def retrofit(
                         markdown=markdown)
 
     job = _run(request)
+    if nproc_per_node is not None:  # the workers run this command without the option
+        outcome = _run(lambda: launch(worker_argv(sys.argv[1:]), nproc_per_node,
+                                      fine_tunes=job.finetune is not None))
+        if outcome.line:
+            err.print(outcome.line, highlight=False, markup=False)
+        raise typer.Exit(outcome.code)
     report = _run(lambda: retrofit_file(job))
     if is_main_process():
         _run(lambda: _show(report, json, markdown))
     if report.failure is not None:
-        _error(report.failure)
-        raise typer.Exit(int(report.failure.exit_code))
+        _fail(report.failure.exit_code, report.failure)
     if not report.gates_passed:
         failed = ", ".join(gate.name for gate in report.gates if not gate.passed)
-        _error(f"gate failed: {failed}")
-        raise typer.Exit(int(ExitCode.GATE))
+        _fail(ExitCode.GATE, f"gate failed: {failed}")
 
 
 def _show(report: RetrofitReport, json: bool, markdown: Path | None) -> None:
@@ -378,8 +392,3 @@ def run(args: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
     return app(args=args, prog_name="cadrelu", standalone_mode=False)
 
-
-if __name__ == "__main__":
-    from cli.entry import main
-
-    main()

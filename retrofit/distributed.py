@@ -83,6 +83,10 @@ def setup_distributed(device: str) -> tuple[DistContext, torch.device]:
     rank = dist.get_rank() if already else int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if resolved.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:  # else set_device fails with "invalid device ordinal"
+            raise UsageError(f"{world} processes on CUDA need a GPU each, this machine has "
+                             f"{gpus}: start at most {gpus}, or pass --device cpu")
         resolved = torch.device("cuda", local_rank)
         torch.cuda.set_device(resolved)
     if not already:

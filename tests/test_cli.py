@@ -96,7 +96,7 @@ def test_pickle_without_trust_is_refused_and_not_run(malicious_pickle):
 def test_errors_are_one_line_without_traceback_from_the_real_command(tmp_path):
     bad = tmp_path / "broken.pt2"
     bad.write_bytes(b"definitely not a model")
-    completed = subprocess.run([sys.executable, "-m", "cli.main", "retrofit", str(bad)],
+    completed = subprocess.run([sys.executable, "-m", "cli", "retrofit", str(bad)],
                                capture_output=True, text=True, cwd=REPO)
     assert completed.returncode == ExitCode.BAD_INPUT
     assert completed.stderr.strip().count("\n") == 0 and "Traceback" not in completed.stderr

@@ -31,7 +31,7 @@ EPOCHS = 2
 
 
 def command(output: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", "retrofit", str(MODEL),
+    return [sys.executable, "-m", "cli", "retrofit", str(MODEL),
             "--finetune", str(SAMPLES / "data" / "digits_train.npz"),
             "--data", str(SAMPLES / "data" / "digits_val.npz"),
             "--epochs", str(EPOCHS), "--device", "cpu", "--seed", "3", "--json",
