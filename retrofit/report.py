@@ -14,6 +14,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from retrofit.data import shown_name
 from retrofit.job import GateResult, RetrofitReport
@@ -136,13 +137,13 @@ def sites_table(sites: list[ReluSite], *, dry_run: bool = False) -> Table:
     table.add_column("would replace" if dry_run else "replaced", justify="center")
     table.add_column("remark")
     for site in sites:
-        table.add_row(site.name, site.kind, "[green]yes[/]" if site.replaced else "[yellow]no[/]",
-                      site.reason)
+        table.add_row(Text(site.name), Text(site.kind),
+                      "[green]yes[/]" if site.replaced else "[yellow]no[/]", Text(site.reason))
     return table
 
 
 def accuracy_table(report: RetrofitReport) -> Table:
-    table = Table(title="Accuracy on " + str((report.dataset or {}).get("validation", "")),
+    table = Table(title=Text("Accuracy on " + str((report.dataset or {}).get("validation", ""))),
                   title_justify="left")
     table.add_column("model")
     table.add_column("top-1", justify="right")
@@ -179,7 +180,7 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
     _print_whole(console, sites_table(report.sites, dry_run=dry_run))
     verb = "would be replaced" if dry_run else "replaced"
     console.print(f"{len(report.replaced)} of {len(report.sites)} ReLU sites {verb} by "
-                  f"{report.activation} ({report.model}, {report.format.value})")
+                  f"{report.activation} ({report.model}, {report.format.value})", markup=False)
     for line in filter(None, [_parity_line(report)]):
         console.print(line)
     if report.trained_parity is not None:
@@ -197,11 +198,11 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
         mark = "[green]passed[/]" if gate.passed else "[red]FAILED[/]"
         console.print(f"gate {_gate_text(gate)}: {mark}")
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(Text.assemble(("note:", "yellow"), f" {note}"))
     for path in report.written:
         parity = report.onnx_export_parity if path == report.onnx_export else None
         extra = f" (onnxruntime vs torch: max abs diff {parity.max_abs_diff:.3g})" if parity else ""
-        console.print(f"wrote {path}{extra}")
+        console.print(f"wrote {path}{extra}", markup=False)
     if report.failure is not None and report.output not in report.written:
         console.print("[bold red]the model was not written[/] (the error below says why)")
 

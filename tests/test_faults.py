@@ -388,3 +388,13 @@ def test_site_names_are_whole_when_the_output_is_not_a_terminal(tmp_path, comman
                  "backbone_feature_extractor_stage_one_block_activation_second"):
         assert name in result.stdout
     assert "…" not in result.stdout
+
+
+def test_paths_and_notes_with_brackets_print_as_they_are(tmp_path):
+    """Rich markup never eats text that comes from the user: a folder named like a style."""
+    folder = tmp_path / "[bold]runs"
+    folder.mkdir()
+    output = folder / "out[1].pt2"
+    result = cli("retrofit", MLP, "-o", output)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {output}" in result.stdout
