@@ -542,7 +542,7 @@ def _finetune_once(model: Any, train: ClassificationData, val: ClassificationDat
         if isinstance(request.config, MRePUConfig):
             raise TrainingDiverged(f"{diverged} {_MREPU_GROWTH}", diverged.result) from None
         raise
-    report.notes.extend(result.notes)
+    report.notes.extend(note for note in result.notes if note not in report.notes)
     return result
 
 
