@@ -15,6 +15,16 @@ def _terminated(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def interrupted_line(interrupt: KeyboardInterrupt) -> str:
+    """What Ctrl-C or SIGTERM prints, at start-up or later: the signal, and the checkpoint
+    ``--resume`` goes on from."""
+    signal_name = str(interrupt.args[0]) if interrupt.args else ""
+    by = f" by {signal_name}" if signal_name.startswith("SIG") else ""
+    saved = getattr(interrupt, "checkpoint", None)
+    hint = f"; {saved} was saved: run the same command with --resume to go on" if saved else ""
+    return f"interrupted{by}{hint}"
+
+
 def main() -> None:
     """Run the command line; Ctrl-C or SIGTERM at any moment gives one line and exit code 130."""
     signal.signal(signal.SIGTERM, _terminated)
@@ -23,8 +33,7 @@ def main() -> None:
 
         code = run()
     except KeyboardInterrupt as interrupt:  # before the command's own handling began
-        by = f" by {interrupt.args[0]}" if interrupt.args else ""
-        sys.stderr.write(f"interrupted{by}\n")
+        sys.stderr.write(interrupted_line(interrupt) + "\n")
         code = INTERRUPTED
     sys.exit(code)
 

@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from cli.entry import interrupted_line
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.distributed import is_main_process
 from retrofit.errors import ExitCode, RetrofitError
@@ -148,14 +149,6 @@ def _fail(code: int, message: object, prefix: str = "error: ") -> NoReturn:
     line = _error(message, prefix)
     record_failure(line, code)
     raise typer.Exit(int(code)) from None
-
-
-def interrupted_line(interrupt: KeyboardInterrupt) -> str:
-    """What Ctrl-C or SIGTERM printed: the signal, and the checkpoint ``--resume`` goes on from."""
-    by = f" by {interrupt.args[0]}" if interrupt.args and str(interrupt.args[0]).startswith("SIG") else ""
-    saved = getattr(interrupt, "checkpoint", None)
-    hint = f"; {saved} was saved: run the same command with --resume to go on" if saved else ""
-    return f"interrupted{by}{hint}"
 
 
 def _given(ctx: typer.Context) -> dict[str, Any]:

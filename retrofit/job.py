@@ -135,8 +135,8 @@ class RetrofitRequest:
             raise UsageError(f"--seed must lie in 0 .. 2**32-1, got {self.seed}")
         resolve_device(self.device)  # used or not: a wrong --device is never ignored
         if self.gates.any and not self.data.given:
-            raise UsageError("a gate (--max-drop, --min-gain) needs data to score on: pass "
-                             "--data VAL (or --finetune TRAIN); without it the gate could not fail")
+            raise UsageError("a gate needs data to score on: pass --data VAL (or --finetune "
+                             "TRAIN); without it --max-drop and --min-gain could never fail")
         if (self.data.train is None) != (self.finetune is None):
             raise UsageError("fine-tuning needs both training data (data.train, --finetune) "
                              "and a FinetuneConfig (request.finetune)")
@@ -452,7 +452,7 @@ def _write_outputs(subject: Subject, final: Any, request: RetrofitRequest,
             raise
         raise TrainingInterrupted("interrupted before the model was written", report.finetune,
                                   checkpoints[0]) from None
-    if request.finetune is None or request.finetune.checkpoint is None:
+    if checkpoints and request.finetune.checkpoint is None:  # the user's own checkpoint stays
         for checkpoint in checkpoints:
             checkpoint.unlink(missing_ok=True)
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
-from retrofit.config import (
-    ActivationConfig, CompetitiveReLUConfig, MRePUConfig, RePUConfig,
-)
+from retrofit.config import CONFIGS, ActivationConfig
 from retrofit.errors import UsageError
 
 _ACTIVATION_FIELDS: dict[str, dict[str, str]] = {
@@ -25,10 +23,6 @@ _ACTIVATION_FIELDS: dict[str, dict[str, str]] = {
 ACTIVATION_OPTIONS = frozenset(option for fields in _ACTIVATION_FIELDS.values() for option in fields)
 """Options that configure one activation or another (``--k`` is CompetitiveReLU's)."""
 
-_CONFIG_TYPES: dict[str, type] = {
-    "carelu": CompetitiveReLUConfig, "mrepu": MRePUConfig, "repu": RePUConfig,
-}
-
 FINETUNE_OPTIONS = frozenset({
     "epochs", "optimizer", "lr", "activation_lr", "weight_decay", "warmup", "grad_clip",
     "blend_ramp", "amp", "deterministic", "checkpoint", "resume", "control", "val_fraction",
@@ -37,10 +31,10 @@ FINETUNE_OPTIONS = frozenset({
 """Options that only a fine-tune (``--finetune``) uses."""
 
 DATA_OPTIONS = frozenset({
-    "image_size", "crop_size", "mean", "std", "label_column", "batch_size", "max_drop",
-    "min_gain",
+    "image_size", "crop_size", "mean", "std", "label_column", "batch_size",
 })
-"""Options that only scoring on data (``--data`` or ``--finetune``) uses."""
+"""Options that only scoring on data (``--data`` or ``--finetune``) uses. The gates need data
+too: :class:`retrofit.job.RetrofitRequest` refuses them without it, for library callers alike."""
 
 
 def flag(option: str) -> str:
@@ -51,9 +45,9 @@ def flag(option: str) -> str:
 def activation_config(activation: str, options: Mapping[str, Any]) -> ActivationConfig:
     """The config of ``activation`` (carelu, mrepu, repu) from the options the user set; one of
     another activation's options is refused by name."""
-    if activation not in _CONFIG_TYPES:
+    if activation not in CONFIGS:
         raise UsageError(f"unknown activation {activation!r}: choose one of "
-                         f"{', '.join(_CONFIG_TYPES)}")
+                         f"{', '.join(CONFIGS)}")
     fields = _ACTIVATION_FIELDS[activation]
     for option in options:
         if option not in fields:
@@ -61,22 +55,21 @@ def activation_config(activation: str, options: Mapping[str, Any]) -> Activation
             raise UsageError(f"{flag(option)} applies to --to {' or '.join(users)}, not to "
                              f"--to {activation}")
     try:
-        return _CONFIG_TYPES[activation](**{fields[name]: value for name, value in options.items()})
+        return CONFIGS[activation](**{fields[name]: value for name, value in options.items()})
     except ValueError as error:
         raise UsageError(f"--to {activation}: {error}") from None
 
 
 def check_options_apply(given: Iterable[str], *, data: bool, finetune: bool) -> None:
     """Refuse options whose job was not asked for: fine-tuning options without ``--finetune``,
-    data options and gates without data, ``--val-fraction`` when ``--data`` is the validation
-    set. A gate without data would pass without being evaluated."""
+    data options without data, ``--val-fraction`` when ``--data`` is the validation set."""
     given = set(given)
     for option in sorted(given):
         if option in FINETUNE_OPTIONS and not finetune:
             raise UsageError(f"{flag(option)} applies to fine-tuning: pass --finetune TRAIN")
         if option in DATA_OPTIONS and not (data or finetune):
-            what = "a gate needs" if option in ("max_drop", "min_gain") else f"{flag(option)} needs"
-            raise UsageError(f"{what} data to score on: pass --data VAL (or --finetune TRAIN)")
+            raise UsageError(f"{flag(option)} needs data to score on: pass --data VAL (or "
+                             "--finetune TRAIN)")
     if "val_fraction" in given and data:
         raise UsageError("--val-fraction splits a validation set off --finetune's data; with "
                          "--data that is the validation set")
