@@ -1,9 +1,16 @@
 """The ``cadrelu`` console script. It imports nothing heavy until SIGINT and SIGTERM are
 handled: importing torch takes seconds, and Ctrl-C (or a scheduler's SIGTERM) in that time
-must still be one line and exit code 130, not a traceback or a silent kill."""
+must still be one line and exit code 130, not a traceback or a silent kill.
+
+While the command's modules import, a signal ends the process at once: there is nothing to
+save yet, and a KeyboardInterrupt raised inside a C extension's import (numpy, torch) leaves it
+half-loaded and surfaces as an ImportError instead. Once they are imported, SIGINT and SIGTERM
+raise KeyboardInterrupt, so a fine-tune saves its checkpoint before the command stops.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -25,14 +32,26 @@ def interrupted_line(interrupt: KeyboardInterrupt) -> str:
     return f"interrupted{by}{hint}"
 
 
+def _stop_at_once(signum: int, frame: object) -> None:
+    """During start-up: the one line, and exit without unwinding a half-finished import."""
+    name = signal.Signals(signum).name
+    sys.stderr.write(interrupted_line(KeyboardInterrupt(name) if signum != signal.SIGINT
+                                      else KeyboardInterrupt()) + "\n")
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
+
+
 def main() -> None:
     """Run the command line; Ctrl-C or SIGTERM at any moment gives one line and exit code 130."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop_at_once)
+    from cli.main import run
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        from cli.main import run
-
         code = run()
-    except KeyboardInterrupt as interrupt:  # before the command's own handling began
+    except KeyboardInterrupt as interrupt:  # outside the command's own handling
         sys.stderr.write(interrupted_line(interrupt) + "\n")
         code = INTERRUPTED
     sys.exit(code)
