@@ -297,30 +297,41 @@ def _mrepu(x: torch.Tensor, p: float, c: float) -> torch.Tensor:
     return x * (x + c).clamp_min(0.0).pow(p)
 
 
-def mrepu(x: torch.Tensor, p: float = 2.0, c: float = 1.0) -> torch.Tensor:
-    """MRePU ``x * max(0, x + c)^p``. It grows like |x|^(p+1), so half inputs are computed in
-    float32, and results beyond the dtype's range saturate at its largest finite value."""
-    if not torch.jit.is_scripting():
-        if _eager_mrepu_applies(x, p):
-            return _MRePUFunction.apply(x, 1.0, float(p), float(c))
-    return _saturate(_mrepu(_cast(x, _compute_dtype(x.dtype)), p, c), x.dtype)
+Gain = float | torch.Tensor
+"""An MRePU gain: a Python float, or a 0-dim tensor (a module's trainable parameter)."""
 
 
-def blended_mrepu(x: torch.Tensor, blend: float, p: float = 2.0, c: float = 1.0) -> torch.Tensor:
-    """``(1 - blend) * max(x, 0) + blend * mrepu(x)``: the walk from ReLU (0) to MRePU (1).
+def mrepu(x: torch.Tensor, p: float = 2.0, c: float = 1.0, *, gain_in: Gain = 1.0,
+          gain_out: Gain = 1.0, blend: float = 1.0) -> torch.Tensor:
+    """``(1 - blend) * max(x, 0) + blend * gain_out * MRePU(gain_in * x)``, MRePU being
+    ``u * max(0, u + c)^p``; with the defaults, the paper's MRePU.
 
-    ``blend`` is a Python float, so the end points compute only their own term and the branch
-    is fixed in an exported graph.
+    The gains are the calibrated swap's (activations.md §2): fitted so that a site that
+    replaced a ReLU stays at ReLU's scale. ``blend`` (lam) is a Python float, so the end points
+    compute only their own term and the branch is fixed in a captured graph. MRePU grows like
+    |x|^(p+1): half inputs are computed in float32, and the MRePU term and the result saturate
+    at the dtype's largest finite value (the term first, so a zero gain_out never meets inf).
     """
-    if blend == 1.0:
-        return mrepu(x, p, c)
+    gains = [g if isinstance(g, torch.Tensor) else torch.tensor(float(g), device=x.device)
+             for g in (gain_in, gain_out)]
+    return _gained_mrepu(x, gains[0], gains[1], float(blend), float(p), float(c))
+
+
+def _gained_mrepu(x: torch.Tensor, gain_in: torch.Tensor, gain_out: torch.Tensor, blend: float,
+                  p: float, c: float) -> torch.Tensor:
+    """:func:`mrepu` with tensor gains, in a form TorchScript compiles."""
     if blend == 0.0:
         return x.clamp_min(0.0)
     if not torch.jit.is_scripting():
         if _eager_mrepu_applies(x, p):
-            return _MRePUFunction.apply(x, float(blend), float(p), float(c))
-    xa = _cast(x, _compute_dtype(x.dtype))
-    return _saturate((1.0 - blend) * xa.clamp_min(0.0) + blend * _mrepu(xa, p, c), x.dtype)
+            return _MRePUFunction.apply(x, gain_in, gain_out, blend, p, c)
+    compute = _compute_dtype(x.dtype)
+    big = _finite_max(x.dtype)
+    xa = _cast(x, compute)
+    y = _mrepu(xa * gain_in.to(compute), p, c).clamp(-big, big) * gain_out.to(compute)
+    if blend != 1.0:
+        y = blend * y + (1.0 - blend) * xa.clamp_min(0.0)
+    return _saturate(y, x.dtype)
 
 
 def repu(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -329,14 +340,19 @@ def repu(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 
 
 class MRePU(nn.Module):
-    """MRePU blended with ReLU: ``(1 - blend) * ReLU(x) + blend * x * max(0, x + c)^p``.
+    """MRePU with the calibrated swap's gains, blended with ReLU:
+    ``(1 - blend) * ReLU(x) + blend * gain_out * MRePU(gain_in * x)``.
 
+    ``gain_in`` and ``gain_out`` are trainable 0-dim parameters, 1 at construction (the
+    paper's MRePU) and fitted to the ReLU a site replaced by :mod:`retrofit.calibrate`.
     ``blend`` (lam) is a plain float attribute that a fine-tuning schedule may set at any time;
     it is not a parameter and not saved in the state dict. ``config`` is the config the module
     was built from (its ``blend`` is the start value).
     """
 
-    def __init__(self, config: Optional[MRePUConfig] = None, **overrides: Any) -> None:
+    def __init__(self, config: Optional[MRePUConfig] = None, *,
+                 device: Optional[torch.device | str] = None,
+                 dtype: Optional[torch.dtype] = None, **overrides: Any) -> None:
         super().__init__()
         config = config if config is not None else MRePUConfig()
         if not isinstance(config, MRePUConfig):
@@ -347,13 +363,15 @@ class MRePU(nn.Module):
         self.p: float = float(config.p)
         self.c: float = float(config.c)
         self.blend: float = float(config.blend)
+        self.gain_in = nn.Parameter(torch.ones((), device=device, dtype=dtype))
+        self.gain_out = nn.Parameter(torch.ones((), device=device, dtype=dtype))
 
     @classmethod
     def from_config(cls, config: MRePUConfig, **kwargs: Any) -> "MRePU":
         return cls(config, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return blended_mrepu(x, self.blend, self.p, self.c)
+        return _gained_mrepu(x, self.gain_in, self.gain_out, self.blend, self.p, self.c)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, c={self.c}, blend={self.blend}"
@@ -649,46 +667,64 @@ def _carelu_rows_inference(
 
 
 class _MRePUFunction(torch.autograd.Function):
-    """Blended MRePU ``(1-lam)*max(x, 0) + lam*x*max(x+c, 0)^p``, saturated, computed with one
-    work buffer in place; saves only x and recomputes the derivative
-    ``lam*t^(p-1)*(t + p*x) + (1-lam)*[x >= 0]`` (t = max(x+c, 0)) in backward."""
+    """:func:`mrepu` with work buffers reused in place; saves only x (and tensor gains) and
+    recomputes the derivatives in backward. With ``u = a*x``, ``t = max(u + c, 0)`` and
+    ``f(u) = u*t^p``: ``dy/dx = lam*b*a*f'(u) + (1-lam)*[x >= 0]``, ``dy/da = lam*b*x*f'(u)``,
+    ``dy/db = lam*f(u)``, ``f'(u) = t^(p-1)*(t + p*u)``; each is zero where the value it passes
+    through saturated."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, blend: float, p: float, c: float
+        ctx: Any, x: torch.Tensor, gain_in: torch.Tensor, gain_out: torch.Tensor, blend: float,
+        p: float, c: float,
     ) -> torch.Tensor:
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, gain_in, gain_out)
         ctx.setup = (blend, p, c)
-        return _cast(_mrepu_inplace(_cast(x, _compute_dtype(x.dtype)), blend, p, c,
-                                    _finite_max(x.dtype)), x.dtype)
+        compute = _compute_dtype(x.dtype)
+        big = _finite_max(x.dtype)
+        xa = _cast(x, compute)
+        u = torch.mul(xa, gain_in.to(compute))
+        y = (u + c).clamp_min_(0.0).pow_(p).mul_(u).clamp_(-big, big)
+        y.mul_(gain_out.to(compute))
+        if blend != 1.0:
+            y.mul_(blend).add_(xa.clamp_min(0.0), alpha=1.0 - blend)
+        return _cast(y.clamp_(-big, big), x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
+        x, gain_in, gain_out = ctx.saved_tensors
         blend, p, c = ctx.setup
-        xa = _cast(x, _compute_dtype(x.dtype))
-        t = (xa + c).clamp_min_(0.0)
-        slope = torch.pow(t, p - 1.0)  # t^(p-1); 0 where t = 0 since p > 1
-        value = t.mul_(slope)  # t^p
-        slope.mul_(xa)
-        torch.add(value, slope, alpha=p, out=slope)  # t^p + p*x*t^(p-1)
-        value.mul_(xa)  # x*t^p, before saturation
+        compute = _compute_dtype(x.dtype)
+        big = _finite_max(x.dtype)
+        xa = _cast(x, compute)
+        a, b = gain_in.to(compute), gain_out.to(compute)
+        u = xa * a
+        t = (u + c).clamp_min_(0.0)
+        power = t.pow(p - 1.0)  # t^(p-1); 0 where t = 0 since p > 1
+        slope = torch.add(t, u, alpha=p).mul_(power)  # f'(u)
+        term = power.mul_(t).mul_(u)  # f(u)
+        inner = term.abs() > big
+        term.clamp_(-big, big)
+        y = term * b
         if blend != 1.0:
-            relu = xa.clamp_min(0.0)
-            value.mul_(blend).add_(relu, alpha=1.0 - blend)
-            slope.mul_(blend).add_(torch.ge(xa, 0.0, out=relu), alpha=1.0 - blend)
-        # clamp(-big, big) passes |y| <= big; masked_fill, not a product: slope may be inf there
-        slope.masked_fill_(value.abs_() > _finite_max(x.dtype), 0.0)
-        grad = slope.mul_(grad_y)
-        return _cast(grad, x.dtype), None, None, None
-
-
-def _mrepu_inplace(xa: torch.Tensor, blend: float, p: float, c: float, big: float) -> torch.Tensor:
-    y = (xa + c).clamp_min_(0.0).pow_(p).mul_(xa)
-    if blend != 1.0:
-        y.mul_(blend).add_(xa.clamp_min(0.0), alpha=1.0 - blend)
-    return y.clamp_(-big, big)
+            y.mul_(blend).add_(xa.clamp_min(0.0), alpha=1.0 - blend)
+        grad = _cast(grad_y, compute).masked_fill(y.abs_() > big, 0.0)
+        # masked_fill, not a product: f' may be inf where f(u) saturated
+        through = (grad * slope).masked_fill_(inner, 0.0).mul_(blend)  # d y / d f(u) * f'(u)
+        needs = ctx.needs_input_grad
+        grad_a = grad_b = None
+        if needs[1]:
+            grad_a = (through * xa).mul_(b).sum().to(gain_in.dtype)
+        if needs[2]:
+            grad_b = (grad * term).sum().mul_(blend).to(gain_out.dtype)
+        grad_x = None
+        if needs[0]:
+            grad_x = through.mul_(a * b)
+            if blend != 1.0:
+                grad_x.add_(grad.mul_(xa >= 0.0), alpha=1.0 - blend)
+            grad_x = _cast(grad_x, x.dtype)
+        return grad_x, grad_a, grad_b, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,7 +749,7 @@ def make_activation(
 ) -> nn.Module:
     """A new activation module for one site, built from a config (or a name, with defaults).
 
-    ``device``/``dtype`` place the module's parameters (CAReLU only has any); creating them in
+    ``device``/``dtype`` place the module's parameters (CAReLU's alpha/beta, MRePU's gains); creating them in
     the model's dtype keeps the identity init exact in float64.
     """
     if isinstance(config, str):
@@ -723,7 +759,7 @@ def make_activation(
     name = getattr(config, "name", None)
     if name not in ACTIVATIONS:
         raise UsageError(f"no activation for config {config!r}; known: {', '.join(ACTIVATIONS)}")
-    if isinstance(config, CompetitiveReLUConfig):
-        return CompetitiveReLU.from_config(config, device=device, dtype=dtype)
+    if isinstance(config, (CompetitiveReLUConfig, MRePUConfig)):
+        return ACTIVATIONS[name].from_config(config, device=device, dtype=dtype)
     module = ACTIVATIONS[name].from_config(config)  # type: ignore[attr-defined]
     return module.to(device) if device is not None else module

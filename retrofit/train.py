@@ -186,7 +186,8 @@ class EpochRecord:
     the model has no activation parameters); ``samples_per_second`` counts training only (0 when
     a resumed run had nothing left of the epoch). ``blend`` is MRePU's lam at the end of the
     epoch (None without MRePU); ``activations`` maps each activation module's name to its values
-    then: ``{"alpha": .., "beta": ..}`` for CompetitiveReLU, ``{"lam": ..}`` for MRePU.
+    then: ``{"alpha": .., "beta": ..}`` for CompetitiveReLU, ``{"lam": .., "gain_in": ..,
+    "gain_out": ..}`` for MRePU.
     ``val_top1`` is None without validation data.
     """
 
@@ -324,13 +325,14 @@ def parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str,
 
 def activation_values(model: nn.Module) -> dict[str, dict[str, float]]:
     """Each activation module's current values by module name: CompetitiveReLU alpha/beta,
-    MRePU lam."""
+    MRePU lam and its gains."""
     values: dict[str, dict[str, float]] = {}
     for name, module in model.named_modules():
         if isinstance(module, CompetitiveReLU):
             values[name] = {"alpha": module.alpha.item(), "beta": module.beta.item()}
         elif isinstance(module, MRePU):
-            values[name] = {"lam": float(module.blend)}
+            values[name] = {"lam": float(module.blend), "gain_in": module.gain_in.item(),
+                            "gain_out": module.gain_out.item()}
     return values
 
 
@@ -507,7 +509,11 @@ class _Finetuning:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            # At lam = 0 (the ramp's first step) MRePU computes ReLU and its gains get no
+            # gradient; DDP must be told, or it waits for them at the next step.
+            ramping = bool(self.mrepu) and self.schedule.ramp_steps > 0
+            self.net = DistributedDataParallel(self.model, device_ids=ids,
+                                               find_unused_parameters=ramping)
         try:
             self._train()
         except _Diverged as diverged:

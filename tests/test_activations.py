@@ -20,7 +20,6 @@ from retrofit.activations import (  # noqa: I001
     CompetitiveReLU,
     MRePU,
     RePU,
-    blended_mrepu,
     competition,
     competition_axes,
     competitive_relu,
@@ -76,8 +75,9 @@ def ref_carelu(z, alpha, beta, k=2.0, eps=1e-6, measure="energy", reduce="auto")
     return np.maximum(s * z, 0.0)
 
 
-def ref_mrepu(x, p=2.0, c=1.0, lam=1.0):
-    return (1 - lam) * np.maximum(x, 0.0) + lam * x * np.maximum(x + c, 0.0) ** p
+def ref_mrepu(x, p=2.0, c=1.0, lam=1.0, a=1.0, b=1.0):
+    u = a * x
+    return (1 - lam) * np.maximum(x, 0.0) + lam * b * u * np.maximum(u + c, 0.0) ** p
 
 
 def away_from_zero(shape, generator, scale=1.5) -> torch.Tensor:
@@ -175,12 +175,32 @@ def test_mrepu_blend_matches_float64_reference(lam):
     x = torch.randn(4, 3, 5, dtype=torch.float64) * 2
     module = MRePU(MRePUConfig(p=3.0, c=0.5, blend=lam))
     np.testing.assert_allclose(
-        module(x).numpy(), ref_mrepu(x.numpy(), 3.0, 0.5, lam), rtol=1e-12, atol=1e-12
+        module(x).detach().numpy(), ref_mrepu(x.numpy(), 3.0, 0.5, lam), rtol=1e-12, atol=1e-12
     )
     np.testing.assert_allclose(mrepu(x).numpy(), ref_mrepu(x.numpy()), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(
         repu(x, 3.0).numpy(), np.maximum(x.numpy(), 0) ** 3, rtol=1e-12, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("lam", (0.25, 1.0))
+def test_mrepu_gains_scale_input_and_output_as_the_spec_says(lam):
+    x = torch.randn(4, 3, 5, dtype=torch.float64) * 2
+    module = MRePU(MRePUConfig(blend=lam), dtype=torch.float64)
+    with torch.no_grad():
+        module.gain_in.fill_(0.37)
+        module.gain_out.fill_(2.5)
+    want = ref_mrepu(x.numpy(), lam=lam, a=0.37, b=2.5)
+    np.testing.assert_allclose(module(x).detach().numpy(), want, rtol=1e-12, atol=1e-12)
+    scripted = torch.jit.script(module)  # the plain formula, as graph capture sees it
+    np.testing.assert_allclose(scripted(x).detach().numpy(), want, rtol=1e-12, atol=1e-12)
+    assert {"gain_in", "gain_out"} <= set(module.state_dict())
+
+
+def test_mrepu_with_a_zero_output_gain_stays_finite_where_mrepu_saturates():
+    x = torch.tensor([1e30, -1e30, 3.0])
+    for gain in (torch.tensor(0.0), 0.0):
+        assert torch.isfinite(mrepu(x, gain_out=gain)).all()
 
 
 def test_mrepu_blend_is_a_plain_float_the_schedule_can_set():
@@ -217,8 +237,12 @@ def test_count_measure_has_no_gradient_through_p():
 def test_mrepu_gradients_match_finite_differences(lam):
     x = away_from_zero((3, 5), torch.Generator().manual_seed(2), scale=2.0)
     x = torch.where((x + 1).abs() < 0.1, x + 0.3, x).requires_grad_()  # off the kink x = -c
-    assert torch.autograd.gradcheck(lambda x: blended_mrepu(x, lam, 2.0, 1.0), (x,))
-    assert torch.autograd.gradcheck(lambda x: blended_mrepu(x, lam, 1.5, 0.5), (x,))
+    a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(1.9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: mrepu(x, 2.0, 1.0, blend=lam), (x,))
+    assert torch.autograd.gradcheck(lambda x: mrepu(x, 1.5, 0.5, blend=lam), (x,))
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: mrepu(x, 2.0, 1.0, gain_in=a, gain_out=b, blend=lam), (x, a, b))
 
 
 def test_repu_gradients_match_finite_differences():
@@ -276,7 +300,7 @@ def test_half_inputs_are_computed_in_float32():
     for lam in (0.5, 1.0):
         want = ref_mrepu(x.double().numpy(), 3.0, 100.0, lam)
         got = MRePU(p=3.0, c=100.0, blend=lam)(x)
-        np.testing.assert_allclose(got.double().numpy(), want, rtol=2e-3)
+        np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=2e-3)
 
 
 def test_overflowing_results_saturate_at_the_largest_finite_value():
@@ -293,6 +317,8 @@ def test_gradients_are_finite_on_zero_input():
         x = torch.zeros(2, 3, 4, requires_grad=True)
         module(x).sum().backward()
         grads = [x.grad, *(p.grad for p in module.parameters())]
+        if isinstance(module, MRePU) and module.blend == 0.0:  # ReLU: the gains take no part
+            grads = grads[:1]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), module
 
 
@@ -317,7 +343,8 @@ def test_registry_builds_each_config_with_its_values():
 
     mre = make_activation(MRePUConfig(p=3.0, c=0.5, blend=0.25))
     assert type(mre) is MRePU and (mre.p, mre.c, mre.blend) == (3.0, 0.5, 0.25)
-    assert list(mre.parameters()) == []
+    assert [(name, p.item()) for name, p in mre.named_parameters()] == [("gain_in", 1.0),
+                                                                        ("gain_out", 1.0)]
 
     re = make_activation(RePUConfig(p=3.0))
     assert type(re) is RePU and re.p == 3.0
@@ -353,8 +380,16 @@ def export_cases() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
         for m in MEASURES
         for r, x in (("auto", x4), ("channel", x4), ("auto", x3), ("sample", x2))
     ]
-    cases += [(f"mrepu-{lam}", MRePU(blend=lam), x4) for lam in (0.0, 0.5, 1.0)]
+    cases += [(f"mrepu-{lam}", gained(MRePU(blend=lam)), x4) for lam in (0.0, 0.5, 1.0)]
     return [*cases, ("repu", RePU(), x3)]
+
+
+def gained(module: MRePU) -> MRePU:
+    """Gains other than 1, as a calibrated swap leaves them, so graphs must carry them."""
+    with torch.no_grad():
+        module.gain_in.fill_(0.6)
+        module.gain_out.fill_(1.7)
+    return module
 
 
 CASES = export_cases()
@@ -412,8 +447,10 @@ def plain_carelu(z, module):
 
 def plain_mrepu(x, module):
     xa = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
-    y = (1.0 - module.blend) * xa.clamp_min(0.0) + module.blend * _mrepu(xa, module.p, module.c)
     big = torch.finfo(x.dtype).max
+    a, b = module.gain_in.to(xa.dtype), module.gain_out.to(xa.dtype)
+    term = _mrepu(a * xa, module.p, module.c).clamp(-big, big) * b
+    y = (1.0 - module.blend) * xa.clamp_min(0.0) + module.blend * term
     return y.clamp(-big, big).to(x.dtype)
 
 
@@ -522,24 +559,27 @@ def test_fast_paths_match_the_plain_formulas_in_every_dtype(dtype):
         for got, want in zip(fast_grads, want_grads):
             torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     for lam in (0.5, 1.0):
-        module = MRePU(blend=lam)
+        module = gained(MRePU(blend=lam))
         x = (torch.randn(4, 3, 6, 6) * 2).to(dtype)
-        fast, (fast_grad,) = grads_of(lambda x, m: m(x), x, module, weight)
-        plain, (plain_grad,) = grads_of(plain_mrepu, x, module, weight)
+        fast, fast_grads = grads_of(lambda x, m: m(x), x, module, weight)
+        plain, plain_grads = grads_of(plain_mrepu, x, module, weight)
         torch.testing.assert_close(fast, plain, **tolerance)
-        torch.testing.assert_close(fast_grad, plain_grad, **tolerance)
+        torch.testing.assert_close(fast_grads[0], plain_grads[0], **tolerance)
+        for got, want in zip(fast_grads[1:], plain_grads[1:]):  # sums over the whole input
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("lam", (0.25, 1.0))
 def test_fast_mrepu_matches_the_plain_formula_in_float64_also_when_saturated(lam):
     x = torch.tensor([[-3.0, -1.0, -0.5, 0.0, 0.7, 2.0, 1e103, -1e103]], dtype=torch.float64)
     weight = torch.randn(1, 8, dtype=torch.float64)
-    module = MRePU(blend=lam)
-    fast, (fast_grad,) = grads_of(lambda x, m: m(x), x, module, weight)
-    plain, (plain_grad,) = grads_of(plain_mrepu, x, module, weight)
+    module = gained(MRePU(blend=lam, dtype=torch.float64))
+    fast, fast_grads = grads_of(lambda x, m: m(x), x, module, weight)
+    plain, plain_grads = grads_of(plain_mrepu, x, module, weight)
     torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-12, atol=1e-12)
-    assert fast_grad[0, 6] == 0  # saturated at the largest float64: no gradient, like clamp
+    for got, want in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert fast_grads[0][0, 6] == 0  # saturated at the largest float64: no gradient, like clamp
 
 
 def count_saved_elements(fn, *inputs) -> tuple[int, int]:
