@@ -10,10 +10,12 @@ module uses: the competition ``p`` is measured on ``u = z / m`` with
 ``m = max(max|z|, 1)`` over the same axes, and eps is scaled to match (``eps / m^2`` for the energy
 measure, ``eps / m`` for L1), which is the paper's ``p`` exactly while ``z^2`` cannot overflow.
 The output is ``Max(s * z, 0)`` with ``s = K * tanh(alpha * p + beta)``: no ``Relu`` node is
-emitted, so a rewritten model has no ReLU site left. As in the torch modules, float16 and
-bfloat16 tensors are computed in float32 and cast back (MRePU overflows float16 early; the sums of
-CompetitiveReLU do too), and a result beyond the output type's range saturates at its largest
-finite value instead of becoming inf.
+emitted, so a rewritten model has no ReLU site left. MRePU is ``b * MRePU(a * x)`` with the
+site's input gain ``a`` (``gain_in``) and output gain ``b`` (``gain_out``), blended with ReLU by
+``blend`` (lam): ``(1 - lam) * max(x, 0) + (lam * b) * MRePU(a * x)``. As in the torch
+modules, float16 and bfloat16 tensors are computed in float32 and cast back (MRePU overflows
+float16 early; the sums of CompetitiveReLU do too), and a result beyond the output type's range
+saturates at its largest finite value instead of becoming inf.
 """
 
 from __future__ import annotations
@@ -151,9 +153,19 @@ class SitePlan:
         return computed
 
 
+def _initial_values(config: ActivationConfig) -> dict[str, float]:
+    """Each trainable scalar a site of this activation owns, with its start value, in input
+    order (the torch modules' parameter names, so trained values map back by name)."""
+    if isinstance(config, CompetitiveReLUConfig):
+        return {"alpha": config.alpha_init, "beta": config.beta}
+    if isinstance(config, MRePUConfig):
+        return {"gain_in": 1.0, "gain_out": 1.0}  # a = b = 1: the paper's MRePU
+    return {}
+
+
 def parameter_names(config: ActivationConfig) -> tuple[str, ...]:
     """The trainable scalars each site of this activation owns, in input order."""
-    return ("alpha", "beta") if isinstance(config, CompetitiveReLUConfig) else ()
+    return tuple(_initial_values(config))
 
 
 def parameter_values(
@@ -161,16 +173,13 @@ def parameter_values(
 ) -> dict[str, float]:
     """A site's parameter values: the config's initial values, replaced by ``overrides``
     (trained values written back after fine-tuning)."""
-    names = parameter_names(config)
+    defaults = _initial_values(config)
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(names))
+    unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        allowed = ", ".join(names) if names else f"none for {config.name}"
+        allowed = ", ".join(defaults) if defaults else f"none for {config.name}"
         raise UsageError(f"unknown site value(s) {', '.join(unknown)}; allowed: {allowed}")
-    if isinstance(config, CompetitiveReLUConfig):
-        defaults = {"alpha": config.alpha_init, "beta": config.beta}
-        return {name: float(overrides.get(name, defaults[name])) for name in names}
-    return {}
+    return {name: float(overrides.get(name, value)) for name, value in defaults.items()}
 
 
 def parameter_tensor(name: str, value: float, plan: SitePlan) -> TensorProto:
@@ -189,10 +198,13 @@ def describe(config: ActivationConfig, plan: SitePlan) -> str:
             f"positive side {where}; K={config.k:g}, eps={config.eps:g}"
         )
     if isinstance(config, MRePUConfig):
-        text = f"MRePU x*max(0, x+{config.c:g})^{config.p:g}"
+        if config.blend == 0:
+            return "ReLU max(x, 0): MRePU at blend 0 (gain_in and gain_out unused)"
+        text = "b*MRePU(a*x)"
         if config.blend < 1:
             text = f"(1-{config.blend:g})*max(x,0) + {config.blend:g}*{text}"
-        return text
+        shape = f"x*max(0, x+{config.c:g})^{config.p:g}"
+        return f"{text}; MRePU(x) = {shape}, a = gain_in, b = gain_out"
     return f"RePU max(0, x)^{config.p:g}"
 
 
@@ -273,7 +285,7 @@ def emit_activation(
             raise UsageError("a CompetitiveReLU site needs its competition axes")
         result = _competitive_relu(b, config, plan.axes, z, big, *params)
     elif isinstance(config, MRePUConfig):
-        result = _mrepu(b, config, z, big)
+        result = _mrepu(b, config, z, big, *params)
     elif isinstance(config, RePUConfig):
         positive = b.op("Max", [z, b.const(0.0)], "pos")
         result = _saturate(b, b.op("Pow", [positive, b.const(config.p)], "repu"), big)
@@ -332,17 +344,23 @@ def _competitive_relu(
     return y
 
 
-def _mrepu(b: _Builder, config: MRePUConfig, x: str, big: float) -> str:
+def _mrepu(
+    b: _Builder, config: MRePUConfig, x: str, big: float, gain_in: str, gain_out: str
+) -> str:
+    """``(1 - lam) * max(x, 0) + (lam * gain_out) * MRePU(gain_in * x)``, saturated; the scalar
+    ``lam * gain_out`` is formed first, so the blend costs no extra pass over the tensor."""
     zero = b.const(0.0)
     if config.blend == 0.0:
-        return b.op("Max", [x, zero], "relu")  # lam = 0 is ReLU; no MRePU, so no inf*0
-    shifted = b.op("Max", [b.op("Add", [x, b.const(config.c)], "shifted"), zero], "shifted_pos")
-    mrepu = b.op("Mul", [x, b.op("Pow", [shifted, b.const(config.p)], "power")], "mrepu")
+        # lam = 0 is ReLU: no MRePU, so no inf*0; the gains stay inputs (trained values round-trip)
+        return b.op("Max", [x, zero], "relu")
+    ax = b.op("Mul", [gain_in, x], "gained_in")
+    shifted = b.op("Max", [b.op("Add", [ax, b.const(config.c)], "shifted"), zero], "shifted_pos")
+    mrepu = b.op("Mul", [ax, b.op("Pow", [shifted, b.const(config.p)], "power")], "mrepu")
     if config.blend == 1.0:
-        return _saturate(b, mrepu, big)
-    relu = b.op("Max", [x, zero], "relu")
-    kept = b.op("Mul", [b.const(1.0 - config.blend), relu], "relu_part")
-    added = b.op("Mul", [b.const(config.blend), mrepu], "mrepu_part")
+        return _saturate(b, b.op("Mul", [gain_out, mrepu], "gained_out"), big)
+    scale = b.op("Mul", [b.const(config.blend), gain_out], "mrepu_scale")
+    kept = b.op("Mul", [b.const(1.0 - config.blend), b.op("Max", [x, zero], "relu")], "relu_part")
+    added = b.op("Mul", [scale, mrepu], "mrepu_part")
     return _saturate(b, b.op("Add", [kept, added], "blend"), big)
 
 

@@ -12,14 +12,16 @@ Where sites are:
   another rank or element type) call separate variants of the function; a variant takes the
   original function's name when the original is no longer called.
 
-Each site gets its parameters as main-graph initializers named ``cadrelu.<site>.alpha`` and
-``cadrelu.<site>.beta`` (scopes joined by dots, other odd characters ``_``, numbered on a
-clash); ``site_values`` replaces their values, which is how trained values are written back after
-fine-tuning. With ``as_functions=True`` each activation variant (element type, axes) is one
-model-local function in domain ``cadrelu`` and every site is one call of it with its own
-initializers; model-local functions need IR version 8, so a lower IR version is raised to 8 and
-the result says so in its notes. Ranks and element types come
-from onnx shape inference (per subgraph and per function call, with the enclosing scope's types);
+Each site gets its parameters (:func:`retrofit.onnx_activations.parameter_names`: CAReLU's
+``alpha`` and ``beta``, MRePU's ``gain_in`` and ``gain_out``) as main-graph initializers named
+``cadrelu.<site>.<parameter>`` (scopes joined by dots, other odd characters ``_``, numbered on a
+clash); ``site_values`` replaces their values, which is how calibrated and trained values are
+written back. An MRePU at blend 0 (plain ReLU) still gets its gains, unused, so every MRePU
+site has the same parameters whatever its blend. With ``as_functions=True`` each activation
+variant (element type, axes) is one model-local function in domain ``cadrelu`` and every site is
+one call of it with its own initializers; model-local functions need IR version 8, so a lower IR
+version is raised to 8 and the result says so in its notes. Ranks and element types come from
+onnx shape inference (per subgraph and per function call, with the enclosing scope's types);
 see :func:`retrofit.onnx_activations.competition_axes` for what an unknown rank allows.
 
 The input model is never modified; on any error nothing is returned half-edited.
@@ -756,7 +758,8 @@ def rewrite_onnx_relus(
     Returns a new model (the input is not modified) whose inputs, outputs, metadata, doc
     strings, opset imports, IR version and untouched nodes are as they were, in the same order;
     each replaced site computes its activation with its own parameters, initialised from the
-    config or from ``site_values[site]`` (``{"alpha": ..., "beta": ...}``, e.g. trained values).
+    config or from ``site_values[site]`` (``{"alpha": ..., "beta": ...}`` for CAReLU,
+    ``{"gain_in": ..., "gain_out": ...}`` for MRePU; e.g. trained values).
     ``as_functions=True`` emits each activation variant once as a model-local function in domain
     ``cadrelu``, called per site (the IR version is raised to 8 when lower, with a note).
 
@@ -801,7 +804,7 @@ def _check_site_values(
             "site of this model; run `cadrelu inspect` to list the site names"
         )
     if site_values and not parameter_names(config):
-        raise UsageError(f"{config.name} has no per-site values; site_values apply to carelu")
+        raise UsageError(f"{config.name} has no per-site values, but site values were given")
     for values in site_values.values():
         parameter_values(config, values)  # names a parameter the activation does not have?
 

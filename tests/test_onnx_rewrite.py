@@ -358,10 +358,12 @@ def carelu_reference(z, alpha, beta, *, measure="energy", k=2.0, eps=1e-6, axes=
     return np.maximum(s * z, 0)
 
 
-def mrepu_reference(x, *, p=2.0, c=1.0, blend=1.0):
+def mrepu_reference(x, *, p=2.0, c=1.0, blend=1.0, gain_in=1.0, gain_out=1.0):
+    """``(1 - blend) * max(x, 0) + blend * gain_out * MRePU(gain_in * x)`` in float64."""
     x = np.asarray(x, np.float64)
-    mrepu = x * np.maximum(0, x + c) ** p
-    return (1 - blend) * np.maximum(x, 0) + blend * mrepu
+    ax = gain_in * x
+    mrepu = ax * np.maximum(0, ax + c) ** p
+    return (1 - blend) * np.maximum(x, 0) + blend * gain_out * mrepu
 
 
 def assert_close_to_scale(actual, expected, tolerance=1e-5):
@@ -534,7 +536,8 @@ def test_mrepu_matches_reference(opset, blend):
     model = single_relu_model([3, 10], F32, opset)
     config = MRePUConfig(p=2.0, c=1.0, blend=blend)
     result = rewrite_and_check(model, config)
-    assert result.activation == "mrepu" and result.sites[0].parameters == ()
+    assert result.activation == "mrepu"
+    assert result.sites[0].parameters == ("cadrelu.act.gain_in", "cadrelu.act.gain_out")
     x = np.linspace(-3, 3, 30, dtype=np.float32).reshape(3, 10)
     (got,) = run_onnx(result.model, {"x": x})
     assert_close_to_scale(got, mrepu_reference(x, blend=blend))
@@ -550,6 +553,142 @@ def test_mrepu_with_other_power_and_shift_and_repu_match_reference():
     result = rewrite_and_check(model, RePUConfig(p=2.5))
     (got,) = run_onnx(result.model, {"x": x})
     assert_close_to_scale(got, np.maximum(x.astype(np.float64), 0) ** 2.5)
+
+
+def two_relu_model(elem=F32, opset=17):
+    """``y1 = Relu(x)`` (site ``act1``) and ``y2 = Relu(-x)`` (site ``act2``): two sites whose
+    inputs a reference knows."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["y1"], name="act1"),
+            helper.make_node("Neg", ["x"], ["n"], name="neg"),
+            helper.make_node("Relu", ["n"], ["y2"], name="act2"),
+        ],
+        "two", [_vi("x", [3, 10], elem)], [_vi("y1", [3, 10], elem), _vi("y2", [3, 10], elem)],
+    )  # fmt: skip
+    return _model(graph, opset)
+
+
+GAINS = {"act1": {"gain_in": 0.7, "gain_out": 2.5}, "act2": {"gain_in": -1.3, "gain_out": 0.4}}
+
+
+def _initializers(model):
+    return {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+
+
+@pytest.mark.parametrize("as_functions", [False, True])
+@pytest.mark.parametrize("blend", [1.0, 0.35])
+@pytest.mark.parametrize("elem", [F32, TensorProto.FLOAT16])
+def test_mrepu_gains_per_site_match_float64_reference(elem, blend, as_functions):
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    x = np.linspace(-3, 3, 30).astype(dtype).reshape(3, 10)
+    result = rewrite_and_check(two_relu_model(elem), MRePUConfig(blend=blend),
+                               site_values=GAINS, as_functions=as_functions)  # fmt: skip
+    assert not relu_ops_left(result.model)
+    got = run_onnx(result.model, {"x": x})
+    for output, (site, sign) in zip(got, [("act1", 1), ("act2", -1)]):
+        assert output.dtype == dtype
+        want = mrepu_reference(sign * x.astype(np.float64), blend=blend, **GAINS[site])
+        assert_close_to_scale(output, want, 1e-3 if elem == TensorProto.FLOAT16 else 1e-6)
+    if as_functions:
+        (function,) = result.model.functions
+        assert list(function.input) == ["X", "gain_in", "gain_out"]
+        calls = [n for n in result.model.graph.node if n.domain == FUNCTION_DOMAIN]
+        assert [list(n.input[1:]) for n in calls] == [
+            ["cadrelu.act1.gain_in", "cadrelu.act1.gain_out"],
+            ["cadrelu.act2.gain_in", "cadrelu.act2.gain_out"],
+        ]  # fmt: skip
+
+
+@pytest.mark.parametrize("elem, param_dtype", [
+    (F32, np.float32), (F64, np.float64), (TensorProto.FLOAT16, np.float32),
+    (TensorProto.BFLOAT16, np.float32),
+])  # fmt: skip
+def test_mrepu_gains_are_initializers_per_site_in_the_compute_type(elem, param_dtype):
+    model = two_relu_model(elem, opset=14)
+    result = rewrite_and_check(model, MRePUConfig(), site_values={"act2": GAINS["act2"]})
+    assert [site.parameters for site in result.sites] == [
+        ("cadrelu.act1.gain_in", "cadrelu.act1.gain_out"),
+        ("cadrelu.act2.gain_in", "cadrelu.act2.gain_out"),
+    ]  # fmt: skip
+    values = _initializers(result.model)
+    want = {"cadrelu.act1.gain_in": 1.0, "cadrelu.act1.gain_out": 1.0,
+            "cadrelu.act2.gain_in": -1.3, "cadrelu.act2.gain_out": 0.4}  # fmt: skip
+    assert sorted(values) == sorted(want)
+    for name, value in want.items():
+        assert values[name].shape == () and values[name].dtype == param_dtype, name
+        assert values[name] == param_dtype(value), name
+
+
+@pytest.mark.parametrize("as_functions", [False, True])
+def test_mrepu_default_gains_are_one_and_compute_the_plain_mrepu(as_functions):
+    model = two_relu_model()
+    x = np.linspace(-3, 3, 30, dtype=np.float32).reshape(3, 10)
+    default = rewrite_and_check(model, MRePUConfig(), as_functions=as_functions)
+    assert all(value == 1.0 for value in _initializers(default.model).values())
+    ones = {site: {"gain_in": 1.0, "gain_out": 1.0} for site in GAINS}
+    explicit = rewrite_and_check(model, MRePUConfig(), site_values=ones, as_functions=as_functions)
+    assert default.model == explicit.model
+    y1, y2 = run_onnx(default.model, {"x": x})
+    assert_close_to_scale(y1, mrepu_reference(x), 1e-6)
+    assert_close_to_scale(y2, mrepu_reference(-x), 1e-6)
+
+
+@pytest.mark.parametrize("as_functions", [False, True])
+def test_mrepu_at_blend_zero_is_relu_and_still_carries_its_gains(as_functions):
+    model = two_relu_model()
+    x = np.linspace(-3, 3, 30, dtype=np.float32).reshape(3, 10)
+    result = rewrite_and_check(model, MRePUConfig(blend=0.0), site_values=GAINS,
+                               as_functions=as_functions)  # fmt: skip
+    values = _initializers(result.model)
+    assert values["cadrelu.act2.gain_in"] == np.float32(-1.3) and len(values) == 4
+    y1, y2 = run_onnx(result.model, {"x": x})
+    np.testing.assert_array_equal(y1, np.maximum(x, 0))
+    np.testing.assert_array_equal(y2, np.maximum(-x, 0))
+
+
+@pytest.mark.parametrize("blend", [1.0, 0.5])
+@pytest.mark.parametrize("elem", [F32, TensorProto.FLOAT16])
+def test_mrepu_with_large_gains_saturates_at_the_largest_finite_value(elem, blend):
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    big = float(np.finfo(dtype).max)
+    gain_in = 1e12 if elem == F32 else 50.0  # (a*10)^3 beyond the type's range at x = 10
+    values = {"act1": {"gain_in": gain_in, "gain_out": 3.0},
+              "act2": {"gain_in": gain_in, "gain_out": -3.0}}  # fmt: skip
+    result = rewrite_and_check(two_relu_model(elem), MRePUConfig(blend=blend), site_values=values)
+    x = np.linspace(-10, 10, 30).astype(dtype).reshape(3, 10)
+    y1, y2 = run_onnx(result.model, {"x": x})
+    assert np.isfinite(y1).all() and np.isfinite(y2).all()
+    assert y1[x == 10].tolist() == [big] and y2[x == -10].tolist() == [-big]
+    for got, sign, site in ((y1, 1, "act1"), (y2, -1, "act2")):
+        want = np.clip(mrepu_reference(sign * x.astype(np.float64), blend=blend, **values[site]),
+                       -big, big)  # fmt: skip
+        assert_close_to_scale(got, want, 1e-3 if elem == TensorProto.FLOAT16 else 1e-6)
+        np.testing.assert_array_equal(np.abs(got) == big, np.abs(want) == big)
+
+
+def test_mrepu_gains_are_passed_per_call_of_a_model_local_function():
+    model = function_model(17)
+    values = {"block1/Block/act": {"gain_in": 0.5, "gain_out": 0.2},
+              "block2/Block/act": {"gain_in": -0.3, "gain_out": 1.5}}  # fmt: skip
+    x = _rng(11).standard_normal((3, 4)).astype(np.float32)
+    w1, w2 = (numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer)
+    h1 = mrepu_reference(x.astype(np.float64) @ w1, **values["block1/Block/act"])
+    want = mrepu_reference(h1 @ w2, **values["block2/Block/act"])
+    for as_functions in (False, True):
+        result = rewrite_and_check(model, MRePUConfig(), site_values=values,
+                                   as_functions=as_functions)  # fmt: skip
+        block = [f for f in result.model.functions if f.name == "Block"]
+        assert len(block) == 1 and len(block[0].input) == 4  # x, w, gain_in, gain_out
+        (got,) = run_onnx(result.model, {"x": x})
+        assert_close_to_scale(got, want)
+
+
+def test_mrepu_site_values_name_only_its_gains_and_repu_takes_none():
+    with pytest.raises(UsageError, match="alpha.*allowed: gain_in, gain_out"):
+        rewrite_onnx_relus(two_relu_model(), MRePUConfig(), site_values={"act1": {"alpha": 1.0}})
+    with pytest.raises(UsageError, match="repu has no per-site values"):
+        rewrite_onnx_relus(two_relu_model(), RePUConfig(), site_values={"act1": {"gain_in": 1.0}})
 
 
 def test_float16_sites_compute_in_float32_and_saturate_when_cast_back():
