@@ -347,8 +347,9 @@ def _competitive_relu(
 def _mrepu(
     b: _Builder, config: MRePUConfig, x: str, big: float, gain_in: str, gain_out: str
 ) -> str:
-    """``(1 - lam) * max(x, 0) + (lam * gain_out) * MRePU(gain_in * x)``, saturated; the scalar
-    ``lam * gain_out`` is formed first, so the blend costs no extra pass over the tensor."""
+    """``(1 - lam) * max(x, 0) + lam * (gain_out * MRePU(gain_in * x))``, in the order the torch
+    module computes it: the MRePU term saturates before the output gain scales it (a zero gain
+    never meets inf), and the result saturates again."""
     zero = b.const(0.0)
     if config.blend == 0.0:
         # lam = 0 is ReLU: no MRePU, so no inf*0; the gains stay inputs (trained values round-trip)
@@ -356,12 +357,12 @@ def _mrepu(
     ax = b.op("Mul", [gain_in, x], "gained_in")
     shifted = b.op("Max", [b.op("Add", [ax, b.const(config.c)], "shifted"), zero], "shifted_pos")
     mrepu = b.op("Mul", [ax, b.op("Pow", [shifted, b.const(config.p)], "power")], "mrepu")
+    gained = b.op("Mul", [_saturate(b, mrepu, big), gain_out], "gained_out")
     if config.blend == 1.0:
-        return _saturate(b, b.op("Mul", [gain_out, mrepu], "gained_out"), big)
-    scale = b.op("Mul", [b.const(config.blend), gain_out], "mrepu_scale")
+        return _saturate(b, gained, big)
     kept = b.op("Mul", [b.const(1.0 - config.blend), b.op("Max", [x, zero], "relu")], "relu_part")
-    added = b.op("Mul", [scale, mrepu], "mrepu_part")
-    return _saturate(b, b.op("Add", [kept, added], "blend"), big)
+    added = b.op("Mul", [b.const(config.blend), gained], "mrepu_part")
+    return _saturate(b, b.op("Add", [added, kept], "blend"), big)
 
 
 def local_fresh(used: set[str] | None = None) -> Fresh:

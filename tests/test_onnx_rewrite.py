@@ -358,12 +358,19 @@ def carelu_reference(z, alpha, beta, *, measure="energy", k=2.0, eps=1e-6, axes=
     return np.maximum(s * z, 0)
 
 
-def mrepu_reference(x, *, p=2.0, c=1.0, blend=1.0, gain_in=1.0, gain_out=1.0):
-    """``(1 - blend) * max(x, 0) + blend * gain_out * MRePU(gain_in * x)`` in float64."""
+def mrepu_reference(x, *, p=2.0, c=1.0, blend=1.0, gain_in=1.0, gain_out=1.0, dtype=None):
+    """``(1 - blend) * max(x, 0) + blend * gain_out * MRePU(gain_in * x)`` in float64. With
+    ``dtype``, as a graph computing in that type saturates: the MRePU term at its largest
+    value before the gain scales it, the gained term overflowing to inf where it would."""
     x = np.asarray(x, np.float64)
     ax = gain_in * x
-    mrepu = ax * np.maximum(0, ax + c) ** p
-    return (1 - blend) * np.maximum(x, 0) + blend * gain_out * mrepu
+    with np.errstate(over="ignore"):
+        mrepu = ax * np.maximum(0, ax + c) ** p
+        if dtype is None:
+            return (1 - blend) * np.maximum(x, 0) + blend * gain_out * mrepu
+        big = float(np.finfo(dtype).max)
+        gained = (gain_out * np.clip(mrepu, -big, big)).astype(dtype).astype(np.float64)
+    return (1 - blend) * np.maximum(x, 0) + blend * gained
 
 
 def assert_close_to_scale(actual, expected, tolerance=1e-5):
@@ -661,8 +668,8 @@ def test_mrepu_with_large_gains_saturates_at_the_largest_finite_value(elem, blen
     assert np.isfinite(y1).all() and np.isfinite(y2).all()
     assert y1[x == 10].tolist() == [big] and y2[x == -10].tolist() == [-big]
     for got, sign, site in ((y1, 1, "act1"), (y2, -1, "act2")):
-        want = np.clip(mrepu_reference(sign * x.astype(np.float64), blend=blend, **values[site]),
-                       -big, big)  # fmt: skip
+        want = np.clip(mrepu_reference(sign * x.astype(np.float64), blend=blend, dtype=dtype,
+                                       **values[site]), -big, big)  # fmt: skip
         assert_close_to_scale(got, want, 1e-3 if elem == TensorProto.FLOAT16 else 1e-6)
         np.testing.assert_array_equal(np.abs(got) == big, np.abs(want) == big)
 
