@@ -220,6 +220,7 @@ def retrofit(
     reduce: Annotated[Reduce, typer.Option(help="CAReLU competition axes: auto (last axis for 3-D sequences, whole sample otherwise), sample, channel or last.")] = Reduce.auto,
     p: Annotated[float, typer.Option("--p", help="MRePU/RePU power p (> 1).")] = 2.0,
     c: Annotated[float, typer.Option("--c", help="MRePU shift c.")] = 1.0,
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="MRePU: fit each site's input and output gains to the ReLU it replaces, on the data (the calibrated swap); --no-calibrate swaps in the paper's plain MRePU.")] = True,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the retrofitted model (default: MODEL.<activation>.<suffix> beside the input).")] = None,

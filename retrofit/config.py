@@ -56,8 +56,10 @@ class CompetitiveReLUConfig:
 
 @dataclass(frozen=True)
 class MRePUConfig:
-    """MRePU: ``x * max(0, x + c)^p``; ``blend`` is lam of ``(1-lam)*ReLU + lam*MRePU``.
+    """MRePU: ``x * max(0, x + c)^p``, per site ``(1-lam)*ReLU(x) + lam*b*MRePU(a*x)``.
 
+    ``calibrate``: fit each site's gains a, b to the ReLU it replaces before any fine-tuning
+    (the calibrated swap, :mod:`retrofit.calibrate`); without it a = b = 1, the paper's MRePU.
     A retrofit without fine-tuning uses lam=1 (the real MRePU). Fine-tuning with
     ``ramp_fraction > 0`` starts at lam=0 (the pretrained function) and ramps lam to 1 over that
     fraction of the training steps.
@@ -67,6 +69,7 @@ class MRePUConfig:
     c: float = 1.0
     blend: float = 1.0
     ramp_fraction: float = 0.5
+    calibrate: bool = True
 
     name = "mrepu"
     identity_at_init = False

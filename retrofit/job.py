@@ -35,14 +35,6 @@ from retrofit.subjects import NO_SAMPLE_INPUT, Subject, TorchSubject, final_conf
 from retrofit.verify import OutputParity
 
 
-_MREPU_GROWTH = (
-    "MRePU grows like |x|^3, and pre-activations of a few units compound through deep or "
-    "residual stacks (a longer --blend-ramp delays this but did not prevent it on the sample "
-    "CNN, bench/results/repro_retrofit_budget.md); MRePU retrofits shallow networks such as the "
-    "sample MLP, and CompetitiveReLU, which starts as ReLU, retrofits both"
-)
-
-
 @dataclass(frozen=True)
 class DataOptions:
     """Where the data is and how images are prepared (see :func:`retrofit.data.load_dataset`)."""
@@ -198,6 +190,9 @@ class RetrofitReport:
     could not be written): the caller shows the report, then fails with this error."""
     resumed: bool = False
     """Whether a fine-tune went on from a checkpoint (``--resume``)."""
+    calibration: Any = None
+    """The calibrated swap's per-site fits (:class:`retrofit.calibrate.Calibration`), when the
+    activation was calibrated."""
 
     def __post_init__(self) -> None:
         if self.parity is None and not self.unverified:
@@ -380,54 +375,156 @@ def _control_checkpoint(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + ".control" + checkpoint.suffix)
 
 
+@dataclass
+class OpenedModel:
+    """What every arm of a job shares: the model, opened, and the data as it takes it."""
+
+    subject: Subject
+    val: ClassificationData | None
+    train: ClassificationData | None
+
+
+def open_model(request: RetrofitRequest) -> OpenedModel:
+    """Load the data, open the model with its sample inputs, and feed the data as it takes it."""
+    val, train = _load_data(request.data, request.seed)
+    subject = _open(request, val)
+    return OpenedModel(subject, _fed_to(subject, val), _fed_to(subject, train))
+
+
+@dataclass
+class Swapped:
+    """The rewritten model in the subject's format, its report so far, and the site values
+    (calibrated gains) that the torch model to fine-tune starts from."""
+
+    report: RetrofitReport
+    model: Any
+    site_values: dict[str, dict[str, float]] | None
+
+
+def swap(opened: OpenedModel, request: RetrofitRequest, output: Path | None = None,
+         before: Stage | None = None) -> Swapped:
+    """Rewrite, calibrate (MRePU), verify and score the swapped model.
+
+    Raises :class:`~retrofit.errors.ParityError` when an identity-initialised rewrite changed
+    the outputs, or when the rewritten model's outputs on the sample inputs are NaN or inf where
+    the original's are finite: a model that computes no numbers is never a result. ``before``
+    is the original's score when the caller has it already."""
+    subject, val = opened.subject, opened.val
+    result = _rewrite(subject, request)
+    calibration = None
+    if _calibrated(request.config):
+        calibration = _calibrate(opened, request)
+        if calibration is not None:
+            result = subject.rewrite(request.config, request.select, calibration.site_values())
+    report = RetrofitReport(request.model, subject.format, request.config.name, request.config,
+                            result.sites, subject.notes + result.notes,
+                            subject.parity(result.model), request.config.is_identity_init,
+                            request.tolerance, output, calibration=calibration)
+    if report.parity is not None:
+        report.parity.require_finite(f"the {request.config.name} swap")
+        if report.preserves_function:
+            report.parity.require(request.tolerance,
+                                  "the identity-initialised retrofit changed the outputs")
+    if calibration is not None:
+        report.notes.append(calibration.summary())
+    if val is not None:
+        report.dataset = _dataset_summary(val, opened.train)
+        report.stages.append(before or _score(subject, subject.original, val, request, "before"))
+        report.stages.append(_score(subject, result.model, val, request, "after swap"))
+    site_values = calibration.site_values() if calibration is not None else None
+    return Swapped(report, result.model, site_values)
+
+
 def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
     """Rewrite the model file, verify, score and fine-tune it, and write it; the input is never
     modified and nothing is written when a step fails.
 
     Raises :class:`~retrofit.errors.ParityError` when an identity-init rewrite does not
-    reproduce the original outputs within ``request.tolerance``, and any other
-    :class:`~retrofit.errors.RetrofitError` found before the report exists. What fails after it
-    (a fine-tune that diverged, an output that cannot be written) is ``report.failure``, and
-    failed gates are in ``report.gates``: the caller shows the report, then acts on them.
+    reproduce the original outputs within ``request.tolerance`` or the rewritten model computes
+    NaN/inf, and any other :class:`~retrofit.errors.RetrofitError` found before the report
+    exists. What fails after it (a fine-tune that diverged, a fine-tuned model that computes
+    NaN/inf, an output that cannot be written) is ``report.failure``, and failed gates are in
+    ``report.gates``: the caller shows the report, then acts on them.
     """
     output = _check_outputs(request, detect_format(request.model))
-    val, train = _load_data(request.data, request.seed)
-    subject = _open(request, val)
-    val, train = _fed_to(subject, val), _fed_to(subject, train)
-    result = _rewrite(subject, request)
-    report = RetrofitReport(request.model, subject.format, request.config.name, request.config,
-                            result.sites, subject.notes + result.notes,
-                            subject.parity(result.model), request.config.is_identity_init,
-                            request.tolerance, output)
-    if report.parity is not None and report.preserves_function:
-        report.parity.require(request.tolerance,
-                              "the identity-initialised retrofit changed the outputs")
-    final = result.model
-    if val is not None:
-        report.dataset = _dataset_summary(val, train)
-        report.stages.append(_score(subject, subject.original, val, request, "before"))
-        report.stages.append(_score(subject, result.model, val, request, "after swap"))
+    opened = open_model(request)
+    swapped = swap(opened, request, output)
+    report = swapped.report
+    final = swapped.model
     checkpoints: list[Path] = []  # the fine-tune's, kept until the outputs are written
-    if train is not None and val is not None:
+    if opened.train is not None and opened.val is not None:
         from retrofit.train import TrainingDiverged
 
         try:
-            final, checkpoints = _finetune(subject, request, train, val, report)
+            final, checkpoints = _finetune(opened, request, swapped)
         except TrainingDiverged as diverged:
             report.notes.append(f"fine-tuning stopped: {diverged}")
             report.failure = diverged
     elif not report.preserves_function:
         report.notes.append(f"{request.config.name} does not start as ReLU: the model computes a "
                             "different function now; fine-tune it (--finetune) to recover accuracy")
-    if isinstance(request.config, MRePUConfig) and report.parity and not math.isfinite(
-            report.parity.max_abs_diff):
-        report.notes.append(f"MRePU overflows in this network right after the swap. {_MREPU_GROWTH}")
     _compare(report, request.seed)
     if report.failure is None:
         report.gates = _gates(report, request.gates)
         if is_main_process():
-            _write_outputs(subject, final, request, report, checkpoints)
+            _write_outputs(opened.subject, final, request, report, checkpoints)
     return report
+
+
+def _calibrated(config: ActivationConfig) -> bool:
+    return isinstance(config, MRePUConfig) and config.calibrate
+
+
+CALIBRATION_SAMPLES = 256
+"""How many samples the calibrated swap fits on: the gains are two numbers per site, and each
+site sees thousands of elements per sample."""
+
+
+def _calibrate(opened: OpenedModel, request: RetrofitRequest) -> Any:
+    """Fit the MRePU gains (a :class:`~retrofit.calibrate.Calibration`) in the torch form of
+    the model, on the device the job runs on; None when there are no inputs to fit on."""
+    from retrofit.calibrate import calibrate_gains
+    from retrofit.torch_rewrite import retrofit_torch_model
+
+    batches, source = _calibration_batches(opened, request)
+    if not batches:
+        return None
+    rewritten = retrofit_torch_model(opened.subject.trainable_original(), request.config,
+                                     request.select)
+    model = rewritten.model
+    sites = {site.name: model.get_submodule(site.parameters[0].rpartition(".")[0])
+             for site in rewritten.sites if site.replaced and site.parameters}
+    device = resolve_device(request.device)
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    cast = floating[0] if floating else None
+    fed = [tuple(t.to(device, cast if cast is not None and t.is_floating_point() else t.dtype)
+                 for t in batch) for batch in batches]
+    model.to(device)
+    return calibrate_gains(model, sites, fed, source, seed=request.seed)
+
+
+def _calibration_batches(opened: OpenedModel, request: RetrofitRequest
+                         ) -> tuple[list[tuple[torch.Tensor, ...]], str]:
+    """Up to :data:`CALIBRATION_SAMPLES` samples of the fine-tuning data, else of the
+    validation data, else the sample inputs (random values: the report says so), in batches
+    the model takes; and what they are, for the report."""
+    from retrofit.batching import first_row_repeated
+
+    subject = opened.subject
+    data, source = ((opened.train, "training") if opened.train is not None
+                    else (opened.val, "validation"))
+    if data is None:
+        sample = subject.sample_tensors
+        return ([sample], "random sample-input (no data given: pass --data for real inputs)"
+                ) if sample else ([], "")
+    count = min(len(data), CALIBRATION_SAMPLES)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(request.seed))
+    xs = torch.stack([data[int(i)][0] for i in order[:count]])
+    size = subject.fixed_batch or min(request.data.batch_size, 64)
+    batches = [xs[start:start + size] for start in range(0, count, size)]
+    if subject.fixed_batch is not None and batches[-1].shape[0] < size:
+        batches[-1] = first_row_repeated(batches[-1], size - batches[-1].shape[0])
+    return [(batch,) for batch in batches], source
 
 
 def _write_outputs(subject: Subject, final: Any, request: RetrofitRequest,
@@ -475,44 +572,32 @@ def _compare(report: RetrofitReport, seed: int) -> None:
             report.control.result.correct1, report.stages[-1].result.correct1, seed=seed)
 
 
-def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationData,
-              val: ClassificationData, report: RetrofitReport) -> tuple[Any, list[Path]]:
+def _finetune(opened: OpenedModel, request: RetrofitRequest,
+              swapped: Swapped) -> tuple[Any, list[Path]]:
     """Fine-tune the retrofitted model (and the ReLU control when asked); returns the final
-    model in the subject's format and the runs' checkpoints. Ctrl-C after the fine-tune
-    finished says which checkpoint keeps it."""
+    model in the subject's format and the runs' checkpoints. A final model that computes
+    NaN/inf is ``report.failure``. Ctrl-C after the fine-tune finished says which checkpoint
+    keeps it."""
     from retrofit.train import TrainingInterrupted
 
-    assert report.output is not None
-    checkpoint = _checkpoint_path(request, report.output)
-    config = replace(request.finetune, device=request.device, checkpoint=checkpoint)
-    if subject.fixed_batch is not None:
-        config = replace(config, batch_size=subject.fixed_batch, exact_batches=True)
-        report.notes.append(exact_batches_note(subject.fixed_batch, request.finetune.batch_size,
-                                               len(train), world_size()))
-    trained = _finetune_once(subject.trainable(request.config, request.select), train, val,
-                             config, request, report)
+    report = swapped.report
+    assert report.output is not None and opened.train is not None and opened.val is not None
+    config = finetune_config(opened, request, _checkpoint_path(request, report.output), report)
+    trained = finetune_swapped(opened, request, swapped, config)
+    checkpoint = Path(config.checkpoint)
     try:
-        report.finetune = trained
         if request.plot is not None:
             from retrofit.plots import save_training_plot
 
             save_training_plot(trained.history, request.plot)
             report.written.append(request.plot)
-        final, report.trained_parity = subject.from_trained(trained.model, request.config,
-                                                           request.select)
-        if report.trained_parity is not None:
-            report.trained_parity.require(request.tolerance * 10,
-                                          "the fine-tuned ONNX model disagrees with torch")
-        report.stages.append(_score(subject, final, val, request, "after fine-tune"))
+        final = report_trained(opened, request, report, trained)
         kept = [checkpoint]
         if request.control:
             control_checkpoint = _control_checkpoint(checkpoint)
-            control = _finetune_once(subject.trainable_original(), train, val,
-                                     replace(config, checkpoint=control_checkpoint), request,
-                                     report)
+            report.control = finetune_control(
+                opened, request, report, replace(config, checkpoint=control_checkpoint))
             kept.append(control_checkpoint)
-            report.control = Stage("control", _score_torch(control.model, val, request,
-                                                           subject.fixed_batch))
     except TrainingInterrupted:
         raise
     except KeyboardInterrupt:
@@ -521,12 +606,72 @@ def _finetune(subject: Subject, request: RetrofitRequest, train: ClassificationD
     return final, kept
 
 
+def finetune_config(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path,
+                    report: RetrofitReport) -> Any:
+    """The request's :class:`~retrofit.train.FinetuneConfig` for this job: its device, its
+    checkpoint, and exact batches for a model that takes one batch size (said in the report)."""
+    assert opened.train is not None
+    config = replace(request.finetune, device=request.device, checkpoint=checkpoint)
+    fixed = opened.subject.fixed_batch
+    if fixed is not None:
+        config = replace(config, batch_size=fixed, exact_batches=True)
+        note = exact_batches_note(fixed, request.finetune.batch_size, len(opened.train),
+                                  world_size())
+        if note not in report.notes:
+            report.notes.append(note)
+    return config
+
+
+def finetune_swapped(opened: OpenedModel, request: RetrofitRequest, swapped: Swapped,
+                     config: Any) -> Any:
+    """Fine-tune the swapped model, from its calibrated gains; the result is
+    ``swapped.report.finetune``."""
+    assert opened.train is not None and opened.val is not None
+    model = opened.subject.trainable(request.config, request.select, swapped.site_values)
+    trained = _finetune_once(model, opened.train, opened.val, config, request, swapped.report)
+    swapped.report.finetune = trained
+    return trained
+
+
+def report_trained(opened: OpenedModel, request: RetrofitRequest, report: RetrofitReport,
+                   trained: Any) -> Any:
+    """The fine-tuned model in the subject's format, checked (ONNX against torch, outputs
+    finite) and scored; a model that computes NaN/inf is ``report.failure``."""
+    from retrofit.errors import ParityError
+
+    assert opened.val is not None
+    subject = opened.subject
+    final, report.trained_parity = subject.from_trained(trained.model, request.config,
+                                                       request.select)
+    if report.trained_parity is not None:
+        report.trained_parity.require(request.tolerance * 10,
+                                      "the fine-tuned ONNX model disagrees with torch")
+    parity = subject.parity(final)
+    try:
+        if parity is not None:
+            parity.require_finite(f"the fine-tuned {request.config.name} model")
+    except ParityError as error:
+        report.failure = error
+    report.stages.append(_score(subject, final, opened.val, request, "after fine-tune"))
+    return final
+
+
+def finetune_control(opened: OpenedModel, request: RetrofitRequest, report: RetrofitReport,
+                     config: Any) -> Stage:
+    """The untouched ReLU model fine-tuned with the same budget, scored."""
+    assert opened.train is not None and opened.val is not None
+    control = _finetune_once(opened.subject.trainable_original(), opened.train, opened.val,
+                             config, request, report)
+    return Stage("control", _score_torch(control.model, opened.val, request,
+                                         opened.subject.fixed_batch))
+
+
 def _finetune_once(model: Any, train: ClassificationData, val: ClassificationData,
                    config: Any, request: RetrofitRequest, report: RetrofitReport) -> Any:
     """One fine-tuning run. Its checkpoint stays until the job's outputs are written. With
     ``--resume`` a run whose checkpoint is missing (a control arm never started) starts anew;
     one that had finished only loads its final state."""
-    from retrofit.train import TrainingDiverged, finetune
+    from retrofit.train import finetune
 
     checkpoint = Path(config.checkpoint)
     if request.force and not config.resume:
@@ -536,12 +681,7 @@ def _finetune_once(model: Any, train: ClassificationData, val: ClassificationDat
             report.resumed = True
         elif report.finetune is not None:  # the retrofitted arm was resumed: this one is new
             config = replace(config, resume=False)
-    try:
-        result = finetune(model, train, val, config)
-    except TrainingDiverged as diverged:
-        if isinstance(request.config, MRePUConfig):
-            raise TrainingDiverged(f"{diverged} {_MREPU_GROWTH}", diverged.result) from None
-        raise
+    result = finetune(model, train, val, config)
     report.notes.extend(note for note in result.notes if note not in report.notes)
     return result
 

@@ -17,7 +17,7 @@ from retrofit.errors import UsageError
 _ACTIVATION_FIELDS: dict[str, dict[str, str]] = {
     # activation: {option: its config field}
     "carelu": {"measure": "measure", "k": "k", "reduce": "reduce"},
-    "mrepu": {"p": "p", "c": "c", "blend_ramp": "ramp_fraction"},
+    "mrepu": {"p": "p", "c": "c", "blend_ramp": "ramp_fraction", "calibrate": "calibrate"},
     "repu": {"p": "p"},
 }
 ACTIVATION_OPTIONS = frozenset(option for fields in _ACTIVATION_FIELDS.values() for option in fields)

@@ -13,7 +13,7 @@ import inspect
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from retrofit.verify import (
     OutputParity, compare_outputs, copy_module, torch_outputs,
 )
 
+
+SiteValues = Mapping[str, Mapping[str, float]]
+"""Parameter values by site name (a calibrated MRePU's gains), for either format's rewrite."""
 
 NO_SAMPLE_INPUT = "no sample input: pass --input-shape (or --data) to verify outputs"
 """Why a model's outputs could not be compared with the original's (``Subject.parity`` None)."""
@@ -68,10 +71,16 @@ class Subject(Protocol):
     @property
     def input_names(self) -> list[str]: ...
 
-    def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[Any]: ...
+    @property
+    def sample_tensors(self) -> tuple[torch.Tensor, ...] | None:
+        """The sample inputs as torch tensors, in input order (None: there are none)."""
+
+    def rewrite(self, config: ActivationConfig, select: SiteSelector,
+                site_values: SiteValues | None = None) -> RetrofitResult[Any]: ...
     def parity(self, rewritten: Any) -> OutputParity | None: ...
     def predictor(self, model: Any, device: str) -> Predictor: ...
-    def trainable(self, config: ActivationConfig, select: SiteSelector) -> nn.Module: ...
+    def trainable(self, config: ActivationConfig, select: SiteSelector,
+                  site_values: SiteValues | None = None) -> nn.Module: ...
     def trainable_original(self) -> nn.Module: ...
     def from_trained(self, trained: nn.Module, config: ActivationConfig,
                      select: SiteSelector) -> tuple[Any, OutputParity | None]: ...
@@ -148,6 +157,10 @@ class TorchSubject:
         return self.loaded.example_inputs
 
     @property
+    def sample_tensors(self) -> tuple[torch.Tensor, ...] | None:
+        return self.inputs
+
+    @property
     def input_names(self) -> list[str]:
         """The program's own input names for a ``.pt2``; positions otherwise."""
         program = self.loaded.program
@@ -155,8 +168,9 @@ class TorchSubject:
             return list(program.graph_signature.user_inputs)
         return [f"input {i + 1}" for i in range(len(self.inputs or ()) or 1)]
 
-    def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[nn.Module]:
-        result = retrofit_torch_model(self.original, config, select)
+    def rewrite(self, config: ActivationConfig, select: SiteSelector,
+                site_values: SiteValues | None = None) -> RetrofitResult[nn.Module]:
+        result = retrofit_torch_model(self.original, config, select, site_values)
         if self.inputs is not None:
             self.reference_outputs()  # before the rewritten model runs: whose fault is a failure
             _add_census(result, self.inputs)
@@ -170,8 +184,9 @@ class TorchSubject:
     def predictor(self, model: nn.Module, device: str) -> Predictor:
         return torch_predictor(model, device=device, fixed_batch=self.fixed_batch)
 
-    def trainable(self, config: ActivationConfig, select: SiteSelector) -> nn.Module:
-        return retrofit_torch_model(self.original, config, select).model
+    def trainable(self, config: ActivationConfig, select: SiteSelector,
+                  site_values: SiteValues | None = None) -> nn.Module:
+        return retrofit_torch_model(self.original, config, select, site_values).model
 
     def trainable_original(self) -> nn.Module:
         return copy_module(self.original)
@@ -209,14 +224,20 @@ class OnnxSubject:
         return list(self.inputs)
 
     @property
+    def sample_tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(value) for value in self.inputs.values())
+
+    @property
     def takes_token_ids(self) -> bool:
         first = next(iter(self.inputs.values()), None)
         return first is not None and np.issubdtype(first.dtype, np.integer)
 
-    def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[Any]:
+    def rewrite(self, config: ActivationConfig, select: SiteSelector,
+                site_values: SiteValues | None = None) -> RetrofitResult[Any]:
         from retrofit.onnx_rewrite import rewrite_onnx_relus
 
-        return rewrite_onnx_relus(self.original, config, select, as_functions=self.as_functions)
+        return rewrite_onnx_relus(self.original, config, select, as_functions=self.as_functions,
+                                  site_values=site_values)
 
     def parity(self, rewritten: Any) -> OutputParity:
         from retrofit.onnx_io import check_onnx_model, run_onnx
@@ -227,8 +248,9 @@ class OnnxSubject:
     def predictor(self, model: Any, device: str) -> Predictor:
         return onnx_predictor(model, fixed_batch=self.fixed_batch)
 
-    def trainable(self, config: ActivationConfig, select: SiteSelector) -> nn.Module:
-        return retrofit_torch_model(self.trainable_original(), config, select).model
+    def trainable(self, config: ActivationConfig, select: SiteSelector,
+                  site_values: SiteValues | None = None) -> nn.Module:
+        return retrofit_torch_model(self.trainable_original(), config, select, site_values).model
 
     def trainable_original(self) -> nn.Module:
         from retrofit.onnx_torch import onnx_to_torch
@@ -254,8 +276,8 @@ class OnnxSubject:
         result = rewrite_onnx_relus(weights, final_config(config), select,
                                     as_functions=self.as_functions, site_values=site_values)
         check_onnx_model(result.model)
-        feeds = tuple(torch.from_numpy(value) for value in self.inputs.values())
-        parity = compare_outputs(torch_outputs(trained, feeds), run_onnx(result.model, self.inputs))
+        parity = compare_outputs(torch_outputs(trained, self.sample_tensors),
+                                 run_onnx(result.model, self.inputs))
         return result.model, parity
 
     def save(self, model: Any, path: Path, step: RetrofitStep | None = None) -> None:

@@ -26,7 +26,7 @@ import os
 import types
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torch import fx, nn
 
 from retrofit.activations import make_activation
 from retrofit.config import ActivationConfig
-from retrofit.errors import UnsupportedModelError
+from retrofit.errors import UnsupportedModelError, UsageError
 from retrofit.sites import (
     ReluSite, RetrofitResult, SiteSelector, no_site_message, unique_site_names,
 )
@@ -553,13 +553,17 @@ def _untraced_note(untraced: dict[str, str]) -> str:
 
 
 def retrofit_torch_model(
-    model: nn.Module, config: ActivationConfig, select: SiteSelector | None = None
+    model: nn.Module, config: ActivationConfig, select: SiteSelector | None = None,
+    site_values: Mapping[str, Mapping[str, float]] | None = None,
 ) -> RetrofitResult[nn.Module]:
     """Replace the selected ReLU sites of ``model`` with new activations built from ``config``.
 
     Returns a new module (the input is left as it was) in the mode the input was in, and every
-    site found with what happened to it. Raises :class:`UnsupportedModelError` when the model
-    has no ReLU site, :class:`~retrofit.errors.SelectionError` when a rule matches nothing.
+    site found with what happened to it. ``site_values`` sets a site's parameters by name
+    (``{"gain_in": .., "gain_out": ..}`` for a calibrated MRePU), as the ONNX rewrite does.
+    Raises :class:`UnsupportedModelError` when the model has no ReLU site,
+    :class:`~retrofit.errors.SelectionError` when a rule matches nothing, :class:`UsageError`
+    for ``site_values`` naming no replaced site or no parameter of one.
     """
     select = select or SiteSelector()
     rewrite = _collect(copy_module(model))
@@ -573,6 +577,7 @@ def retrofit_torch_model(
         raise UnsupportedModelError(message)
     names = unique_site_names([c.base_name for c in rewrite.candidates])
     decisions = select.select(names)
+    values = dict(site_values or {})
     reference = next(iter(model.parameters()), None)
     placement = {"dtype": reference.dtype, "device": reference.device} if reference is not None else {}
     sites = []
@@ -582,14 +587,28 @@ def retrofit_torch_model(
             sites.append(ReluSite(name, candidate.kind, candidate.owner, False, reason))
             continue
         activation = make_activation(config, **placement)
+        _set_values(activation, name, values.pop(name, {}))
         path = candidate.attach(activation)
         parameters = tuple(_join(path, p) for p, _ in activation.named_parameters())
         sites.append(ReluSite(name, candidate.kind, candidate.owner, True,
                               candidate.remark, parameters))
+    if values:
+        raise UsageError(f"site values for sites that were not replaced: {', '.join(sorted(values))}")
     for gm in rewrite.graphs:
         gm.graph.lint()
         gm.recompile()
     return RetrofitResult(rewrite.root, sites, config.name, rewrite.notes)
+
+
+def _set_values(activation: nn.Module, site: str, values: Mapping[str, float]) -> None:
+    parameters = dict(activation.named_parameters())
+    unknown = sorted(set(values) - set(parameters))
+    if unknown:
+        raise UsageError(f"site {site}: no parameter {', '.join(unknown)} (it has "
+                         f"{', '.join(parameters) or 'none'})")
+    with torch.no_grad():
+        for name, value in values.items():
+            parameters[name].fill_(float(value))
 
 
 # Activations that are not ReLU, named as reports spell them; what a model without ReLU holds.

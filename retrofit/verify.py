@@ -33,6 +33,9 @@ class OutputParity:
     max_abs_diff: float
     scale: float
     nonfinite_reference: int = 0
+    nonfinite_candidate: int = 0
+    """Values that are NaN or inf in the rewritten model's outputs where the original's are
+    finite."""
 
     @property
     def relative(self) -> float:
@@ -55,6 +58,15 @@ class OutputParity:
             f"({self.relative:.3g} of the output scale; tolerance {tolerance:g})"
         )
 
+    def require_finite(self, what: str) -> None:
+        """Raise :class:`ParityError` when the rewritten model computes NaN or inf where the
+        original computes numbers: whatever the activation, such a model is no result."""
+        if self.nonfinite_candidate:
+            raise ParityError(
+                f"{what} computes NaN or inf on the sample inputs ({self.nonfinite_candidate} "
+                "output value(s)) where the original's outputs are finite; nothing was written"
+            )
+
 
 def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> OutputParity:
     """Parity of two lists of outputs with the same shapes."""
@@ -63,7 +75,7 @@ def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
                             "cannot be compared")
     if len(reference) != len(candidate):
         raise ParityError(f"the models return {len(reference)} and {len(candidate)} outputs")
-    diff, scale, nonfinite = 0.0, 1.0, 0
+    diff, scale, nonfinite, broken = 0.0, 1.0, 0, 0
     for ref, cand in zip(reference, candidate):
         ref64, cand64 = np.asarray(ref, np.float64), np.asarray(cand, np.float64)
         if ref64.shape != cand64.shape:
@@ -72,6 +84,7 @@ def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
             continue
         finite = np.isfinite(ref64)
         nonfinite += int(ref64.size - np.count_nonzero(finite))
+        broken += int(np.count_nonzero(finite & ~np.isfinite(cand64)))
         agree = (np.isnan(ref64) & np.isnan(cand64)) | (np.isinf(ref64) & (ref64 == cand64))
         with np.errstate(invalid="ignore", over="ignore"):
             gaps = np.where(agree, 0.0, np.abs(ref64 - cand64))
@@ -80,7 +93,7 @@ def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
         diff = max(diff, gap)
         if finite.any():
             scale = max(scale, float(np.max(np.abs(ref64[finite]))))
-    return OutputParity(diff, scale, nonfinite)
+    return OutputParity(diff, scale, nonfinite, broken)
 
 
 def flatten_outputs(output: object) -> list[np.ndarray]:
