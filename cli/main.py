@@ -243,7 +243,7 @@ def retrofit(
     weight_decay: Annotated[float, typer.Option(help="Weight decay (not applied to activation parameters, biases and norms).", rich_help_panel=FINETUNE)] = TRAINING.weight_decay,
     warmup: Annotated[float, typer.Option(help="Fraction of steps spent in linear warm-up before the cosine decay.", rich_help_panel=FINETUNE)] = TRAINING.warmup_fraction,
     grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: off).", rich_help_panel=FINETUNE)] = TRAINING.grad_clip,
-    blend_ramp: Annotated[float, typer.Option(help="MRePU: ramp the blend from ReLU (0) to MRePU (1) over this fraction of the steps (0: MRePU from the start).", rich_help_panel=FINETUNE)] = MRePUConfig().ramp_fraction,
+    blend_ramp: Annotated[float, typer.Option(help="MRePU: ramp the blend from ReLU (0) to MRePU (1) over this fraction of the steps (default 0: the calibrated MRePU from the first step).", rich_help_panel=FINETUNE)] = MRePUConfig().ramp_fraction,
     amp: Annotated[Amp, typer.Option(help="Mixed precision: auto (bf16 on GPU, off on CPU), bf16 or off.", rich_help_panel=FINETUNE)] = Amp.auto,
     deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms (slower on GPU).", rich_help_panel=FINETUNE)] = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file written each epoch and on Ctrl-C (default: OUTPUT.ckpt).", rich_help_panel=FINETUNE)] = None,

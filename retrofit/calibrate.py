@@ -187,8 +187,10 @@ def _take_targets(model: nn.Module, sites: Mapping[str, MRePU], batch: tuple[Ten
             if key in samples.index:  # a site called again in one pass: its first call counts
                 return
             flat = args[0].detach().flatten()
-            index = torch.randint(flat.numel(), (min(share, flat.numel()),),
-                                  generator=generator).to(flat.device)
+            if flat.numel() <= share:
+                index = torch.arange(flat.numel(), device=flat.device)
+            else:
+                index = torch.randint(flat.numel(), (share,), generator=generator).to(flat.device)
             samples.index[key] = index
             samples.targets[name].append(flat[index].double().clamp_min(0.0).cpu())
             if name not in order:

@@ -161,7 +161,7 @@ def test_finetune_onnx_round_trip_keeps_the_graph(tmp_path):
     assert len(trained_alpha) == 5 and any(onnx.numpy_helper.to_array(t) != 0 for t in trained_alpha)
 
 
-def test_mrepu_blend_recovers_the_mlp_and_ends_as_mrepu(tmp_path):
+def test_calibrated_mrepu_keeps_the_mlp_and_its_blend_fine_tune_ends_as_mrepu(tmp_path):
     from retrofit.activations import MRePU
 
     source = tmp_path / "mlp.pt2"
@@ -170,8 +170,11 @@ def test_mrepu_blend_recovers_the_mlp_and_ends_as_mrepu(tmp_path):
         source, MRePUConfig(), data=DataOptions(val=VAL, train=TRAIN), device="cpu",
         finetune=_finetune_config(epochs=3, blend_ramp_fraction=0.5)))
     before, swapped, tuned = (stage.result.top1 for stage in report.stages)
-    assert tuned > swapped + 2 and report.deltas["finetune"].ci_high > -3
-    assert all(m.blend == 1.0 for m in report.finetune.model.modules() if isinstance(m, MRePU))
+    assert swapped > before - 5 and tuned >= swapped  # the plain swap fell to ~50% here
+    assert report.deltas["finetune"].ci_high > -3
+    tuned_modules = [m for m in report.finetune.model.modules() if isinstance(m, MRePU)]
+    assert tuned_modules and all(m.blend == 1.0 for m in tuned_modules)
+    assert {fit.site for fit in report.calibration.fits} == {s.name for s in report.replaced}
 
 
 def test_a_result_without_sample_inputs_says_first_that_it_is_unverified(tmp_path):
