@@ -188,6 +188,15 @@ def test_two_workers_keep_the_gate_and_bad_input_exit_codes_and_succeed_with_0(t
 
 
 @pytest.mark.slow
+def test_two_workers_fine_tune_a_calibrated_mrepu_through_its_blend_ramp(tmp_path):
+    """At lam = 0 the gains get no gradient: DDP must not wait for them at the next step."""
+    done = run(launch_command(tmp_path, tiny_train(tmp_path), "--epochs", "2", "--to", "mrepu",
+                              "--blend-ramp", "0.5", "--batch-size", "8"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1 and "MRePU gains fitted" in done.stdout
+
+
+@pytest.mark.slow
 def test_ctrl_c_in_the_parent_stops_the_workers_with_130_and_one_line(tmp_path):
     checkpoint = tmp_path / "run.ckpt"
     args = launch_command(tmp_path, SAMPLES / "data" / "digits_train.npz", "--epochs", "30",
