@@ -8,12 +8,14 @@ Every row is one call of the product's own job, ``retrofit.job.retrofit_file`` w
 train --epochs N --control`` computes: accuracy before, after the swap, after fine-tuning, the
 control, and the paired bootstrap 95% CI of (fine-tuned - control). Fine-tuning settings are the
 CLI's defaults (AdamW, lr 1e-4, activation lr 1e-2, weight decay 1e-4, warm-up 10%, clip 1.0,
-batch 64). Variants: CompetitiveReLU (energy, identity init); MRePU with the blend ramped from
-ReLU to MRePU over the first half of the steps (``--blend-ramp 0.5``, the default); MRePU with
-the slower ramp (``--blend-ramp 0.9``) that the job suggests when MRePU diverges; MRePU without
-the blend (``--blend-ramp 0``: MRePU from the first step). A run whose loss turns NaN/inf
-raises ``TrainingDiverged`` in the job: it is recorded as diverged, and its before / after-swap
-scores come from the same job without fine-tuning.
+batch 64). Variants: CompetitiveReLU (energy, identity init); MRePU with the calibrated swap
+(gains fitted per site on the training data, the default) fine-tuned as MRePU from the first
+step (the default) or through a blend ramp from ReLU over half the steps (``--blend-ramp
+0.5``); and the plain swap (``--no-calibrate``, a = b = 1) with the same two schedules, as the
+product did before the calibrated swap. A run whose loss turns NaN/inf raises
+``TrainingDiverged`` in the job: it is recorded as diverged, and its before / after-swap scores
+come from the same job without fine-tuning. A swap whose outputs on the sample inputs hold
+NaN/inf is refused by the job (``ParityError``, exit code 4) and recorded as refused.
 """
 
 from __future__ import annotations
@@ -39,16 +41,18 @@ from bench.repro_common import (  # noqa: E402
     write_results,
 )
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig  # noqa: E402
+from retrofit.errors import ParityError  # noqa: E402
 from retrofit.job import DataOptions, RetrofitRequest, retrofit_file  # noqa: E402
 from retrofit.train import FinetuneConfig, TrainingDiverged  # noqa: E402
 
 MODELS = {"cnn": "samples/models/digits_cnn.pt2", "mlp": "samples/models/digits_mlp.pt2"}
 VARIANTS = {
     # name: (activation config, blend ramp fraction, label)
-    "carelu": (CompetitiveReLUConfig(), 0.5, "CompetitiveReLU (energy)"),
-    "mrepu-blend": (MRePUConfig(), 0.5, "MRePU, blend ramp 0.5"),
-    "mrepu-slowblend": (MRePUConfig(), 0.9, "MRePU, blend ramp 0.9"),
-    "mrepu-noblend": (MRePUConfig(), 0.0, "MRePU, no blend"),
+    "carelu": (CompetitiveReLUConfig(), 0.0, "CompetitiveReLU (energy)"),
+    "mrepu": (MRePUConfig(), 0.0, "MRePU calibrated"),
+    "mrepu-blend": (MRePUConfig(), 0.5, "MRePU calibrated, blend ramp 0.5"),
+    "mrepu-plain": (MRePUConfig(calibrate=False), 0.0, "MRePU plain swap"),
+    "mrepu-plain-blend": (MRePUConfig(calibrate=False), 0.5, "MRePU plain swap, blend ramp 0.5"),
 }
 
 
@@ -74,6 +78,11 @@ def run_one(model: str, variant: str, budget: int, seed: int, args, scratch: Pat
               "status": "ok", "note": None}
     try:
         report = retrofit_file(request)
+    except ParityError as refused:  # the swap computes NaN/inf: exit 4, nothing to score
+        record.update({"status": "refused", "note": str(refused), "before": None,
+                       "after_swap": None, "after_finetune": None, "control": None,
+                       "deltas": {}, "notes": []})
+        return record
     except TrainingDiverged as diverged:
         record["status"], record["note"] = "diverged", str(diverged)
         history = diverged.result.history
@@ -107,7 +116,9 @@ def row(record: dict, controls: dict) -> list[str]:
     if control is None:
         control = controls.get((record["model"], record["budget_epochs"], record["seed"]))
     vs = record["deltas"].get("vs_control")
-    if record["status"] == "diverged":
+    if record["status"] == "refused":
+        after, versus = "refused: NaN/inf after the swap (exit 4)", "—"
+    elif record["status"] == "diverged":
         where = re.search(r"epoch (\d+), step (\d+)", record["note"] or "")
         after = "diverged" + (f" (NaN/inf loss at epoch {where[1]}, step {where[2]})"
                               if where else "")
@@ -122,9 +133,10 @@ def row(record: dict, controls: dict) -> list[str]:
 
 def summary_table(records: list[dict], controls: dict) -> str:
     """Mean over seeds of (fine-tuned - control) per model, variant and budget."""
-    lines = ["Mean over seeds (pp, fine-tuned minus control; diverged runs counted apart):", "",
+    lines = ["Mean over seeds (pp, fine-tuned minus control; diverged or refused runs counted "
+             "apart):", "",
              markdown_table(["model", "activation", "epochs", "seeds", "mean Δ vs control",
-                             "diverged"], [])]
+                             "diverged or refused"], [])]
     keys = sorted({(r["model"], r["variant"], r["budget_epochs"]) for r in records},
                   key=lambda k: (k[0], list(VARIANTS).index(k[1]), k[2]))
     for model, variant, budget in keys:
@@ -132,7 +144,7 @@ def summary_table(records: list[dict], controls: dict) -> str:
                 == (model, variant, budget)]
         deltas = [r["deltas"]["vs_control"]["delta"] for r in mine
                   if r["status"] == "ok" and r["deltas"].get("vs_control")]
-        diverged = sum(r["status"] == "diverged" for r in mine)
+        diverged = sum(r["status"] != "ok" for r in mine)
         mean = f"{sum(deltas) / len(deltas):+.2f}" if deltas else "—"
         lines.append(f"| {Path(model).stem} | {VARIANTS[variant][2]} | {budget} | {len(mine)} | "
                      f"{mean} | {diverged}/{len(mine)} |")
@@ -152,14 +164,14 @@ def plot(records: list[dict], controls: dict, path: Path) -> None:
             mine = [r for r in records if r["model"] == model and r["budget_epochs"] == budget
                     and r["seed"] == records[0]["seed"]]
             control = controls.get((model, budget, records[0]["seed"]))
-            bars = [("ReLU control", control)] + [
-                (VARIANTS[r["variant"]][2], r["after_finetune"]) for r in mine]
-            for k, (label, value) in enumerate(bars):
+            bars = [("ReLU control", control, "ok")] + [
+                (VARIANTS[r["variant"]][2], r["after_finetune"], r["status"]) for r in mine]
+            for k, (label, value, status) in enumerate(bars):
                 x = b + (k - len(bars) / 2 + 0.5) * width
                 axis.bar(x, 0 if value is None else value, width, color=f"C{k}",
                          label=label if b == 0 else None)
                 if value is None:
-                    axis.text(x, 81, "diverged", rotation=90, ha="center", va="bottom",
+                    axis.text(x, 81, status, rotation=90, ha="center", va="bottom",
                               fontsize=7, color=f"C{k}")
         axis.set_xticks(range(len(budgets)), [f"{b} epoch(s)" for b in budgets])
         axis.set(ylim=(80, 100), ylabel="val top-1 (%) after fine-tune",
@@ -214,12 +226,17 @@ def main() -> None:
     plot(records, controls, png)
     diverged = [f"{Path(r['model']).stem}/{r['variant']}/{r['budget_epochs']} ep"
                 for r in records if r["status"] == "diverged"]
+    refused = sorted({f"{Path(r['model']).stem}/{r['variant']}" for r in records
+                      if r["status"] == "refused"})
     reading = (
         "Each row is one `retrofit_file` job; the control is the untouched ReLU model fine-tuned "
         "with the same budget and seed, the CI a paired bootstrap over the 450 validation "
-        "digits. CompetitiveReLU keeps the accuracy through the swap (identity init), MRePU does "
-        "not (its after-swap column). Diverged runs: "
-        + (", ".join(diverged) if diverged else "none") + "."
+        "digits. CompetitiveReLU keeps the accuracy through the swap (identity init); MRePU "
+        "cannot start as ReLU, and its after-swap column shows what the calibrated swap keeps "
+        "against the plain one (gains fitted on the training data). Diverged runs: "
+        + (", ".join(diverged) if diverged else "none") + ". Swaps refused because the model "
+        "computed NaN/inf on its sample inputs (exit 4, nothing written): "
+        + (", ".join(refused) if refused else "none") + "."
     )
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.update({

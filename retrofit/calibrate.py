@@ -85,6 +85,8 @@ def fit_gains(x: Tensor, target: Tensor, shape: Shape) -> tuple[float, float, fl
     target is all zero: then ``b = 0`` fits it exactly).
     """
     x, target = x.detach().double().flatten(), target.detach().double().flatten()
+    finite = torch.isfinite(x) & torch.isfinite(target)  # an overflowing input says nothing
+    x, target = x[finite], target[finite]
     total = float(target.dot(target))
     if total == 0.0:
         return 1.0, 0.0, 0.0

@@ -31,8 +31,9 @@ def save_training_plot(
     as a PNG, atomically. ``start_val_top1`` adds the accuracy before fine-tuning at epoch 0.
 
     Panels: training loss; training and validation top-1; and, when the model has new
-    activations, each CompetitiveReLU's alpha (solid) and beta (dashed) and MRePU's blend lam
-    (dotted). Returns the path.
+    activations, each CompetitiveReLU's alpha (solid) and beta (dashed), MRePU's blend lam
+    (dotted) and its gains a (dash-dot) and b (dense dots), on a symmetric-log axis when gains
+    are there (fitted gains span decades). Returns the path.
     """
     if not history:
         raise UsageError("there is no epoch to plot: the training history is empty")
@@ -72,7 +73,7 @@ def save_training_plot(
 
 def _plot_activations(axis: Any, history: Sequence["EpochRecord"], sites: list[str]) -> None:
     named = len(sites) <= _LABELLED_SITES
-    styles = {"alpha": "-", "beta": "--", "lam": ":"}
+    styles = {"alpha": "-", "beta": "--", "lam": ":", "gain_in": "-.", "gain_out": (0, (1, 1))}
     labelled: set[str] = set()
     for index, site in enumerate(sites):
         color = f"C{index % 10}"
@@ -84,6 +85,8 @@ def _plot_activations(axis: Any, history: Sequence["EpochRecord"], sites: list[s
             label = f"{site} {key}" if named else (key if key not in labelled else None)
             labelled.add(key)
             axis.plot(*zip(*series), linestyle=style, color=color, label=label)
+    if "gain_in" in labelled:
+        axis.set_yscale("symlog", linthresh=0.1)
     title = "activation parameters" + ("" if named else f" ({len(sites)} sites)")
     axis.set(title=title, xlabel="epoch", ylabel="value")
     axis.legend(fontsize="small")

@@ -81,6 +81,8 @@ def report_to_dict(report: RetrofitReport) -> dict[str, Any]:
         "deltas": {name: dataclasses.asdict(delta) for name, delta in report.deltas.items()},
         "gates": [dataclasses.asdict(gate) for gate in report.gates],
         "gates_passed": report.gates_passed,
+        "calibration": (None if report.calibration is None
+                        else dataclasses.asdict(report.calibration)),
         "finetune": _finetune_summary(report),
         "trained_onnx_parity": _parity(report.trained_parity),
         "onnx_export": str(report.onnx_export) if report.onnx_export in report.written else None,
