@@ -27,6 +27,9 @@ ELEMENTS_PER_SITE = 1 << 16
 
 Shape = Callable[[Tensor], Tensor]
 
+RANDOM_INPUTS = "random sample inputs"
+"""The calibration source when there is no data: the gains keep the scale, not the accuracy."""
+
 
 @dataclass(frozen=True)
 class SiteFit:
@@ -60,9 +63,11 @@ class Calibration:
             return f"MRePU gains not fitted: the {self.source} reached no MRePU site"
         before = _median([fit.error_before for fit in self.fits])
         after = _median([fit.error_after for fit in self.fits])
-        text = (f"MRePU gains fitted to the replaced ReLUs on {self.samples} {self.source} "
-                f"sample(s), {len(self.fits)} site(s) in graph order: median site error "
+        text = (f"MRePU gains fitted to the replaced ReLUs on {self.samples} sample(s) of the "
+                f"{self.source}, {len(self.fits)} site(s) in graph order: median site error "
                 f"{before:.3g} -> {after:.3g} (relative RMS against ReLU's output)")
+        if self.source == RANDOM_INPUTS:
+            text += "; no data was given: pass --data or --finetune to fit on real inputs"
         if self.unreached:
             text += (f"; {len(self.unreached)} site(s) never ran and keep gains 1: "
                      f"{', '.join(self.unreached)}")

@@ -475,7 +475,7 @@ def _calibrated(config: ActivationConfig) -> bool:
     return isinstance(config, MRePUConfig) and config.calibrate
 
 
-CALIBRATION_SAMPLES = 256
+CALIBRATION_SAMPLES = 128
 """How many samples the calibrated swap fits on: the gains are two numbers per site, and each
 site sees thousands of elements per sample."""
 
@@ -509,14 +509,14 @@ def _calibration_batches(opened: OpenedModel, request: RetrofitRequest
     validation data, else the sample inputs (random values: the report says so), in batches
     the model takes; and what they are, for the report."""
     from retrofit.batching import first_row_repeated
+    from retrofit.calibrate import RANDOM_INPUTS
 
     subject = opened.subject
-    data, source = ((opened.train, "training") if opened.train is not None
-                    else (opened.val, "validation"))
+    data, source = ((opened.train, "training data") if opened.train is not None
+                    else (opened.val, "validation data"))
     if data is None:
         sample = subject.sample_tensors
-        return ([sample], "random sample-input (no data given: pass --data for real inputs)"
-                ) if sample else ([], "")
+        return ([sample], RANDOM_INPUTS) if sample else ([], "")
     count = min(len(data), CALIBRATION_SAMPLES)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(request.seed))
     xs = torch.stack([data[int(i)][0] for i in order[:count]])
