@@ -24,13 +24,15 @@ from rich.text import Text
 from cli.entry import interrupted_line
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.distributed import is_main_process
-from retrofit.errors import ExitCode, RetrofitError
+from retrofit.errors import ExitCode, RetrofitError, UsageError
 from retrofit.inputs import InputShape
 from retrofit.model_io import parse_arch_kwargs
 from retrofit.options import ACTIVATION_OPTIONS, activation_config, check_options_apply
 from retrofit.job import (
-    DataOptions, Gates, RetrofitReport, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
+    DataOptions, Gates, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
 )
+from retrofit.compare import COMPARED, MEASURES, CompareRequest, candidates, compare_file
+from retrofit.compare_report import compare_to_json, compare_to_markdown, print_compare
 from retrofit.launch import launch, prints_errors, record_failure, worker_argv
 from retrofit.report import (
     append_step_summary, classes_line, print_report, report_to_json, report_to_markdown,
@@ -77,7 +79,7 @@ class _OneLineErrors(typer.core.TyperGroup):
         except click_errors.ClickException as error:
             _error(error.format_message())
             code = error.exit_code
-        except click_errors.Abort:
+        except typer.Abort:
             _error("interrupted", prefix="")
             code = ExitCode.INTERRUPTED
         code = int(code or 0)
@@ -182,6 +184,27 @@ MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std to divide by, e.g. 0.229,0.224,0.225 (default 1).", rich_help_panel=DATA)]
 LabelOpt = Annotated[Optional[str], typer.Option("--label-column", help="CSV column holding the label (default: label/target/class/y, else the last).", rich_help_panel=DATA)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size for scoring and fine-tuning.", rich_help_panel=DATA)]
+KOpt = Annotated[float, typer.Option("--k", help="CAReLU scale bound K (> 1).")]
+ReduceOpt = Annotated[Reduce, typer.Option(help="CAReLU competition axes: auto (last axis for 3-D sequences, whole sample otherwise), sample, channel or last.")]
+POpt = Annotated[float, typer.Option("--p", help="MRePU/RePU power p (> 1).")]
+COpt = Annotated[float, typer.Option("--c", help="MRePU shift c.")]
+ToleranceOpt = Annotated[float, typer.Option(help="Largest output difference, relative to the output scale, allowed for an identity-initialised retrofit and for ONNX vs torch.")]
+FinetuneOpt = Annotated[Optional[Path], typer.Option("--finetune", help="Training data to fine-tune on (same formats as --data); without --data a validation split is taken from it.", rich_help_panel=FINETUNE)]
+EpochsOpt = Annotated[int, typer.Option(help="Fine-tuning epochs.", rich_help_panel=FINETUNE)]
+OptimizerOpt = Annotated[Optimizer, typer.Option(help="Optimizer.", rich_help_panel=FINETUNE)]
+LrOpt = Annotated[float, typer.Option(help="Learning rate of the network's weights.", rich_help_panel=FINETUNE)]
+ActivationLrOpt = Annotated[float, typer.Option(help="Learning rate of the new activation parameters.", rich_help_panel=FINETUNE)]
+WeightDecayOpt = Annotated[float, typer.Option(help="Weight decay (not applied to activation parameters, biases and norms).", rich_help_panel=FINETUNE)]
+WarmupOpt = Annotated[float, typer.Option(help="Fraction of steps spent in linear warm-up before the cosine decay.", rich_help_panel=FINETUNE)]
+GradClipOpt = Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: off).", rich_help_panel=FINETUNE)]
+BlendRampOpt = Annotated[float, typer.Option(help="MRePU: ramp the blend from ReLU (0) to MRePU (1) over this fraction of the steps (default 0: the calibrated MRePU from the first step).", rich_help_panel=FINETUNE)]
+AmpOpt = Annotated[Amp, typer.Option(help="Mixed precision: auto (bf16 on GPU, off on CPU), bf16 or off.", rich_help_panel=FINETUNE)]
+DeterministicOpt = Annotated[bool, typer.Option(help="Deterministic algorithms (slower on GPU).", rich_help_panel=FINETUNE)]
+ValFractionOpt = Annotated[float, typer.Option(help="Validation fraction split off --finetune when no --data is given.", rich_help_panel=FINETUNE)]
+NprocOpt = Annotated[Optional[int], typer.Option("--nproc-per-node", help="Fine-tune in N local processes (one GPU each, or N CPU processes), started and watched by cadrelu: the exit code is the documented one and one line says why (torchrun reports every failure as 1).", rich_help_panel=FINETUNE)]
+MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Fail (exit 5) when the final top-1 is more than this many points below the original's (compare: the top-ranked candidate's mean).", rich_help_panel=CI)]
+MinGainOpt = Annotated[Optional[float], typer.Option("--min-gain", help="Fail (exit 5) unless the final top-1 gains at least this many points (compare: the top-ranked candidate's mean).", rich_help_panel=CI)]
+MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report here (also appended to $GITHUB_STEP_SUMMARY when set).", rich_help_panel=CI)]
 
 
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -190,7 +213,21 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"{option} takes numbers separated by commas, got {text!r}") from None
+        raise UsageError(f"{option} takes numbers separated by commas, got {text!r}") from None
+
+
+def _listed(values: list[str] | None) -> list[str] | None:
+    """A repeatable option whose values may also be comma-separated, as one list."""
+    if values is None:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _seeds(values: list[str] | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(value) for value in _listed(values) or ["0"])
+    except ValueError:
+        raise UsageError(f"--seeds takes whole numbers, got {', '.join(values or [])}") from None
 
 
 def _data_options(val: Path | None, train: Path | None, image_size: int | None,
@@ -198,6 +235,19 @@ def _data_options(val: Path | None, train: Path | None, image_size: int | None,
                   label_column: str | None, batch_size: int, val_fraction: float = 0.2) -> DataOptions:
     return DataOptions(val, train, val_fraction, image_size, crop_size, _floats(mean, "--mean"),
                        _floats(std, "--std"), label_column, batch_size)
+
+
+def _finetune_config(*, epochs: int, batch_size: int, optimizer: Optimizer, lr: float,
+                     activation_lr: float, weight_decay: float, warmup: float, grad_clip: float,
+                     amp: Amp, deterministic: bool, device: str, seed: int = 0,
+                     checkpoint: Path | None = None, resume: bool = False) -> FinetuneConfig:
+    """The fine-tuning options, as the command line names them, as a FinetuneConfig."""
+    return FinetuneConfig(
+        epochs=epochs, batch_size=batch_size, optimizer=optimizer.value, lr=lr,
+        activation_lr=activation_lr, weight_decay=weight_decay, warmup_fraction=warmup,
+        grad_clip=grad_clip, seed=seed, deterministic=deterministic, amp=amp.value,
+        device=device, checkpoint=checkpoint, resume=resume,
+    )
 
 
 def _request(model: Path, config: ActivationConfig, include: list[str] | None,
@@ -216,10 +266,10 @@ def retrofit(
     model: ModelArg,
     to: Annotated[Activation, typer.Option("--to", help="The activation that replaces ReLU.")] = Activation.carelu,
     measure: Annotated[Measure, typer.Option(help="CAReLU competition measure: energy share, L1 share or count share of the positive side.")] = Measure.energy,
-    k: Annotated[float, typer.Option("--k", help="CAReLU scale bound K (> 1).")] = 2.0,
-    reduce: Annotated[Reduce, typer.Option(help="CAReLU competition axes: auto (last axis for 3-D sequences, whole sample otherwise), sample, channel or last.")] = Reduce.auto,
-    p: Annotated[float, typer.Option("--p", help="MRePU/RePU power p (> 1).")] = 2.0,
-    c: Annotated[float, typer.Option("--c", help="MRePU shift c.")] = 1.0,
+    k: KOpt = 2.0,
+    reduce: ReduceOpt = Reduce.auto,
+    p: POpt = 2.0,
+    c: COpt = 1.0,
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="MRePU: fit each site's input and output gains to the ReLU it replaces, on the data (the calibrated swap); --no-calibrate swaps in the paper's plain MRePU.")] = True,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -229,27 +279,27 @@ def retrofit(
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustOpt = False,
     input_shape: ShapeOpt = None,
-    tolerance: Annotated[float, typer.Option(help="Largest output difference, relative to the output scale, allowed for an identity-initialised retrofit and for ONNX vs torch.")] = 1e-5,
+    tolerance: ToleranceOpt = 1e-5,
     seed: Annotated[int, typer.Option(help="Seed for sample inputs, data splits and fine-tuning.")] = 0,
     device: DeviceOpt = "auto",
     export_onnx: Annotated[Optional[Path], typer.Option("--export-onnx", help="Also write the retrofitted model as ONNX, checked against onnxruntime.")] = None,
     onnx_functions: Annotated[bool, typer.Option("--onnx-functions", help="ONNX input: emit each activation as a model-local function instead of inlined nodes.")] = False,
     data: DataOpt = None,
-    finetune: Annotated[Optional[Path], typer.Option("--finetune", help="Training data to fine-tune on (same formats as --data); without --data a validation split is taken from it.", rich_help_panel=FINETUNE)] = None,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", rich_help_panel=FINETUNE)] = TRAINING.epochs,
-    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer.", rich_help_panel=FINETUNE)] = Optimizer.adamw,
-    lr: Annotated[float, typer.Option(help="Learning rate of the network's weights.", rich_help_panel=FINETUNE)] = TRAINING.lr,
-    activation_lr: Annotated[float, typer.Option(help="Learning rate of the new activation parameters.", rich_help_panel=FINETUNE)] = TRAINING.activation_lr,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (not applied to activation parameters, biases and norms).", rich_help_panel=FINETUNE)] = TRAINING.weight_decay,
-    warmup: Annotated[float, typer.Option(help="Fraction of steps spent in linear warm-up before the cosine decay.", rich_help_panel=FINETUNE)] = TRAINING.warmup_fraction,
-    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: off).", rich_help_panel=FINETUNE)] = TRAINING.grad_clip,
-    blend_ramp: Annotated[float, typer.Option(help="MRePU: ramp the blend from ReLU (0) to MRePU (1) over this fraction of the steps (default 0: the calibrated MRePU from the first step).", rich_help_panel=FINETUNE)] = MRePUConfig().ramp_fraction,
-    amp: Annotated[Amp, typer.Option(help="Mixed precision: auto (bf16 on GPU, off on CPU), bf16 or off.", rich_help_panel=FINETUNE)] = Amp.auto,
-    deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms (slower on GPU).", rich_help_panel=FINETUNE)] = False,
+    finetune: FinetuneOpt = None,
+    epochs: EpochsOpt = TRAINING.epochs,
+    optimizer: OptimizerOpt = Optimizer.adamw,
+    lr: LrOpt = TRAINING.lr,
+    activation_lr: ActivationLrOpt = TRAINING.activation_lr,
+    weight_decay: WeightDecayOpt = TRAINING.weight_decay,
+    warmup: WarmupOpt = TRAINING.warmup_fraction,
+    grad_clip: GradClipOpt = TRAINING.grad_clip,
+    blend_ramp: BlendRampOpt = MRePUConfig().ramp_fraction,
+    amp: AmpOpt = Amp.auto,
+    deterministic: DeterministicOpt = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file written each epoch and on Ctrl-C (default: OUTPUT.ckpt).", rich_help_panel=FINETUNE)] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted fine-tune from its checkpoint.", rich_help_panel=FINETUNE)] = False,
     control: Annotated[bool, typer.Option(help="Also fine-tune an untouched ReLU copy with the same budget and seed, to separate the activation's effect from more training.", rich_help_panel=FINETUNE)] = False,
-    val_fraction: Annotated[float, typer.Option(help="Validation fraction split off --finetune when no --data is given.", rich_help_panel=FINETUNE)] = 0.2,
+    val_fraction: ValFractionOpt = 0.2,
     plot: Annotated[Optional[Path], typer.Option(help="Save training curves and activation-parameter trajectories as PNG.", rich_help_panel=FINETUNE)] = None,
     image_size: ImageSizeOpt = None,
     crop_size: CropOpt = None,
@@ -257,11 +307,11 @@ def retrofit(
     std: StdOpt = None,
     label_column: LabelOpt = None,
     batch_size: BatchOpt = 64,
-    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fail (exit 5) when the final top-1 is more than this many points below the original's.", rich_help_panel=CI)] = None,
-    min_gain: Annotated[Optional[float], typer.Option("--min-gain", help="Fail (exit 5) unless the final top-1 gains at least this many points.", rich_help_panel=CI)] = None,
-    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report here (also appended to $GITHUB_STEP_SUMMARY when set).", rich_help_panel=CI)] = None,
+    max_drop: MaxDropOpt = None,
+    min_gain: MinGainOpt = None,
+    markdown: MarkdownOpt = None,
     json: JsonOpt = False,
-    nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", help="Fine-tune in N local processes (one GPU each, or N CPU processes), started and watched by cadrelu: the exit code is the documented one and one line says why (torchrun reports every failure as 1).", rich_help_panel=FINETUNE)] = None,
+    nproc_per_node: NprocOpt = None,
 ) -> None:
     """Rewrite every selected ReLU site, verify, optionally fine-tune, score and save."""
     given = _given(ctx)
@@ -274,12 +324,11 @@ def retrofit(
                                      label_column, batch_size, val_fraction)
         finetune_config = None
         if finetune is not None:
-            finetune_config = FinetuneConfig(
-                epochs=epochs, batch_size=batch_size, optimizer=optimizer.value, lr=lr,
-                activation_lr=activation_lr, weight_decay=weight_decay, warmup_fraction=warmup,
-                grad_clip=grad_clip, seed=seed, deterministic=deterministic, amp=amp.value,
-                device=device, checkpoint=checkpoint, resume=resume,
-            )
+            finetune_config = _finetune_config(
+                epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                activation_lr=activation_lr, weight_decay=weight_decay, warmup=warmup,
+                grad_clip=grad_clip, amp=amp, deterministic=deterministic, device=device,
+                seed=seed, checkpoint=checkpoint, resume=resume)
         return _request(model, config, include, exclude, input_shape, output=output, force=force,
                         arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
                         trust_pickle=trust_pickle, tolerance=tolerance, seed=seed,
@@ -289,15 +338,12 @@ def retrofit(
                         markdown=markdown)
 
     job = _run(request)
-    if nproc_per_node is not None:  # the workers run this command without the option
-        outcome = _run(lambda: launch(worker_argv(sys.argv[1:]), nproc_per_node,
-                                      fine_tunes=job.finetune is not None))
-        if outcome.line:
-            err.print(outcome.line, highlight=False, markup=False)
-        raise typer.Exit(outcome.code)
+    if nproc_per_node is not None:
+        _launch(nproc_per_node, fine_tunes=job.finetune is not None)
     report = _run(lambda: retrofit_file(job))
     if is_main_process():
-        _run(lambda: _show(report, json, markdown))
+        _run(lambda: _show(report, report_to_json, print_report, report_to_markdown, json,
+                           markdown))
     if report.failure is not None:
         _fail(report.failure.exit_code, report.failure)
     if not report.gates_passed:
@@ -305,18 +351,32 @@ def retrofit(
         _fail(ExitCode.GATE, f"gate failed: {failed}")
 
 
-def _show(report: RetrofitReport, json: bool, markdown: Path | None) -> None:
-    """The report on stdout (a reader that closed the pipe does not stop the job), then the
-    Markdown report and the CI step summary."""
+def _launch(nproc_per_node: int, *, fine_tunes: bool) -> NoReturn:
+    """Run this command in ``nproc_per_node`` workers (without the option) and leave with
+    their exit code and line."""
+    outcome = _run(lambda: launch(worker_argv(sys.argv[1:]), nproc_per_node,
+                                  fine_tunes=fine_tunes))
+    if outcome.line:
+        err.print(outcome.line, highlight=False, markup=False)
+    raise typer.Exit(outcome.code)
+
+
+R = TypeVar("R")
+
+
+def _show(report: R, as_json: Callable[[R], str], view: Callable[[R, Console], None],
+          as_markdown: Callable[[R], str], json: bool, markdown: Path | None) -> None:
+    """The report on stdout, as JSON or as the view (a reader that closed the pipe does not
+    stop the job), then the Markdown report and the CI step summary."""
     try:
         if json:
-            print(report_to_json(report))
+            print(as_json(report))
         else:
-            print_report(report, out)
+            view(report, out)
         sys.stdout.flush()
     except BrokenPipeError:  # `cadrelu ... | head`: the rest of stdout goes nowhere
         sys.stdout = open(os.devnull, "w")
-    text = report_to_markdown(report)
+    text = as_markdown(report)
     if markdown is not None:
         write_text_atomic(markdown, text)
     append_step_summary(text)
@@ -378,6 +438,100 @@ def evaluate(
     classes = classes_line(dataset)
     if classes:
         out.print(classes, markup=False, highlight=False)
+
+
+@app.command()
+def compare(
+    ctx: typer.Context,
+    model: ModelArg,
+    to: Annotated[Optional[list[str]], typer.Option("--to", help=f"Activations to try against the ReLU control: {', '.join(COMPARED)} (repeatable or comma-separated; default: both). CAReLU gives one candidate per --measures, MRePU is the calibrated swap.")] = None,
+    measures: Annotated[Optional[list[str]], typer.Option("--measures", help=f"CAReLU competition measures, one candidate each: {', '.join(MEASURES)} (repeatable or comma-separated; default: all).")] = None,
+    seeds: Annotated[Optional[list[str]], typer.Option("--seeds", help="Seeds: every arm is fine-tuned once with each, the control with the same (repeatable or comma-separated, e.g. 0,1,2; default 0). A validation split off --finetune uses the first.")] = None,
+    k: KOpt = 2.0,
+    reduce: ReduceOpt = Reduce.auto,
+    p: POpt = 2.0,
+    c: COpt = 1.0,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustOpt = False,
+    input_shape: ShapeOpt = None,
+    tolerance: ToleranceOpt = 1e-5,
+    device: DeviceOpt = "auto",
+    data: DataOpt = None,
+    finetune: FinetuneOpt = None,
+    epochs: EpochsOpt = TRAINING.epochs,
+    optimizer: OptimizerOpt = Optimizer.adamw,
+    lr: LrOpt = TRAINING.lr,
+    activation_lr: ActivationLrOpt = TRAINING.activation_lr,
+    weight_decay: WeightDecayOpt = TRAINING.weight_decay,
+    warmup: WarmupOpt = TRAINING.warmup_fraction,
+    grad_clip: GradClipOpt = TRAINING.grad_clip,
+    blend_ramp: BlendRampOpt = MRePUConfig().ramp_fraction,
+    amp: AmpOpt = Amp.auto,
+    deterministic: DeterministicOpt = False,
+    val_fraction: ValFractionOpt = 0.2,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for each run's checkpoint and the state file that records finished runs (default: MODEL_STEM.compare beside the model).", rich_help_panel=FINETUNE)] = None,
+    resume: Annotated[bool, typer.Option(help="Go on with the comparison in --out-dir: recorded runs are read back, the interrupted one continues from its checkpoint, the rest run.", rich_help_panel=FINETUNE)] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing --markdown/--plot files; without --resume, discard an earlier comparison in --out-dir.")] = False,
+    image_size: ImageSizeOpt = None,
+    crop_size: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    label_column: LabelOpt = None,
+    batch_size: BatchOpt = 64,
+    max_drop: MaxDropOpt = None,
+    min_gain: MinGainOpt = None,
+    markdown: MarkdownOpt = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Save a bar chart of each ranked candidate's Δ top-1 vs the control, with its 95% CI, as PNG.", rich_help_panel=CI)] = None,
+    json: JsonOpt = False,
+    nproc_per_node: NprocOpt = None,
+) -> None:
+    """Which activation helps this model? Fine-tune every candidate and a ReLU control with the
+    same budget and seeds, and rank the candidates by their mean top-1 change against the
+    control, with a 95% interval paired over samples and seeds.
+
+    Writes no model (retrofit the winner with `cadrelu retrofit`). A candidate whose fine-tune
+    diverges or whose model computes NaN/inf is reported as failed, first, and not ranked. Exit
+    code 0 once ranked; 5 when a gate fails (the gates apply to the top-ranked candidate); when
+    nothing could be ranked (every candidate failed, or the control did), the code of the first
+    failure (3 diverged, 4 NaN/inf).
+    """
+    given = _given(ctx)
+
+    def request() -> CompareRequest:
+        check_options_apply(given, data=data is not None, finetune=finetune is not None)
+        first_seed = _seeds(seeds)[0]
+        finetune_config = None if finetune is None else _finetune_config(
+            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
+            activation_lr=activation_lr, weight_decay=weight_decay, warmup=warmup,
+            grad_clip=grad_clip, amp=amp, deterministic=deterministic, device=device,
+            seed=first_seed)
+        job = _request(model, CompetitiveReLUConfig(), include, exclude, input_shape,
+                       force=force, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
+                       trust_pickle=trust_pickle, tolerance=tolerance, seed=first_seed,
+                       device=device, finetune=finetune_config,
+                       data=_data_options(data, finetune, image_size, crop_size, mean, std,
+                                          label_column, batch_size, val_fraction),
+                       gates=Gates(max_drop, min_gain))
+        options = {name: value for name, value in given.items() if name in ACTIVATION_OPTIONS}
+        return CompareRequest(job, candidates(COMPARED if to is None else _listed(to), _listed(measures),
+                                              options),
+                              _seeds(seeds), out_dir, resume, markdown, plot)
+
+    job = _run(request)
+    if nproc_per_node is not None:
+        _launch(nproc_per_node, fine_tunes=True)
+    report = _run(lambda: compare_file(job))
+    if is_main_process():
+        _run(lambda: _show(report, compare_to_json, print_compare, compare_to_markdown, json,
+                           markdown))
+    if report.failure is not None:
+        _fail(report.failure.exit_code, report.failure)
+    if not report.gates_passed:
+        failed = ", ".join(gate.name for gate in report.gates if not gate.passed)
+        _fail(ExitCode.GATE, f"gate failed: {failed} (on {report.gated_arm})")
 
 
 def run(args: list[str] | None = None) -> int:

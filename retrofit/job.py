@@ -225,7 +225,7 @@ def _load_data(options: DataOptions, seed: int) -> tuple[ClassificationData | No
     return val, train
 
 
-def _dataset_summary(val: ClassificationData, train: ClassificationData | None) -> dict[str, Any]:
+def dataset_summary(val: ClassificationData, train: ClassificationData | None) -> dict[str, Any]:
     """The data as the report shows it; ``class_index`` maps class names to the indices they
     were read as (None when the labels were indices already)."""
     return {
@@ -237,8 +237,9 @@ def _dataset_summary(val: ClassificationData, train: ClassificationData | None) 
     }
 
 
-def _score(subject: Subject, model: Any, val: ClassificationData, request: RetrofitRequest,
-           name: str) -> Stage:
+def score_stage(subject: Subject, model: Any, val: ClassificationData,
+                request: RetrofitRequest, name: str) -> Stage:
+    """``model`` (in the subject's format) scored on ``val``, as the stage ``name``."""
     predictor = subject.predictor(model, request.device)
     return Stage(name, evaluate(predictor, val, batch_size=request.data.batch_size,
                                 description=f"scoring {name}"))
@@ -248,7 +249,11 @@ def _gates(report: RetrofitReport, gates: Gates) -> list[GateResult]:
     if not gates.any:
         return []
     assert report.stages, "a gate without data is refused by RetrofitRequest"
-    change = report.stages[-1].result.top1 - report.stages[0].result.top1
+    return gate_results(gates, report.stages[-1].result.top1 - report.stages[0].result.top1)
+
+
+def gate_results(gates: Gates, change: float) -> list[GateResult]:
+    """Each gate asked for, against ``change``: the final top-1 minus the original's, in points."""
     results = []
     if gates.max_drop is not None:
         results.append(GateResult("max_drop", gates.max_drop, -change, -change <= gates.max_drop))
@@ -330,8 +335,8 @@ def evaluate_file(model: Path, data: DataOptions, *, arch: str | None = None,
     subject = _open(request, val)
     val = _fed_to(subject, val)
     assert val is not None
-    result = _score(subject, subject.original, val, request, "model").result
-    return EvaluateReport(result, _dataset_summary(val, None), list(subject.notes))
+    result = score_stage(subject, subject.original, val, request, "model").result
+    return EvaluateReport(result, dataset_summary(val, None), list(subject.notes))
 
 
 def _check_outputs(request: RetrofitRequest, model_format: ModelFormat) -> Path:
@@ -428,9 +433,10 @@ def swap(opened: OpenedModel, request: RetrofitRequest, output: Path | None = No
     if calibration is not None:
         report.notes.append(calibration.summary())
     if val is not None:
-        report.dataset = _dataset_summary(val, opened.train)
-        report.stages.append(before or _score(subject, subject.original, val, request, "before"))
-        report.stages.append(_score(subject, result.model, val, request, "after swap"))
+        report.dataset = dataset_summary(val, opened.train)
+        report.stages.append(before or score_stage(subject, subject.original, val, request,
+                                                   "before"))
+        report.stages.append(score_stage(subject, result.model, val, request, "after swap"))
     site_values = calibration.site_values() if calibration is not None else None
     return Swapped(report, result.model, site_values)
 
@@ -652,7 +658,7 @@ def report_trained(opened: OpenedModel, request: RetrofitRequest, report: Retrof
             parity.require_finite(f"the fine-tuned {request.config.name} model")
     except ParityError as error:
         report.failure = error
-    report.stages.append(_score(subject, final, opened.val, request, "after fine-tune"))
+    report.stages.append(score_stage(subject, final, opened.val, request, "after fine-tune"))
     return final
 
 

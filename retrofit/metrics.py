@@ -10,6 +10,7 @@ than comparing two independent accuracies.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,114 @@ def paired_delta_ci(
         mcnemar_p=mcnemar_exact_p(gained, lost),
         n_boot=n_boot,
     )
+
+
+@dataclass(frozen=True)
+class SeedPairedDelta:
+    """Change of accuracy between two training recipes, each run with the same ``seeds`` seeds
+    and scored on the same ``n`` samples.
+
+    ``delta`` is the mean over seeds of (after - before) in percentage points (``per_seed``
+    gives each seed's), ``before``/``after`` the mean accuracies, with a ``confidence`` interval
+    ``[ci_low, ci_high]`` that is paired over samples and over seeds (see
+    :func:`paired_delta_over_seeds`).
+    """
+
+    n: int
+    seeds: int
+    before: float
+    after: float
+    delta: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    n_boot: int
+    per_seed: tuple[float, ...]
+
+
+def paired_delta_over_seeds(
+    correct_before: Sequence[Tensor],
+    correct_after: Sequence[Tensor],
+    *,
+    confidence: float = 0.95,
+    n_boot: int = 10_000,
+    seed: int = 0,
+) -> SeedPairedDelta:
+    """Mean accuracy delta over seeds (``correct_before[s]`` and ``correct_after[s]`` are the
+    per-sample flags of seed ``s``'s two runs) with a bootstrap CI paired over samples and seeds.
+
+    Why this construction: every seed's two runs are scored on the same samples, so the data is
+    a crossed samples x seeds table of differences d[s, i] in {-1, 0, +1}. Samples vary (some
+    are hard for one recipe) and seeds vary (one run is lucky), and the interval must carry
+    both. Each bootstrap replicate resamples the samples and, independently, the seeds, with
+    replacement, and averages d over the drawn (seed, sample) cells: the pigeonhole bootstrap
+    for crossed designs (Owen 2007, "The pigeonhole bootstrap"), which keeps every pairing (a
+    drawn sample brings the differences of all drawn seeds, a drawn seed its whole run) and is
+    slightly conservative. With few seeds the seed part is coarse (two seeds give three
+    patterns): more seeds give a truer interval. The percentile interval is taken.
+
+    A replicate depends on the samples only through how often each per-sample difference
+    profile (d[:, i], a vector over seeds) is drawn: one multinomial draw over the observed
+    profiles, the same distribution as index resampling at a cost independent of n. Profiles
+    are ordered gains first, ties (all zero) last, and the seed draw comes after the sample
+    draw, so one seed gives exactly :func:`paired_delta_ci`'s interval for the same ``seed``.
+    """
+    if len(correct_before) != len(correct_after):
+        raise ValueError(f"{len(correct_before)} seeds before but {len(correct_after)} after")
+    if not correct_before:
+        raise ValueError("no seeds to compare")
+    before = np.stack([_as_bool(v, "correct_before") for v in _same_lengths(correct_before)])
+    after = np.stack([_as_bool(v, "correct_after") for v in _same_lengths(correct_after)])
+    if before.shape != after.shape:
+        raise ValueError(f"correct_before has {before.shape[1]} samples per seed but "
+                         f"correct_after has {after.shape[1]}")
+    seeds, n = before.shape
+    if n == 0:
+        raise ValueError("no samples to compare")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+
+    differences = after.astype(np.int64) - before.astype(np.int64)  # seeds x n
+    profiles, counts = _difference_profiles(differences)
+    rng = np.random.default_rng(seed)
+    sample_draws = rng.multinomial(n, counts / n, size=n_boot)  # n_boot x profiles
+    seed_draws = rng.multinomial(seeds, np.full(seeds, 1.0 / seeds), size=n_boot)
+    totals = ((sample_draws @ profiles) * seed_draws).sum(axis=1)
+    deltas = 100.0 * totals / (seeds * n)
+    tail = (1.0 - confidence) / 2.0
+    ci_low, ci_high = np.quantile(deltas, [tail, 1.0 - tail])
+    return SeedPairedDelta(
+        n=n,
+        seeds=seeds,
+        before=100.0 * float(before.mean()),
+        after=100.0 * float(after.mean()),
+        delta=100.0 * int(differences.sum()) / (seeds * n),
+        ci_low=float(ci_low),
+        ci_high=float(ci_high),
+        confidence=confidence,
+        n_boot=n_boot,
+        per_seed=tuple(100.0 * int(row.sum()) / n for row in differences),
+    )
+
+
+def _same_lengths(values: Sequence[Tensor]) -> Sequence[Tensor]:
+    lengths = {len(v) for v in values}
+    if len(lengths) > 1:
+        raise ValueError(f"every seed must score the same samples, got {sorted(lengths)} samples")
+    return values
+
+
+def _difference_profiles(differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct per-sample columns of ``differences`` (profiles x seeds) and how many
+    samples have each, in the order :func:`paired_delta_over_seeds` relies on: descending,
+    the all-zero profile last."""
+    profiles, counts = np.unique(differences.T, axis=0, return_counts=True)
+    profiles, counts = profiles[::-1], counts[::-1]
+    ties = ~profiles.any(axis=1)
+    order = np.concatenate([np.flatnonzero(~ties), np.flatnonzero(ties)])
+    return profiles[order], counts[order]
 
 
 def mcnemar_exact_p(gained: int, lost: int) -> float:

@@ -60,6 +60,21 @@ def activation_config(activation: str, options: Mapping[str, Any]) -> Activation
         raise UsageError(f"--to {activation}: {error}") from None
 
 
+def options_by_activation(activations: Iterable[str], options: Mapping[str, Any]
+                          ) -> dict[str, dict[str, Any]]:
+    """``options`` shared out among several ``activations`` (``cadrelu compare``): each gets
+    those that configure it (``--k`` CompetitiveReLU, ``--p`` MRePU); an option that configures
+    none of them is refused by name, as :func:`activation_config` refuses it for one."""
+    activations = list(activations)
+    for option in options:
+        if not any(option in _ACTIVATION_FIELDS[name] for name in activations):
+            users = [name for name, own in _ACTIVATION_FIELDS.items() if option in own]
+            raise UsageError(f"{flag(option)} applies to --to {' or '.join(users)}, which is "
+                             f"not among {', '.join(activations)}")
+    return {name: {option: value for option, value in options.items()
+                   if option in _ACTIVATION_FIELDS[name]} for name in activations}
+
+
 def check_options_apply(given: Iterable[str], *, data: bool, finetune: bool) -> None:
     """Refuse options whose job was not asked for: fine-tuning options without ``--finetune``,
     data options without data, ``--val-fraction`` when ``--data`` is the validation set."""

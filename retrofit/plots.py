@@ -90,3 +90,34 @@ def _plot_activations(axis: Any, history: Sequence["EpochRecord"], sites: list[s
     title = "activation parameters" + ("" if named else f" ({len(sites)} sites)")
     axis.set(title=title, xlabel="epoch", ylabel="value")
     axis.legend(fontsize="small")
+
+
+def save_compare_plot(bars: Sequence[tuple[str, Any]], failed: Sequence[str],
+                      path: str | os.PathLike[str], *, title: str) -> Path:
+    """Write ``cadrelu compare``'s answer as a PNG, atomically: one bar per ranked candidate,
+    its mean top-1 change against the ReLU control (the zero line) with its 95% interval as
+    whiskers, best first; ``failed`` candidates are named under the axis. ``bars`` pairs each
+    name with its :class:`~retrofit.metrics.SeedPairedDelta`. Returns the path."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise UsageError("the comparison plot needs matplotlib: pip install 'cadrelu[plot]'"
+                         ) from error
+
+    names = [name for name, _ in bars]
+    deltas = [delta.delta for _, delta in bars]
+    whiskers = [[delta.delta - delta.ci_low for _, delta in bars],
+                [delta.ci_high - delta.delta for _, delta in bars]]
+    figure = Figure(figsize=(max(5.0, 1.2 * len(bars) + 2), 3.8), layout="constrained")
+    axis = figure.subplots()
+    colors = ["C2" if delta.ci_low > 0 else "C3" if delta.ci_high < 0 else "C0"
+              for _, delta in bars]
+    axis.bar(names, deltas, yerr=whiskers, capsize=6, color=colors)
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    seeds = bars[0][1].seeds if bars else 0
+    axis.set(title=title, ylabel="Δ top-1 vs ReLU control (pp)",
+             xlabel=f"95% CI paired over samples and {seeds} seed(s)"
+             + (f"; failed: {', '.join(failed)}" if failed else ""))
+    with atomic_output(path) as temp:
+        figure.savefig(temp, format="png", dpi=120)
+    return Path(path)

@@ -105,6 +105,9 @@ def _gate_text(gate: GateResult) -> str:
     return f"{gate.name} {gate.threshold:g} pp ({measured} {gate.value:.2f} pp)"
 
 
+_UNBOUNDED = 100_000
+"""Width a table is measured within off a terminal: more than any table needs."""
+
 _SHOWN_CLASSES = 8
 """A longer label mapping shows its first names, an ellipsis, its last name and the count."""
 
@@ -179,7 +182,7 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
     An unverified result says so first, before anything that could be read as a success."""
     if not report.verified:
         console.print(f"[bold red]{_unverified_line(report)}[/]")
-    _print_whole(console, sites_table(report.sites, dry_run=dry_run))
+    print_whole(console, sites_table(report.sites, dry_run=dry_run))
     verb = "would be replaced" if dry_run else "replaced"
     console.print(f"{len(report.replaced)} of {len(report.sites)} ReLU sites {verb} by "
                   f"{report.activation} ({report.model}, {report.format.value})", markup=False)
@@ -190,7 +193,7 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
     if report.resumed:
         console.print("resumed: the fine-tune went on from its checkpoint")
     if report.stages:
-        _print_whole(console, accuracy_table(report))
+        print_whole(console, accuracy_table(report))
         classes = classes_line(report.dataset)
         if classes:
             console.print(classes, markup=False, highlight=False)
@@ -209,11 +212,20 @@ def print_report(report: RetrofitReport, console: Console, *, dry_run: bool = Fa
         console.print("[bold red]the model was not written[/] (the error below says why)")
 
 
-def _print_whole(console: Console, table: Table) -> None:
+def print_whole(console: Console, table: Table) -> None:
     """A table at its natural width when the output is not a terminal (a pipe, a CI log):
-    there is no screen to fit, and a cut name would be copied wrong."""
-    width = None if console.is_terminal else max(console.width, console.measure(table).maximum)
-    console.print(table, width=width)
+    there is no screen to fit, and a cut name would be copied wrong. (rich measures and prints
+    within the console's width, so the console is widened while the table prints.)"""
+    if console.is_terminal:
+        console.print(table)
+        return
+    unbounded = console.options.update(max_width=_UNBOUNDED)
+    width = console.width
+    console.width = max(width, console.measure(table, options=unbounded).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def report_to_markdown(report: RetrofitReport) -> str:

@@ -107,3 +107,51 @@ def test_large_inputs_are_fast() -> None:
 def test_mismatched_lengths_are_refused() -> None:
     with pytest.raises(ValueError):
         paired_delta_ci(torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- over seeds
+
+
+def _flags(n: int, seed: int, p: float = 0.8) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < p
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_one_seed_over_seeds_is_exactly_the_paired_interval(case: int) -> None:
+    from retrofit.metrics import paired_delta_over_seeds
+
+    n = 30 + 97 * case
+    before = _flags(n, case)
+    after = before.clone()
+    flip = _flags(n, 100 + case, p=0.02 * case)  # case 0: identical; gains or losses only too
+    after[flip] = (case % 3 != 1) if case % 4 == 2 else ~after[flip]
+    expected = paired_delta_ci(before, after, seed=case)
+    got = paired_delta_over_seeds([before], [after], seed=case)
+    assert (got.delta, got.ci_low, got.ci_high) == (expected.delta, expected.ci_low,
+                                                    expected.ci_high)
+    assert (got.before, got.after, got.n, got.seeds) == (expected.before, expected.after, n, 1)
+
+
+def test_seeds_that_agree_add_nothing_and_seeds_that_disagree_widen_the_interval() -> None:
+    from retrofit.metrics import paired_delta_over_seeds
+
+    before = _flags(450, 1, 0.9)
+    gain, loss = before.clone(), before.clone()
+    gain[:12], loss[:12] = True, False
+    one = paired_delta_ci(before, gain)
+    same = paired_delta_over_seeds([before, before], [gain, gain])
+    assert (same.delta, same.ci_low, same.ci_high) == (one.delta, one.ci_low, one.ci_high)
+    mixed = paired_delta_over_seeds([before, before, before], [gain, loss, gain])
+    assert mixed.per_seed == (one.delta, paired_delta_ci(before, loss).delta, one.delta)
+    assert mixed.delta == pytest.approx(sum(mixed.per_seed) / 3)
+    assert mixed.ci_high - mixed.ci_low > one.ci_high - one.ci_low
+    assert mixed.ci_low < mixed.delta < mixed.ci_high
+
+
+def test_over_seeds_refuses_mismatched_runs() -> None:
+    from retrofit.metrics import paired_delta_over_seeds
+
+    with pytest.raises(ValueError, match="seeds"):
+        paired_delta_over_seeds([_flags(5, 0)], [])
+    with pytest.raises(ValueError, match="same samples"):
+        paired_delta_over_seeds([_flags(5, 0), _flags(6, 0)], [_flags(5, 0), _flags(5, 0)])
