@@ -46,7 +46,17 @@ try:  # Typer 0.2x vendors Click, and raises its own copy's exceptions
 except ImportError:
     from click import exceptions as click_errors
 
-out = Console(soft_wrap=True)
+class _PipeConsole(Console):
+    """stdout for reports. A reader that leaves (`cadrelu ... | head`) does not stop the job:
+    the rest of the report goes to /dev/null (rich's own handler exits with 1, a bug code)."""
+
+    def on_broken_pipe(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        self.quiet = True
+
+
+out = _PipeConsole(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True, emoji=False)  # messages quote paths and user text
 T = TypeVar("T")
 

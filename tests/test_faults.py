@@ -398,3 +398,20 @@ def test_paths_and_notes_with_brackets_print_as_they_are(tmp_path):
     result = cli("retrofit", MLP, "-o", output)
     assert result.exit_code == 0, result.output
     assert f"wrote {output}" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_reader_that_leaves_the_pipe_does_not_stop_the_job_or_change_its_exit_code(tmp_path):
+    """`cadrelu retrofit ... | head`: the report's rest goes nowhere, the model is written."""
+    output = tmp_path / "out.pt2"
+    for extra in ([], ["--json"]):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli", "retrofit", str(MLP), "--data",
+             str(SAMPLES / "data" / "digits_val.npz"), "-o", str(output), "--force", *extra],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None
+        process.stdout.close()  # gone before the first line: every write meets EPIPE
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+        assert output.exists() and b"Traceback" not in stderr
+        output.unlink()
