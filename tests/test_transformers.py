@@ -341,3 +341,23 @@ def test_pickled_transformers_model_without_transformers_says_how_to_get_it(tmp_
     result = run_cli("inspect", tmp_path / "bert.pt", "--trust-pickle")
     assert result.exit_code == 3
     assert "pip install transformers" in one_line(result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_mrepu_retrofit_is_calibrated_on_the_sample_inputs_and_written_finite(family, tmp_path):
+    from retrofit.config import MRePUConfig
+
+    model, inputs, _ = _build(family)
+    source, output = tmp_path / f"{family}.pt2", tmp_path / f"{family}.mrepu.pt2"
+    torch.export.save(torch.export.export(model, inputs), source)
+    report = retrofit_file(RetrofitRequest(source, MRePUConfig(), output=output))
+    assert report.calibration.source == "random sample inputs"
+    assert [fit.site for fit in report.calibration.fits] == [s.name for s in report.replaced]
+    assert all(fit.error_after <= fit.error_before for fit in report.calibration.fits)
+    assert report.parity.nonfinite_candidate == 0
+    reloaded = torch.export.load(output).module()  # plain torch
+    with torch.no_grad():
+        outputs = reloaded(*inputs)
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    assert torch.isfinite(logits).all()
