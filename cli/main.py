@@ -450,7 +450,14 @@ def evaluate(
         out.print(classes, markup=False, highlight=False)
 
 
-@app.command()
+@app.command(epilog=(
+    "Every candidate and the ReLU control are fine-tuned with the same budget and seeds; the "
+    "candidates are ranked by their mean top-1 change against the control, with a 95% interval "
+    "paired over samples and seeds. No model is written (retrofit the winner with cadrelu "
+    "retrofit). A candidate whose fine-tune diverges or whose model computes NaN/inf is "
+    "reported first as failed and not ranked. Exit code 0 once ranked; 5 when a gate fails "
+    "(the gates apply to the top-ranked candidate); when nothing could be ranked, the first "
+    "failure's code (3 diverged, 4 NaN/inf)."))
 def compare(
     ctx: typer.Context,
     model: ModelArg,
@@ -498,16 +505,7 @@ def compare(
     json: JsonOpt = False,
     nproc_per_node: NprocOpt = None,
 ) -> None:
-    """Which activation helps this model? Fine-tune every candidate and a ReLU control with the
-    same budget and seeds, and rank the candidates by their mean top-1 change against the
-    control, with a 95% interval paired over samples and seeds.
-
-    Writes no model (retrofit the winner with `cadrelu retrofit`). A candidate whose fine-tune
-    diverges or whose model computes NaN/inf is reported as failed, first, and not ranked. Exit
-    code 0 once ranked; 5 when a gate fails (the gates apply to the top-ranked candidate); when
-    nothing could be ranked (every candidate failed, or the control did), the code of the first
-    failure (3 diverged, 4 NaN/inf).
-    """
+    """Which activation helps this model? Rank every candidate against a ReLU control."""
     given = _given(ctx)
 
     def request() -> CompareRequest:
