@@ -264,9 +264,7 @@ def gate_results(gates: Gates, change: float) -> list[GateResult]:
 
 def _open(request: RetrofitRequest, val: ClassificationData | None) -> Subject:
     model_format = detect_format(request.model)
-    sample = None
-    if val is not None:
-        sample = torch.stack([val[i][0] for i in range(min(2, len(val)))])
+    sample = _first_samples(val) if val is not None else None
     return open_subject(request.model, model_format, arch=request.arch,
                         arch_kwargs=request.arch_kwargs, trust_pickle=request.trust_pickle,
                         input_shapes=request.input_shapes, seed=request.seed,
@@ -393,7 +391,15 @@ def open_model(request: RetrofitRequest) -> OpenedModel:
     """Load the data, open the model with its sample inputs, and feed the data as it takes it."""
     val, train = _load_data(request.data, request.seed)
     subject = _open(request, val)
-    return OpenedModel(subject, _fed_to(subject, val), _fed_to(subject, train))
+    fed = OpenedModel(subject, _fed_to(subject, val), _fed_to(subject, train))
+    if fed.val is not None:  # the sample inputs as the data is fed (uint8 pixels scaled, ...)
+        subject.feed_data_sample(_first_samples(fed.val))
+    return fed
+
+
+def _first_samples(data: ClassificationData) -> torch.Tensor:
+    """The inputs of the dataset's first two samples: the sample inputs when there are none."""
+    return torch.stack([data[i][0] for i in range(min(2, len(data)))])
 
 
 @dataclass

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from retrofit.batching import (
-    fixed_batch_note, probe_fixed_batch, reexport_dynamic_batch, static_batch, torch_forward,
+    first_row_repeated, fixed_batch_note, probe_fixed_batch, reexport_dynamic_batch,
+    static_batch, torch_forward,
 )
 from retrofit.census import take_census
 from retrofit.config import ActivationConfig, MRePUConfig
@@ -75,6 +76,10 @@ class Subject(Protocol):
     def sample_tensors(self) -> tuple[torch.Tensor, ...] | None:
         """The sample inputs as torch tensors, in input order (None: there are none)."""
 
+    def feed_data_sample(self, sample: torch.Tensor) -> None:
+        """Make ``sample`` (data as the model takes it) the sample inputs, where they were
+        taken from the data: parity and the NaN/inf check then run on real inputs."""
+
     def rewrite(self, config: ActivationConfig, select: SiteSelector,
                 site_values: SiteValues | None = None) -> RetrofitResult[Any]: ...
     def parity(self, rewritten: Any) -> OutputParity | None: ...
@@ -117,7 +122,17 @@ class TorchSubject:
     loaded: TorchModel
     fixed_batch: int | None = None
     notes: list[str] = field(default_factory=list)
+    inputs_from_data: bool = False
     _reference: list[np.ndarray] | None = field(default=None, repr=False)
+
+    def feed_data_sample(self, sample: torch.Tensor) -> None:
+        """A ``.pt2``'s own example inputs are replaced only by samples of their shape; their
+        batch (a static one) and dtype are kept."""
+        if not self.inputs_from_data:
+            return
+        (current,) = self.loaded.example_inputs
+        self.loaded.example_inputs = (_rows_like(sample, current).to(current.dtype),)
+        self._reference = None
 
     @property
     def takes_token_ids(self) -> bool:
@@ -218,6 +233,14 @@ class OnnxSubject:
     format: ModelFormat = ModelFormat.ONNX
     fixed_batch: int | None = None
     notes: list[str] = field(default_factory=list)
+    inputs_from_data: bool = False
+
+    def feed_data_sample(self, sample: torch.Tensor) -> None:
+        if not self.inputs_from_data:
+            return
+        ((name, current),) = self.inputs.items()
+        rows = _rows_like(sample, torch.from_numpy(current))
+        self.inputs = {name: rows.numpy().astype(current.dtype)}
 
     @property
     def input_names(self) -> list[str]:
@@ -287,6 +310,18 @@ class OnnxSubject:
         save_onnx(model, path, source=self.path)
 
 
+def _rows_like(sample: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """``sample``'s rows in place of ``current``'s: as many (the first ones, repeated when there
+    are too few: a fixed batch), in ``current``'s dtype where both are floating or both not."""
+    rows = current.shape[0]
+    if sample.shape[0] < rows:
+        sample = first_row_repeated(sample, rows - sample.shape[0])
+    sample = sample[:rows]
+    if sample.is_floating_point() == current.is_floating_point():
+        sample = sample.to(current.dtype)
+    return sample
+
+
 def _is_index_dtype(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
@@ -322,7 +357,10 @@ def _open_torch(loaded: TorchModel, input_shapes: tuple[InputShape, ...], seed: 
     fixed = _exported_batch(loaded, static, notes) if static is not None else None
     if input_shapes:
         loaded.example_inputs = _torch_sample_inputs(loaded, input_shapes, seed, static, notes)
-    elif loaded.example_inputs is None and data_sample is not None:
+    carried = loaded.example_inputs  # a .pt2's own: data samples of their shape replace them
+    from_data = not input_shapes and data_sample is not None and (
+        carried is None or (len(carried) == 1 and carried[0].shape[1:] == data_sample.shape[1:]))
+    if from_data and carried is None:
         sample = data_sample
         if embedding_inputs(loaded.module, (sample,)):
             sample = sample.long()  # integer data stays exact; float data is refused by the job
@@ -340,7 +378,7 @@ def _open_torch(loaded: TorchModel, input_shapes: tuple[InputShape, ...], seed: 
             fixed = probe.fixed
             notes.append(fixed_batch_note(str(path), fixed, "at one more it fails or computes "
                                           "other outputs"))
-    return TorchSubject(loaded, fixed, notes)
+    return TorchSubject(loaded, fixed, notes, inputs_from_data=from_data)
 
 
 def _exported_batch(loaded: TorchModel, size: int, notes: list[str]) -> int | None:
@@ -451,7 +489,8 @@ def _open_onnx(path: Path, input_shapes: tuple[InputShape, ...], seed: int, as_f
                              f"{name!r} of {path} is {_dtype_name(declared)}")
     shapes = {name: shape.dims for name, shape in given.items()}
     declared_batch = _declared_batch(model, names)
-    if data_sample is not None and not shapes and len(names) == 1:
+    from_data = data_sample is not None and not shapes and len(names) == 1
+    if from_data:
         shapes[names[0]] = (declared_batch or 1,) + tuple(data_sample.shape[1:])
     try:
         inputs = make_onnx_inputs(model, shapes or None, seed)
@@ -462,7 +501,7 @@ def _open_onnx(path: Path, input_shapes: tuple[InputShape, ...], seed: int, as_f
         notes.append(fixed_batch_note(str(path), declared_batch,
                                       f"its input declares batch {declared_batch}"))
         return OnnxSubject(model, path, inputs, as_functions, fixed_batch=declared_batch,
-                           notes=notes)
+                           notes=notes, inputs_from_data=from_data)
     tensors = tuple(torch.from_numpy(array) for array in inputs.values())
     run = onnx_runner(model)  # one session for the probe's runs
     probe = probe_fixed_batch(
@@ -472,7 +511,8 @@ def _open_onnx(path: Path, input_shapes: tuple[InputShape, ...], seed: int, as_f
         notes.append(fixed_batch_note(
             str(path), probe.fixed, f"its input's batch axis is dynamic, but the graph fails or "
             f"computes other outputs at batch {probe.fixed + 1}"))
-    return OnnxSubject(model, path, inputs, as_functions, fixed_batch=probe.fixed, notes=notes)
+    return OnnxSubject(model, path, inputs, as_functions, fixed_batch=probe.fixed, notes=notes,
+                       inputs_from_data=from_data)
 
 
 def _declared_batch(model: Any, names: list[str]) -> int | None:

@@ -18,6 +18,7 @@ from retrofit.errors import ParityError
 from retrofit.job import DataOptions, RetrofitRequest, retrofit_file
 from retrofit.onnx_io import run_onnx
 from retrofit.torch_rewrite import retrofit_torch_model
+from retrofit.train import FinetuneConfig
 from tests.conftest import SAMPLES
 
 VAL = SAMPLES / "data" / "digits_val.npz"
@@ -181,3 +182,16 @@ def test_a_swap_that_computes_nan_or_inf_is_a_parity_failure_and_writes_nothing(
         retrofit_file(RetrofitRequest(source, MRePUConfig(calibrate=False), output=output,
                                       device="cpu"))
     assert not output.exists() and sorted(tmp_path.iterdir()) == [source]
+
+
+@pytest.mark.slow
+def test_an_onnx_mrepu_fine_tune_is_written_and_checked_on_real_samples(tmp_path):
+    """The fine-tuned MRePU computes inf on random normal inputs, not on digits: the NaN/inf
+    check must run on the data's samples, or a working model would be refused."""
+    source = tmp_path / "cnn.onnx"
+    source.write_bytes((SAMPLES / "models" / "digits_cnn.onnx").read_bytes())
+    report = retrofit_file(RetrofitRequest(
+        source, MRePUConfig(), data=DataOptions(val=VAL, train=SAMPLES / "data" / "digits_train.npz"),
+        device="cpu", finetune=FinetuneConfig(epochs=1)))
+    assert report.failure is None and report.output in report.written
+    assert report.stages[-1].result.top1 > report.stages[1].result.top1

@@ -196,3 +196,23 @@ def test_a_result_without_sample_inputs_says_first_that_it_is_unverified(tmp_pat
     verified = retrofit_file(RetrofitRequest(source, arch="samples.architectures:digits_cnn",
                                              data=DataOptions(val=VAL), device="cpu", force=True))
     assert verified.verified and json.loads(report_to_json(verified))["unverified_reason"] is None
+
+
+@pytest.mark.parametrize("name", ["digits_cnn.pt2", "digits_cnn.onnx"])
+def test_sample_inputs_taken_from_the_data_are_the_data_as_the_model_is_fed_it(name, tmp_path):
+    """uint8 pixels are fed /255: the outputs checked for parity and NaN/inf are those of the
+    real, scaled samples, not of raw 0..255 values (or, for ONNX, random ones)."""
+    import numpy as np
+    import torch
+
+    from retrofit.job import open_model
+
+    data = np.load(VAL)
+    pixels = tmp_path / "pixels.npz"
+    np.savez(pixels, x=(np.clip(data["x"], 0, 1) * 255).astype(np.uint8), y=data["y"])
+    opened = open_model(RetrofitRequest(SAMPLES / "models" / name,
+                                        data=DataOptions(val=pixels), device="cpu"))
+    (sample,) = opened.subject.sample_tensors
+    want = torch.stack([opened.val[i][0] for i in range(sample.shape[0])])
+    assert sample.dtype == torch.float32 and float(sample.max()) <= 1.0
+    torch.testing.assert_close(sample, want, rtol=0, atol=0)
