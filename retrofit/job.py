@@ -17,7 +17,7 @@ import torch
 
 from retrofit.atomic import check_output_path
 from retrofit.options import flag, require_finite
-from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
+from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig, RePUConfig
 from retrofit.batching import exact_batches_note
 from retrofit.data import (
     ClassificationData, as_float_inputs, as_token_ids, check_same_classes, load_dataset,
@@ -193,6 +193,10 @@ class RetrofitReport:
     calibration: Any = None
     """The calibrated swap's per-site fits (:class:`retrofit.calibrate.Calibration`), when the
     activation was calibrated."""
+    overflow_scale: float | None = None
+    """For an activation that grows faster than linearly (MRePU, RePU): the smallest input
+    scale at which the written model's outputs on the sample inputs overflow (None: none of
+    :data:`retrofit.verify.OVERFLOW_SCALES`, or not probed)."""
 
     def __post_init__(self) -> None:
         if self.parity is None and not self.unverified:
@@ -477,10 +481,27 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
                             "different function now; fine-tune it (--finetune) to recover accuracy")
     _compare(report, request.seed)
     if report.failure is None:
+        _probe_overflow(opened.subject, final, request, report)
         report.gates = _gates(report, request.gates)
         if is_main_process():
             _write_outputs(opened.subject, final, request, report, checkpoints)
     return report
+
+
+def _probe_overflow(subject: Subject, model: Any, request: RetrofitRequest,
+                    report: RetrofitReport) -> None:
+    """Warn, first among the notes, when the model about to be written overflows on its sample
+    inputs scaled up a little: finite on data like the samples only."""
+    from retrofit.verify import overflow_scale
+
+    if not isinstance(request.config, (MRePUConfig, RePUConfig)) or report.parity is None:
+        return
+    report.overflow_scale = overflow_scale(lambda scale: subject.scaled_outputs(model, scale))
+    if report.overflow_scale is not None:
+        report.notes.insert(0, (
+            f"{request.config.name} overflows: its outputs are NaN or inf on the sample inputs "
+            f"scaled by {report.overflow_scale:g}; it grows like |x|^{request.config.p + 1:g} "
+            "per site, so feed it inputs at the scale of the data it was calibrated on"))
 
 
 def _calibrated(config: ActivationConfig) -> bool:

@@ -83,6 +83,7 @@ def report_to_dict(report: RetrofitReport) -> dict[str, Any]:
         "gates_passed": report.gates_passed,
         "calibration": (None if report.calibration is None
                         else dataclasses.asdict(report.calibration)),
+        "overflow_scale": report.overflow_scale,
         "finetune": _finetune_summary(report),
         "trained_onnx_parity": _parity(report.trained_parity),
         "onnx_export": str(report.onnx_export) if report.onnx_export in report.written else None,

@@ -83,6 +83,9 @@ class Subject(Protocol):
     def rewrite(self, config: ActivationConfig, select: SiteSelector,
                 site_values: SiteValues | None = None) -> RetrofitResult[Any]: ...
     def parity(self, rewritten: Any) -> OutputParity | None: ...
+    def scaled_outputs(self, model: Any, scale: float) -> list[np.ndarray]:
+        """``model``'s outputs on the sample inputs with every floating input times ``scale``."""
+
     def predictor(self, model: Any, device: str) -> Predictor: ...
     def trainable(self, config: ActivationConfig, select: SiteSelector,
                   site_values: SiteValues | None = None) -> nn.Module: ...
@@ -196,6 +199,11 @@ class TorchSubject:
             return None
         return compare_outputs(self.reference_outputs(), torch_outputs(rewritten, self.inputs))
 
+    def scaled_outputs(self, model: nn.Module, scale: float) -> list[np.ndarray]:
+        assert self.inputs is not None
+        return torch_outputs(model, tuple(t * scale if t.is_floating_point() else t
+                                          for t in self.inputs))
+
     def predictor(self, model: nn.Module, device: str) -> Predictor:
         return torch_predictor(model, device=device, fixed_batch=self.fixed_batch)
 
@@ -267,6 +275,13 @@ class OnnxSubject:
 
         check_onnx_model(rewritten)
         return compare_outputs(run_onnx(self.original, self.inputs), run_onnx(rewritten, self.inputs))
+
+    def scaled_outputs(self, model: Any, scale: float) -> list[np.ndarray]:
+        from retrofit.onnx_io import run_onnx
+
+        return run_onnx(model, {name: (value * scale).astype(value.dtype)
+                                if np.issubdtype(value.dtype, np.floating) else value
+                                for name, value in self.inputs.items()})
 
     def predictor(self, model: Any, device: str) -> Predictor:
         return onnx_predictor(model, fixed_batch=self.fixed_batch)

@@ -11,7 +11,7 @@ import copy
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,22 @@ def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
         if finite.any():
             scale = max(scale, float(np.max(np.abs(ref64[finite]))))
     return OutputParity(diff, scale, nonfinite, broken)
+
+
+OVERFLOW_SCALES = (1.25, 1.5, 2.0, 4.0)
+"""Input scales at which a model that grows faster than linearly (MRePU) is probed for NaN/inf."""
+
+
+def overflow_scale(outputs_at: Callable[[float], Sequence[np.ndarray]]) -> float | None:
+    """The smallest of :data:`OVERFLOW_SCALES` at which ``outputs_at(scale)`` (the outputs on
+    the sample inputs times ``scale``) hold NaN or inf; None when they are finite at every one.
+    A ReLU network is positively homogeneous and does not care; MRePU grows like |x|^3 per site,
+    so a deep stack can be finite on its data and overflow on inputs a little larger."""
+    for scale in OVERFLOW_SCALES:
+        if not all(np.isfinite(np.asarray(output, np.float64)).all()
+                   for output in outputs_at(scale)):
+            return scale
+    return None
 
 
 def flatten_outputs(output: object) -> list[np.ndarray]:

@@ -137,6 +137,8 @@ def test_the_calibrated_cnn_swap_keeps_most_of_its_accuracy_and_is_written_with_
     before, swapped = (stage.result.top1 for stage in report.stages)
     assert swapped >= 75.0, swapped  # the plain swap: ~10% (chance)
     assert "validation" in report.calibration.source
+    # finite on digits scaled by 2, not by 4: said first, since it is where the model breaks
+    assert report.overflow_scale == 4.0 and report.notes[0].startswith("mrepu overflows")
     loaded = torch.export.load(str(report.output)).module()
     gains = {name: value.item() for name, value in loaded.state_dict().items()
              if name.endswith(("gain_in", "gain_out"))}
@@ -195,3 +197,22 @@ def test_an_onnx_mrepu_fine_tune_is_written_and_checked_on_real_samples(tmp_path
         device="cpu", finetune=FinetuneConfig(epochs=1)))
     assert report.failure is None and report.output in report.written
     assert report.stages[-1].result.top1 > report.stages[1].result.top1
+
+
+def test_the_overflow_probe_names_the_smallest_scale_at_which_outputs_turn_nan_or_inf():
+    from retrofit.verify import OVERFLOW_SCALES, overflow_scale
+
+    def outputs_at(limit):
+        return lambda scale: [np.array([1.0, np.inf if scale >= limit else 2.0])]
+
+    assert overflow_scale(outputs_at(1.5)) == 1.5
+    assert overflow_scale(outputs_at(1.0)) == OVERFLOW_SCALES[0]
+    assert overflow_scale(outputs_at(100.0)) is None
+
+
+def test_relu_like_retrofits_are_not_probed_for_overflow(tmp_path):
+    from retrofit.config import CompetitiveReLUConfig
+
+    source = exploding_mlp(tmp_path / "mlp.pt2")  # ReLU is homogeneous: scale changes nothing
+    report = retrofit_file(RetrofitRequest(source, CompetitiveReLUConfig(), device="cpu"))
+    assert report.overflow_scale is None and report.written

@@ -21,7 +21,7 @@ DOCUMENTED_KEYS = {
     "version", "model", "format", "activation", "config", "output", "sites", "replaced", "kept",
     "parity", "dataset", "accuracy", "deltas", "gates", "gates_passed", "finetune",
     "trained_onnx_parity", "onnx_export", "onnx_export_parity", "notes", "written", "failure",
-    "resumed", "calibration",
+    "resumed", "calibration", "overflow_scale",
 }
 
 
