@@ -216,3 +216,16 @@ def test_relu_like_retrofits_are_not_probed_for_overflow(tmp_path):
     source = exploding_mlp(tmp_path / "mlp.pt2")  # ReLU is homogeneous: scale changes nothing
     report = retrofit_file(RetrofitRequest(source, CompetitiveReLUConfig(), device="cpu"))
     assert report.overflow_scale is None and report.written
+
+
+def test_the_cli_refuses_a_swap_that_computes_nan_or_inf_with_exit_4_and_one_line(tmp_path):
+    from retrofit.errors import ExitCode
+    from tests.conftest import one_line, run_cli
+
+    source = exploding_mlp(tmp_path / "mlp.pt2")
+    output = tmp_path / "out.pt2"
+    result = run_cli("retrofit", source, "--to", "mrepu", "--no-calibrate", "-o", output)
+    assert result.exit_code == ExitCode.PARITY
+    assert "NaN or inf" in one_line(result) and not output.exists()
+    calibrated = run_cli("retrofit", source, "--to", "mrepu", "-o", output)
+    assert calibrated.exit_code == 0 and output.exists()  # the gains keep it finite
