@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from retrofit.activations import MRePU, mrepu
+from retrofit.data import MODEL_CALL_ERRORS, model_input_error
 
 ELEMENTS_PER_SITE = 1 << 16
 """How many input elements of each site the fit uses, spread over the calibration batches."""
@@ -206,7 +207,7 @@ def _take_targets(model: nn.Module, sites: Mapping[str, MRePU], batch: tuple[Ten
 
     handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in sites.items()]
     try:
-        model(*batch)
+        _forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -226,11 +227,20 @@ def _take_inputs(model: nn.Module, name: str, module: MRePU, batch: tuple[Tensor
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        model(*batch)
+        _forward(model, batch)
     except _Reached:
         pass
     finally:
         handle.remove()
+
+
+def _forward(model: nn.Module, batch: tuple[Tensor, ...]) -> None:
+    """One calibration pass. Data the model cannot take (a token id beyond its table, a shape
+    it refuses) is bad input, as when the data is scored."""
+    try:
+        model(*batch)
+    except MODEL_CALL_ERRORS as error:
+        raise model_input_error(error, batch[0].shape[1:]) from error
 
 
 def _fit_site(name: str, module: MRePU, x: Tensor, target: Tensor) -> SiteFit:

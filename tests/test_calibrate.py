@@ -229,3 +229,24 @@ def test_the_cli_refuses_a_swap_that_computes_nan_or_inf_with_exit_4_and_one_lin
     assert "NaN or inf" in one_line(result) and not output.exists()
     calibrated = run_cli("retrofit", source, "--to", "mrepu", "-o", output)
     assert calibrated.exit_code == 0 and output.exists()  # the gains keep it finite
+
+
+def test_data_the_model_cannot_take_is_bad_input_when_calibrating_too(tmp_path):
+    """A token id beyond the embedding table fails in the calibration passes, which run before
+    the data is scored: the same one line and exit code 3 as scoring gives, not a bug's 1."""
+    from retrofit.errors import ExitCode
+    from tests.conftest import one_line, run_cli
+    from tests.test_int_inputs import LENGTH, VOCAB, _model
+
+    source = tmp_path / "tokens.pt2"
+    torch.export.save(torch.export.export(_model(), (torch.randint(0, VOCAB, (2, LENGTH)),)),
+                      str(source))
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(10, LENGTH))
+    ids[5, 0] = VOCAB + 100
+    data = tmp_path / "ids.npz"
+    np.savez(data, x=ids, y=np.zeros(10, dtype=np.int64))
+    output = tmp_path / "out.pt2"
+    result = run_cli("retrofit", source, "--to", "mrepu", "--data", data, "--device", "cpu",
+                     "-o", output)
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
+    assert "do not fit the model" in one_line(result) and not output.exists()
