@@ -14,6 +14,7 @@ random subset of each site's input elements, in float64.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from retrofit.activations import MRePU, mrepu
 from retrofit.data import MODEL_CALL_ERRORS, model_input_error
+from retrofit.sites import RetrofitResult
 
 ELEMENTS_PER_SITE = 1 << 16
 """How many input elements of each site the fit uses, spread over the calibration batches."""
@@ -62,8 +64,8 @@ class Calibration:
         """One line for the report."""
         if not self.fits:
             return f"MRePU gains not fitted: the {self.source} reached no MRePU site"
-        before = _median([fit.error_before for fit in self.fits])
-        after = _median([fit.error_after for fit in self.fits])
+        before = statistics.median(fit.error_before for fit in self.fits)
+        after = statistics.median(fit.error_after for fit in self.fits)
         text = (f"MRePU gains fitted to the replaced ReLUs on {self.samples} sample(s) of the "
                 f"{self.source}, {len(self.fits)} site(s) in graph order: median site error "
                 f"{before:.3g} -> {after:.3g} (relative RMS against ReLU's output)")
@@ -73,12 +75,6 @@ class Calibration:
             text += (f"; {len(self.unreached)} site(s) never ran and keep gains 1: "
                      f"{', '.join(self.unreached)}")
         return text
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
 
 
 def fit_gains(x: Tensor, target: Tensor, shape: Shape) -> tuple[float, float, float]:
@@ -142,6 +138,13 @@ class _Samples:
     index: dict[tuple[str, int], Tensor]
     inputs: dict[str, list[Tensor]]
     targets: dict[str, list[Tensor]]
+
+
+def site_modules(rewritten: RetrofitResult[nn.Module]) -> dict[str, MRePU]:
+    """Each replaced site's MRePU module in a rewritten torch model, by site name: what
+    :func:`calibrate_gains` fits."""
+    return {site.name: rewritten.model.get_submodule(site.parameters[0].rpartition(".")[0])
+            for site in rewritten.sites if site.replaced and site.parameters}
 
 
 def calibrate_gains(model: nn.Module, sites: Mapping[str, MRePU],

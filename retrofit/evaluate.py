@@ -76,8 +76,7 @@ class TorchPredictor:
         except NotImplementedError:
             pass  # torch.export modules refuse .eval(); they were exported in the mode they run in
         self.module = module.to(self.device)
-        floating = [p for p in module.parameters() if p.is_floating_point()]
-        self.input_dtype = floating[0].dtype if floating else None
+        self.input_dtype = input_dtype(module)
         self.name = f"torch on {self.device}" + (
             f" ({str(autocast_dtype).replace('torch.', '')} autocast)" if autocast_dtype else ""
         )
@@ -98,6 +97,12 @@ class TorchPredictor:
                     return logits_of(self.module(x)).float().cpu()
                 return run_in_batches(lambda chunk: logits_of(self.module(chunk)), x,
                                       self.fixed_batch).float().cpu()
+
+
+def input_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype floating inputs are cast to for ``module``: its first floating parameter's (a
+    float64 or half model takes its own type), None when it has none (inputs go as they are)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
 def torch_predictor(

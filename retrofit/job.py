@@ -516,7 +516,8 @@ site sees thousands of elements per sample."""
 def _calibrate(opened: OpenedModel, request: RetrofitRequest) -> Any:
     """Fit the MRePU gains (a :class:`~retrofit.calibrate.Calibration`) in the torch form of
     the model, on the device the job runs on; None when there are no inputs to fit on."""
-    from retrofit.calibrate import calibrate_gains
+    from retrofit.calibrate import calibrate_gains, site_modules
+    from retrofit.evaluate import input_dtype
     from retrofit.torch_rewrite import retrofit_torch_model
 
     batches, source = _calibration_batches(opened, request)
@@ -525,15 +526,11 @@ def _calibrate(opened: OpenedModel, request: RetrofitRequest) -> Any:
     rewritten = retrofit_torch_model(opened.subject.trainable_original(), request.config,
                                      request.select)
     model = rewritten.model
-    sites = {site.name: model.get_submodule(site.parameters[0].rpartition(".")[0])
-             for site in rewritten.sites if site.replaced and site.parameters}
-    device = resolve_device(request.device)
-    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    cast = floating[0] if floating else None
+    device, cast = resolve_device(request.device), input_dtype(model)
     fed = [tuple(t.to(device, cast if cast is not None and t.is_floating_point() else t.dtype)
                  for t in batch) for batch in batches]
     model.to(device)
-    return calibrate_gains(model, sites, fed, source, seed=request.seed)
+    return calibrate_gains(model, site_modules(rewritten), fed, source, seed=request.seed)
 
 
 def _calibration_batches(opened: OpenedModel, request: RetrofitRequest

@@ -85,6 +85,7 @@ from retrofit.errors import (
 from retrofit.evaluate import (  # shared so that training and evaluation read batches alike
     check_batch_labels,
     evaluate,
+    input_dtype,
     loader_batches,
     logits_of,
     torch_predictor,
@@ -461,8 +462,7 @@ class _Finetuning:
         self.amp_dtype = (torch.bfloat16 if config.amp == "bf16" or (
             config.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
             else None)
-        floating = [p for p in self.model.parameters() if p.is_floating_point()]
-        self.input_dtype = floating[0].dtype if floating else None
+        self.input_dtype = input_dtype(self.model)
         groups = parameter_groups(self.model, config)
         if not groups:
             raise UsageError("the model has no trainable parameters to fine-tune")

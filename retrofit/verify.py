@@ -106,8 +106,7 @@ def overflow_scale(outputs_at: Callable[[float], Sequence[np.ndarray]]) -> float
     A ReLU network is positively homogeneous and does not care; MRePU grows like |x|^3 per site,
     so a deep stack can be finite on its data and overflow on inputs a little larger."""
     for scale in OVERFLOW_SCALES:
-        if not all(np.isfinite(np.asarray(output, np.float64)).all()
-                   for output in outputs_at(scale)):
+        if not all(np.isfinite(output).all() for output in outputs_at(scale)):
             return scale
     return None
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from retrofit.activations import MRePU, mrepu
-from retrofit.calibrate import calibrate_gains, fit_gains
+from retrofit.calibrate import calibrate_gains, fit_gains, site_modules
 from retrofit.config import MRePUConfig
 from retrofit.errors import ParityError
 from retrofit.job import DataOptions, RetrofitRequest, retrofit_file
@@ -55,18 +55,13 @@ def scaled_mlp(scale: float, depth: int = 4) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(16, 3)).eval()
 
 
-def mrepu_sites(model: nn.Module, rewritten_sites) -> dict[str, MRePU]:
-    return {site.name: model.get_submodule(site.parameters[0].rpartition(".")[0])
-            for site in rewritten_sites if site.replaced}
-
-
 def test_calibration_lowers_every_site_error_and_brings_the_outputs_back():
     original = scaled_mlp(3.0)
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(2))
     result = retrofit_torch_model(original, MRePUConfig())
     with torch.no_grad():
         plain_gap = (result.model(x) - original(x)).norm() / original(x).norm()
-    calibration = calibrate_gains(result.model, mrepu_sites(result.model, result.sites),
+    calibration = calibrate_gains(result.model, site_modules(result),
                                   [(x[:128],), (x[128:],)], "test")
     assert [fit.site for fit in calibration.fits] == [s.name for s in result.sites]
     for fit in calibration.fits:
@@ -94,7 +89,7 @@ class CalledOutOfOrder(nn.Module):
 
 def test_sites_are_fitted_in_the_order_the_forward_pass_reaches_them():
     result = retrofit_torch_model(CalledOutOfOrder().eval(), MRePUConfig())
-    sites = {**mrepu_sites(result.model, result.sites), "unused": MRePU()}
+    sites = {**site_modules(result), "unused": MRePU()}
     for module in sites.values():
         module.blend = 0.3
     result.model.train()
@@ -111,7 +106,7 @@ def test_each_site_is_fitted_against_the_original_relu_output_not_its_own_drifte
     original = scaled_mlp(2.0, depth=2)
     x = torch.randn(512, 16, generator=torch.Generator().manual_seed(3))
     result = retrofit_torch_model(original, MRePUConfig())
-    sites = mrepu_sites(result.model, result.sites)
+    sites = site_modules(result)
     calibrate_gains(result.model, sites, [(x,)], "test")  # 8192 elements a site: all of them
     second = sites["3"]
     with torch.no_grad():
