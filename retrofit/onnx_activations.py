@@ -12,7 +12,7 @@ measure, ``eps / m`` for L1), which is the paper's ``p`` exactly while ``z^2`` c
 The output is ``Max(s * z, 0)`` with ``s = K * tanh(alpha * p + beta)``: no ``Relu`` node is
 emitted, so a rewritten model has no ReLU site left. MRePU is ``b * MRePU(a * x)`` with the
 site's input gain ``a`` (``gain_in``) and output gain ``b`` (``gain_out``), blended with ReLU by
-``blend`` (lam): ``(1 - lam) * max(x, 0) + (lam * b) * MRePU(a * x)``. As in the torch
+``blend`` (lam): ``(1 - lam) * max(x, 0) + lam * (b * MRePU(a * x))``. As in the torch
 modules, float16 and bfloat16 tensors are computed in float32 and cast back (MRePU overflows
 float16 early; the sums of CompetitiveReLU do too), and a result beyond the output type's range
 saturates at its largest finite value instead of becoming inf.
