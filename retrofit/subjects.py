@@ -134,7 +134,7 @@ class TorchSubject:
         if not self.inputs_from_data:
             return
         (current,) = self.loaded.example_inputs
-        self.loaded.example_inputs = (_rows_like(sample, current).to(current.dtype),)
+        self.loaded.example_inputs = (_rows_like(sample, current),)
         self._reference = None
 
     @property
