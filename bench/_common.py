@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig  # noqa: E402
-from retrofit.torch_rewrite import retrofit_torch_model  # noqa: E402
+from retrofit.torch_path.rewrite import retrofit_torch_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 ACTIVATIONS = {"carelu": CompetitiveReLUConfig(), "mrepu": MRePUConfig()}

@@ -87,7 +87,7 @@ def onnx_sessions(models: dict[str, torch.nn.Module], example: torch.Tensor, thr
     """Export each variant with the project's exporter (dynamic batch) and open a session."""
     import onnxruntime as ort
 
-    from retrofit.onnx_export import export_onnx
+    from retrofit.torch_path.export import export_onnx
 
     sessions = {}
     for name, model in models.items():

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results  # noqa: E402
 
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig  # noqa: E402
-from retrofit.onnx_io import check_onnx_model  # noqa: E402
-from retrofit.onnx_rewrite import rewrite_onnx_relus  # noqa: E402
-from retrofit.torch_rewrite import retrofit_torch_model  # noqa: E402
+from retrofit.onnx_path.io import check_onnx_model  # noqa: E402
+from retrofit.onnx_path.rewrite import rewrite_onnx_relus  # noqa: E402
+from retrofit.torch_path.rewrite import retrofit_torch_model  # noqa: E402
 
 
 class FunctionalBlock(nn.Module):

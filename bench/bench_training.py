@@ -44,7 +44,7 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-import retrofit.activations as activations  # noqa: E402
+import retrofit.activations.modules as activations  # noqa: E402
 
 
 @contextlib.contextmanager

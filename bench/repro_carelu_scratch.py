@@ -32,11 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.repro_common import RESULTS, ROOT, Timer, set_threads, write_results  # noqa: E402
-from retrofit.activations import CompetitiveReLU  # noqa: E402
+from retrofit.activations.modules import CompetitiveReLU  # noqa: E402
 from retrofit.config import CompetitiveReLUConfig  # noqa: E402
-from retrofit.data import load_dataset  # noqa: E402
-from retrofit.torch_rewrite import retrofit_torch_model  # noqa: E402
-from retrofit.train import FinetuneConfig, TrainingDiverged, finetune  # noqa: E402
+from retrofit.evaluation.data import load_dataset  # noqa: E402
+from retrofit.torch_path.rewrite import retrofit_torch_model  # noqa: E402
+from retrofit.training.loop import FinetuneConfig, TrainingDiverged, finetune  # noqa: E402
 from samples.architectures import DigitsCNN  # noqa: E402
 
 
@@ -186,7 +186,7 @@ def main() -> None:
         "model": "samples.architectures.DigitsCNN, fresh init (torch.manual_seed(seed))",
         "carelu_construction": "retrofit_torch_model(fresh ReLU model, CompetitiveReLUConfig(measure)) "
                                "- identity init alpha=0, beta=atanh(1/2), K=2, reduce=auto",
-        "training": "retrofit.train.finetune: AdamW, warm-up 10% then cosine, grad clip 1.0, "
+        "training": "retrofit.training.loop.finetune: AdamW, warm-up 10% then cosine, grad clip 1.0, "
                     "BatchNorm in training mode",
         "train_samples": len(train), "val_samples": len(val)})
     write_results("carelu_scratch", title="CAReLU vs ReLU, DigitsCNN trained from scratch",

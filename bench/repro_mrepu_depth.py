@@ -6,9 +6,9 @@ The claim: deep RePU networks fail (their kernel recursion has no critical point
 explode or vanish with depth whatever the initialisation), while MRePU, initialised at its
 critical point, trains deep like ReLU; the paper backs its initialisation with a phase diagram
 over (C_W, C_b). Here the same diagram is measured. For ReLU, RePU and MRePU (the library's
-``retrofit.activations.repu``/``mrepu``, p = 2, c = 1), every cell (C_W, C_b, depth) is a
+``retrofit.activations.modules.repu``/``mrepu``, p = 2, c = 1), every cell (C_W, C_b, depth) is a
 fully connected net of ``depth`` hidden layers (Linear -> activation) plus a linear head, with
-*every* Linear drawn by ``retrofit.initialisation.initialise_weights``: weights
+*every* Linear drawn by ``retrofit.training.initialisation.initialise_weights``: weights
 N(0, C_W / fan_in), biases N(0, C_b). Each cell trains with the same budget (Adam, constant lr)
 on a generated polynomial of 4 inputs plus noise, fixed train/test split. Per cell:
 
@@ -61,8 +61,8 @@ from bench.repro_common import (  # noqa: E402
     set_threads,
     write_results,
 )
-from retrofit.activations import mrepu, repu  # noqa: E402
-from retrofit.initialisation import (  # noqa: E402
+from retrofit.activations.modules import mrepu, repu  # noqa: E402
+from retrofit.training.initialisation import (  # noqa: E402
     SCRATCH_INIT,
     initialise_from_scratch,
     initialise_weights,
@@ -394,7 +394,7 @@ def main() -> None:
                      "trained_threshold_relative_mse": TRAINED,
                      "no_fit_threshold_relative_mse": NO_FIT})
     extra = "\n".join([
-        "Shipped initialisation (`retrofit.initialisation.initialise_from_scratch`), seeds "
+        "Shipped initialisation (`retrofit.training.initialisation.initialise_from_scratch`), seeds "
         f"{args.shipped_seeds}; K_last/K_first per seed:", "", shipped_table, "",
         f"![phase diagram]({png.name})"])
     write_results(result_name, title="MRePU vs RePU vs ReLU: phase diagram of deep MLPs over "

@@ -3,7 +3,7 @@ equal fine-tuning budgets, against a ReLU control fine-tuned with the same budge
 
     python bench/repro_retrofit_budget.py [--models cnn mlp] [--budgets 1 3 10] [--seeds 0]
 
-Every row is one call of the product's own job, ``retrofit.job.retrofit_file`` with a
+Every row is one call of the product's own job, ``retrofit.pipeline.job.retrofit_file`` with a
 ``RetrofitRequest`` (``control=True``), i.e. what ``cadrelu retrofit MODEL --data val --finetune
 train --epochs N --control`` computes: accuracy before, after the swap, after fine-tuning, the
 control, and the paired bootstrap 95% CI of (fine-tuned - control). Fine-tuning settings are the
@@ -42,8 +42,8 @@ from bench.repro_common import (  # noqa: E402
 )
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig  # noqa: E402
 from retrofit.errors import ParityError  # noqa: E402
-from retrofit.job import DataOptions, RetrofitRequest, retrofit_file  # noqa: E402
-from retrofit.train import FinetuneConfig, TrainingDiverged  # noqa: E402
+from retrofit.pipeline.job import DataOptions, RetrofitRequest, retrofit_file  # noqa: E402
+from retrofit.training.loop import FinetuneConfig, TrainingDiverged  # noqa: E402
 
 MODELS = {"cnn": "samples/models/digits_cnn.pt2", "mlp": "samples/models/digits_mlp.pt2"}
 VARIANTS = {

@@ -1,5 +1,5 @@
-"""``python -m cli``: the same as the ``cadrelu`` console script."""
+"""``python -m cadrelu``: the same as the ``cadrelu`` console script."""
 
-from cli.entry import main
+from cadrelu.entry import main
 
 main()

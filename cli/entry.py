@@ -45,7 +45,7 @@ def main() -> None:
     """Run the command line; Ctrl-C or SIGTERM at any moment gives one line and exit code 130."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _stop_at_once)
-    from cli.main import run
+    from cadrelu.main import run
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminated)

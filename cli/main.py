@@ -4,7 +4,7 @@ Every :class:`~retrofit.errors.RetrofitError` becomes one line on stderr and its
 exit code; anything unexpected becomes one "internal error" line and exit code 1 (set
 ``CADRELU_DEBUG=1`` to see the traceback). Click's own usage errors (an unknown option, a bad
 choice) are one line and exit code 2 too (:class:`_OneLineErrors`). The console script starts
-in :mod:`cli.entry`, which catches Ctrl-C and SIGTERM before this module's imports run.
+in :mod:`cadrelu.entry`, which catches Ctrl-C and SIGTERM before this module's imports run.
 """
 
 from __future__ import annotations
@@ -21,24 +21,24 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from cli.entry import interrupted_line
+from cadrelu.entry import interrupted_line
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
-from retrofit.distributed import is_main_process
+from retrofit.training.distributed import is_main_process
 from retrofit.errors import ExitCode, RetrofitError, UsageError
 from retrofit.inputs import InputShape
-from retrofit.model_io import parse_arch_kwargs
-from retrofit.options import ACTIVATION_OPTIONS, activation_config, check_options_apply
-from retrofit.job import (
+from retrofit.torch_path.io import parse_arch_kwargs
+from retrofit.pipeline.options import ACTIVATION_OPTIONS, activation_config, check_options_apply
+from retrofit.pipeline.job import (
     DataOptions, Gates, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
 )
-from retrofit.compare import COMPARED, MEASURES, CompareRequest, candidates, compare_file
-from retrofit.compare_report import compare_to_json, compare_to_markdown, print_compare
-from retrofit.launch import launch, prints_errors, record_failure, worker_argv
-from retrofit.report import (
+from retrofit.pipeline.compare import COMPARED, MEASURES, CompareRequest, candidates, compare_file
+from retrofit.pipeline.compare_report import compare_to_json, compare_to_markdown, print_compare
+from retrofit.training.launch import launch, prints_errors, record_failure, worker_argv
+from retrofit.pipeline.report import (
     append_step_summary, classes_line, print_report, report_to_json, report_to_markdown,
 )
 from retrofit.sites import SiteSelector
-from retrofit.train import FinetuneConfig
+from retrofit.training.loop import FinetuneConfig
 from retrofit.atomic import write_text_atomic
 
 try:  # Typer 0.2x vendors Click, and raises its own copy's exceptions
@@ -157,7 +157,7 @@ def _run(job: Callable[[], T]) -> T:
 
 def _fail(code: int, message: object, prefix: str = "error: ") -> NoReturn:
     """Leave with ``code`` after one line: printed by rank 0 only, and recorded for a launcher
-    to print instead (:mod:`retrofit.launch`), so N processes still say it once."""
+    to print instead (:mod:`retrofit.training.launch`), so N processes still say it once."""
     line = _error(message, prefix)
     record_failure(line, code)
     raise typer.Exit(int(code)) from None

@@ -59,7 +59,7 @@ class MRePUConfig:
     """MRePU: ``x * max(0, x + c)^p``, per site ``(1-lam)*ReLU(x) + lam*b*MRePU(a*x)``.
 
     ``calibrate``: fit each site's gains a, b to the ReLU it replaces before any fine-tuning
-    (the calibrated swap, :mod:`retrofit.calibrate`); without it a = b = 1, the paper's MRePU.
+    (the calibrated swap, :mod:`retrofit.pipeline.calibrate`); without it a = b = 1, the paper's MRePU.
     A retrofit without fine-tuning uses lam=1 (the real MRePU). Fine-tuning with
     ``ramp_fraction > 0`` starts at lam=0 (the pretrained function) and ramps lam to 1 over that
     fraction of the training steps; the default 0 fine-tunes the calibrated MRePU from the first

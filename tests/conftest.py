@@ -53,7 +53,7 @@ def run_cli(*args: object):
     """``cadrelu ARGS`` run in-process (paths may be given as Path objects)."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cadrelu.main import app
 
     return CliRunner().invoke(app, [str(arg) for arg in args])
 

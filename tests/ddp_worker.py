@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrofit.activations import CompetitiveReLU
-from retrofit.data import TensorClassificationData
+from retrofit.activations.modules import CompetitiveReLU
+from retrofit.evaluation.data import TensorClassificationData
 
 BATCH_PER_PROCESS = 8
 TRAIN_SIZE = 97
@@ -50,18 +50,18 @@ def tiny_problem() -> tuple[nn.Module, TensorClassificationData, TensorClassific
 
 
 def main(out: Path) -> None:
-    import retrofit.checkpoint
-    from retrofit.train import FinetuneConfig, finetune
+    import retrofit.training.checkpoint
+    from retrofit.training.loop import FinetuneConfig, finetune
 
     rank = int(os.environ["RANK"])
-    original = retrofit.checkpoint.write_bytes_atomic
+    original = retrofit.training.checkpoint.write_bytes_atomic
 
     def logged(path: Any, data: bytes) -> None:
         with open(out / f"writes-rank{rank}.txt", "a", encoding="utf-8") as log:
             log.write(f"{path}\n")
         original(path, data)
 
-    retrofit.checkpoint.write_bytes_atomic = logged  # type: ignore[assignment]
+    retrofit.training.checkpoint.write_bytes_atomic = logged  # type: ignore[assignment]
     model, train, val = tiny_problem()
     config = FinetuneConfig(
         batch_size=BATCH_PER_PROCESS, checkpoint=out / "checkpoint.pt", **CONFIG

@@ -1,4 +1,4 @@
-"""Tests for retrofit/activations.py: the math against an independent float64 reference,
+"""Tests for retrofit/activations/modules.py: the math against an independent float64 reference,
 gradients, the identity retrofit, numerical safety, the registry and graph export."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrofit.activations import (  # noqa: I001
+from retrofit.activations.modules import (  # noqa: I001
     _competitive_relu,
     _mrepu,
     ACTIVATION_MODULES,
@@ -633,7 +633,7 @@ def test_fast_path_reads_a_non_contiguous_input_and_leaves_it_untouched():
 def test_compiled_spelling_sums_in_float64_and_matches_the_formula(monkeypatch):
     # Under torch.compile the competition is summed in float64 (one fused reduction pass, no
     # max-abs scale): the same formula, finite for any float32 input.
-    import retrofit.activations as activations
+    import retrofit.activations.modules as activations
 
     z = torch.tensor([[1e30, -2e30, 5e29, -1e29], [3e38, -3e38, 1e38, 2.0], [0.0, 0.0, 0.0, 0.0]])
     for measure in ("energy", "l1"):

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from retrofit.activations import MRePU, mrepu
-from retrofit.calibrate import calibrate_gains, fit_gains, site_modules
+from retrofit.activations.modules import MRePU, mrepu
+from retrofit.pipeline.calibrate import calibrate_gains, fit_gains, site_modules
 from retrofit.config import MRePUConfig
 from retrofit.errors import ParityError
-from retrofit.job import DataOptions, RetrofitRequest, retrofit_file
-from retrofit.onnx_io import run_onnx
-from retrofit.torch_rewrite import retrofit_torch_model
-from retrofit.train import FinetuneConfig
+from retrofit.pipeline.job import DataOptions, RetrofitRequest, retrofit_file
+from retrofit.onnx_path.io import run_onnx
+from retrofit.torch_path.rewrite import retrofit_torch_model
+from retrofit.training.loop import FinetuneConfig
 from tests.conftest import SAMPLES
 
 VAL = SAMPLES / "data" / "digits_val.npz"

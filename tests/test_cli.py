@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from retrofit.errors import ExitCode
-from retrofit.model_io import load_torch_model
+from retrofit.torch_path.io import load_torch_model
 from retrofit.verify import torch_parity
 from tests import models
 from tests.conftest import REPO, SAMPLES, no_partial_files, run_cli as _cli, sha256
@@ -96,7 +96,7 @@ def test_pickle_without_trust_is_refused_and_not_run(malicious_pickle):
 def test_errors_are_one_line_without_traceback_from_the_real_command(tmp_path):
     bad = tmp_path / "broken.pt2"
     bad.write_bytes(b"definitely not a model")
-    completed = subprocess.run([sys.executable, "-m", "cli", "retrofit", str(bad)],
+    completed = subprocess.run([sys.executable, "-m", "cadrelu", "retrofit", str(bad)],
                                capture_output=True, text=True, cwd=REPO)
     assert completed.returncode == ExitCode.BAD_INPUT
     assert completed.stderr.strip().count("\n") == 0 and "Traceback" not in completed.stderr

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-import retrofit.compare
-import retrofit.train
-from retrofit.compare import CompareRequest, candidates, compare_file
-from retrofit.compare_report import COLUMNS, compare_to_dict, compare_to_markdown, print_compare
+import retrofit.pipeline.compare
+import retrofit.training.loop
+from retrofit.pipeline.compare import CompareRequest, candidates, compare_file
+from retrofit.pipeline.compare_report import COLUMNS, compare_to_dict, compare_to_markdown, print_compare
 from retrofit.errors import ExitCode, UsageError
-from retrofit.job import DataOptions, RetrofitRequest
-from retrofit.metrics import paired_delta_ci
-from retrofit.train import FinetuneConfig, TrainingDiverged
+from retrofit.pipeline.job import DataOptions, RetrofitRequest
+from retrofit.evaluation.metrics import paired_delta_ci
+from retrofit.training.loop import FinetuneConfig, TrainingDiverged
 from tests.conftest import REPO, SAMPLES, one_line, run_cli
 
 MODEL = SAMPLES / "models" / "digits_mlp.pt2"
@@ -134,14 +134,14 @@ def test_one_seed_gives_the_paired_interval_over_samples(tmp_path, data):
 
 def diverging(monkeypatch, failing: set[str]) -> None:
     """Candidates named in ``failing`` diverge (as a NaN loss would make them)."""
-    real = retrofit.compare.finetune_swapped
+    real = retrofit.pipeline.compare.finetune_swapped
 
     def finetune_swapped(opened, request, swapped, config):
         if Path(config.checkpoint).name.rsplit("-seed", 1)[0] in failing:
             raise TrainingDiverged("the training loss became nan at epoch 1, step 1", None)
         return real(opened, request, swapped, config)
 
-    monkeypatch.setattr(retrofit.compare, "finetune_swapped", finetune_swapped)
+    monkeypatch.setattr(retrofit.pipeline.compare, "finetune_swapped", finetune_swapped)
 
 
 def test_a_failing_arm_is_said_first_is_not_ranked_and_the_others_go_on(tmp_path, data,
@@ -196,7 +196,7 @@ def test_resume_reads_back_finished_runs_and_continues_the_interrupted_one(tmp_p
     arms = candidates(["carelu"], ["energy", "l1"])
     straight = compare_file(request(tmp_path, data, candidates=arms, epochs=2,
                                     out_dir=tmp_path / "straight"))
-    real = retrofit.train.finetune
+    real = retrofit.training.loop.finetune
     calls: list[str] = []
 
     def finetune(model, train, val, config, **kwargs):
@@ -208,9 +208,9 @@ def test_resume_reads_back_finished_runs_and_continues_the_interrupted_one(tmp_p
             kwargs["on_epoch"] = stop  # Ctrl-C at the end of epoch 1 of 2
         return real(model, train, val, config, **kwargs)
 
-    monkeypatch.setattr(retrofit.train, "finetune", finetune)
+    monkeypatch.setattr(retrofit.training.loop, "finetune", finetune)
     interrupted = request(tmp_path, data, candidates=arms, epochs=2)
-    with pytest.raises(retrofit.train.TrainingInterrupted) as caught:
+    with pytest.raises(retrofit.training.loop.TrainingInterrupted) as caught:
         compare_file(interrupted)
     folder = tmp_path / "out"
     assert caught.value.checkpoint == folder / "carelu-l1-seed0.ckpt"
@@ -238,7 +238,7 @@ def test_resume_reads_back_finished_runs_and_continues_the_interrupted_one(tmp_p
 
 def test_ctrl_c_during_an_arm_is_one_line_naming_its_checkpoint_and_exit_130(tmp_path, data,
                                                                             monkeypatch):
-    real = retrofit.train.finetune
+    real = retrofit.training.loop.finetune
 
     def finetune(model, train, val, config, **kwargs):
         def stop(record):
@@ -246,7 +246,7 @@ def test_ctrl_c_during_an_arm_is_one_line_naming_its_checkpoint_and_exit_130(tmp
 
         return real(model, train, val, config, **kwargs, on_epoch=stop)
 
-    monkeypatch.setattr(retrofit.train, "finetune", finetune)
+    monkeypatch.setattr(retrofit.training.loop, "finetune", finetune)
     result = cli(tmp_path, data, "--to", "mrepu")
     checkpoint = tmp_path / "out" / "control-seed0.ckpt"
     assert result.exit_code == ExitCode.INTERRUPTED, result.output
@@ -330,7 +330,7 @@ def test_plot_and_step_summary_are_written(tmp_path, data, monkeypatch):
 def test_two_workers_run_every_arm_and_rank_0_alone_reports(tmp_path, data):
     val, train = data
     done = subprocess.run(
-        [sys.executable, "-m", "cli", "compare", str(MODEL), "--data", str(val), "--finetune",
+        [sys.executable, "-m", "cadrelu", "compare", str(MODEL), "--data", str(val), "--finetune",
          str(train), "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--to",
          "carelu", "--measures", "l1", "--seeds", "0,1", "--out-dir", str(tmp_path / "out"),
          "--nproc-per-node", "2", "--json"],

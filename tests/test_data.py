@@ -1,4 +1,4 @@
-"""retrofit.data: every format loads, every kind of bad data names the file or row."""
+"""retrofit.evaluation.data: every format loads, every kind of bad data names the file or row."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from retrofit.data import (
+from retrofit.evaluation.data import (
     ClassificationData,
     as_float_inputs,
     as_token_ids,
@@ -22,8 +22,8 @@ from retrofit.data import (
     split_train_val,
 )
 from retrofit.errors import BadInputError, UsageError
-from retrofit.job import DataOptions, RetrofitRequest, evaluate_file, retrofit_file
-from retrofit.report import classes_line, report_to_dict, report_to_markdown
+from retrofit.pipeline.job import DataOptions, RetrofitRequest, evaluate_file, retrofit_file
+from retrofit.pipeline.report import classes_line, report_to_dict, report_to_markdown
 from tests.conftest import SAMPLES, run_cli
 
 CNN = SAMPLES / "models" / "digits_cnn.pt2"

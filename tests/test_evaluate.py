@@ -1,4 +1,4 @@
-"""retrofit.evaluate: hand-checked accuracies, ONNX equals torch, bad data is one clear line."""
+"""retrofit.evaluation.evaluate: hand-checked accuracies, ONNX equals torch, bad data is one clear line."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from retrofit.data import load_dataset
+from retrofit.evaluation.data import load_dataset
 from retrofit.errors import BadInputError, UnsupportedModelError
-from retrofit.evaluate import evaluate, onnx_predictor, torch_predictor
+from retrofit.evaluation.evaluate import evaluate, onnx_predictor, torch_predictor
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX")
 

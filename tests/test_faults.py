@@ -177,7 +177,7 @@ def test_a_write_error_is_exit_6_after_the_report_with_no_partial_file(tmp_path,
     args = WRITES[output](tmp_path)
     inputs = {path: sha256(path) for path in tmp_path.iterdir()}
     completed = subprocess.run(
-        [sys.executable, "-m", "cli", "retrofit", *map(str, args)], cwd=REPO,
+        [sys.executable, "-m", "cadrelu", "retrofit", *map(str, args)], cwd=REPO,
         capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(16_000),
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert completed.returncode == ExitCode.OUTPUT, completed.stderr
@@ -274,7 +274,7 @@ def test_other_commands_check_their_options_the_same_way(args, fragment):
 def test_a_signal_during_start_up_is_one_line_and_exit_130(tmp_path, signum, by):
     """Sent while Python imports torch: the console script handles both before it imports."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "cli", "retrofit", str(MLP), "-o", str(tmp_path / "out.pt2")],
+        [sys.executable, "-m", "cadrelu", "retrofit", str(MLP), "-o", str(tmp_path / "out.pt2")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.3)
     process.send_signal(signum)
@@ -293,7 +293,7 @@ def _finetune_args(output: Path) -> list[object]:
 
 
 def _interrupt_control_before_it_starts(monkeypatch) -> None:
-    import retrofit.train as train
+    import retrofit.training.loop as train
 
     real, calls = train.finetune, []
 
@@ -307,7 +307,7 @@ def _interrupt_control_before_it_starts(monkeypatch) -> None:
 
 
 def _interrupt_the_model_write(monkeypatch) -> None:
-    from retrofit.subjects import TorchSubject
+    from retrofit.pipeline.subjects import TorchSubject
 
     def save(*args, **kwargs):
         raise KeyboardInterrupt
@@ -316,7 +316,7 @@ def _interrupt_the_model_write(monkeypatch) -> None:
 
 
 def _fail_the_model_write(monkeypatch) -> None:
-    from retrofit.subjects import TorchSubject
+    from retrofit.pipeline.subjects import TorchSubject
 
     def save(self, model, path, step=None):
         from retrofit.errors import OutputError
@@ -355,7 +355,7 @@ def test_a_finished_finetune_survives_a_fault_and_resume_finishes_the_job(
     assert report["resumed"] and report["output"] == str(output)
     assert any(note.startswith(f"resumed from {checkpoint}") for note in report["notes"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt2", "reference.pt2"]
-    from retrofit.model_io import load_torch_model
+    from retrofit.torch_path.io import load_torch_model
 
     weights = [load_torch_model(path).module.state_dict() for path in (reference, output)]
     assert weights[0].keys() == weights[1].keys()
@@ -406,7 +406,7 @@ def test_a_reader_that_leaves_the_pipe_does_not_stop_the_job_or_change_its_exit_
     output = tmp_path / "out.pt2"
     for extra in ([], ["--json"]):
         process = subprocess.Popen(
-            [sys.executable, "-m", "cli", "retrofit", str(MLP), "--data",
+            [sys.executable, "-m", "cadrelu", "retrofit", str(MLP), "--data",
              str(SAMPLES / "data" / "digits_val.npz"), "-o", str(output), "--force", *extra],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert process.stdout is not None

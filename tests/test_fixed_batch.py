@@ -16,8 +16,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from retrofit.batching import probe_fixed_batch, run_in_batches, torch_forward
-from retrofit.distributed import epoch_batches, steps_per_epoch
+from retrofit.evaluation.batching import probe_fixed_batch, run_in_batches, torch_forward
+from retrofit.training.distributed import epoch_batches, steps_per_epoch
 from tests.conftest import one_line, run_cli
 
 CLASSES = 3
@@ -280,7 +280,7 @@ class OnlyBatchOf(nn.Module):
 
 
 def _tensors(n: int, seed: int):
-    from retrofit.data import TensorClassificationData
+    from retrofit.evaluation.data import TensorClassificationData
 
     generator = torch.Generator().manual_seed(seed)
     return TensorClassificationData(torch.randn(n, 6, generator=generator),
@@ -289,7 +289,7 @@ def _tensors(n: int, seed: int):
 
 
 def test_exact_batches_train_and_validate_a_model_that_takes_one_batch_size(tmp_path) -> None:
-    from retrofit.train import FinetuneConfig, finetune
+    from retrofit.training.loop import FinetuneConfig, finetune
 
     config = FinetuneConfig(epochs=2, batch_size=5, exact_batches=True, device="cpu",
                             checkpoint=tmp_path / "a.ckpt")
@@ -298,8 +298,8 @@ def test_exact_batches_train_and_validate_a_model_that_takes_one_batch_size(tmp_
 
 
 def test_a_checkpoint_from_before_exact_batches_still_resumes(tmp_path) -> None:
-    from retrofit.checkpoint import load_checkpoint, save_checkpoint
-    from retrofit.train import FinetuneConfig, finetune
+    from retrofit.training.checkpoint import load_checkpoint, save_checkpoint
+    from retrofit.training.loop import FinetuneConfig, finetune
 
     path = tmp_path / "old.ckpt"
     config = FinetuneConfig(epochs=1, batch_size=4, device="cpu", checkpoint=path)
@@ -314,7 +314,7 @@ def test_a_checkpoint_from_before_exact_batches_still_resumes(tmp_path) -> None:
 
 
 def test_exact_batches_note_counts_what_each_epoch_leaves_out() -> None:
-    from retrofit.batching import exact_batches_note
+    from retrofit.evaluation.batching import exact_batches_note
 
     assert "last 2 of 10" in exact_batches_note(4, 64, 10)
     assert "last 2 of 10" in exact_batches_note(4, 4, 10, processes=2)  # steps of 8 samples

@@ -1,4 +1,4 @@
-"""Tests for retrofit/initialisation.py: the drawn variances, which layers are reached, what is
+"""Tests for retrofit/training/initialisation.py: the drawn variances, which layers are reached, what is
 refused, determinism, and that the shipped MRePU constants keep a deep stack's signal finite
 where the naive C_W = 1 makes it explode."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from retrofit.activations import mrepu
+from retrofit.activations.modules import mrepu
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig, RePUConfig
 from retrofit.errors import UsageError
-from retrofit.initialisation import (
+from retrofit.training.initialisation import (
     SCRATCH_INIT,
     initialise_from_scratch,
     initialise_weights,

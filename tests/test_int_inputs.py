@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from retrofit.errors import UsageError
-from retrofit.evaluate import onnx_predictor
+from retrofit.evaluation.evaluate import onnx_predictor
 from retrofit.inputs import (
     InputShape, embedding_bound, embedding_inputs, random_inputs, table_bounds,
 )
-from retrofit.onnx_io import gather_bound, make_onnx_inputs
+from retrofit.onnx_path.io import gather_bound, make_onnx_inputs
 from tests.conftest import one_line, run_cli
 
 VOCAB, LENGTH, CLASSES = 50, 16, 3

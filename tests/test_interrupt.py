@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrofit.checkpoint import load_checkpoint
+from retrofit.training.checkpoint import load_checkpoint
 from retrofit.errors import ExitCode
-from retrofit.model_io import load_torch_model
+from retrofit.torch_path.io import load_torch_model
 from tests.conftest import REPO, SAMPLES, no_partial_files, sha256
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ EPOCHS = 2
 
 
 def command(output: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cli", "retrofit", str(MODEL),
+    return [sys.executable, "-m", "cadrelu", "retrofit", str(MODEL),
             "--finetune", str(SAMPLES / "data" / "digits_train.npz"),
             "--data", str(SAMPLES / "data" / "digits_val.npz"),
             "--epochs", str(EPOCHS), "--device", "cpu", "--seed", "3", "--json",

@@ -10,9 +10,9 @@ import pytest
 
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.errors import OutputError, UsageError
-from retrofit.job import DataOptions, Gates, RetrofitRequest, evaluate_file, retrofit_file
-from retrofit.model_io import ModelFormat
-from retrofit.report import report_to_dict, report_to_markdown
+from retrofit.pipeline.job import DataOptions, Gates, RetrofitRequest, evaluate_file, retrofit_file
+from retrofit.torch_path.io import ModelFormat
+from retrofit.pipeline.report import report_to_dict, report_to_markdown
 from tests.conftest import SAMPLES
 
 VAL = SAMPLES / "data" / "digits_val.npz"
@@ -63,7 +63,7 @@ def test_json_report_has_exactly_the_documented_keys(cnn):
 
 
 def test_markdown_report_is_appended_to_the_step_summary(cnn, tmp_path, monkeypatch):
-    from retrofit.report import append_step_summary
+    from retrofit.pipeline.report import append_step_summary
 
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
@@ -115,7 +115,7 @@ def test_readme_documents_every_json_key():
 
 
 def _finetune_config(**fields):
-    from retrofit.train import FinetuneConfig
+    from retrofit.training.loop import FinetuneConfig
 
     return FinetuneConfig(**{"epochs": 1, "batch_size": 64, "lr": 1e-3, "activation_lr": 1e-2,
                              "device": "cpu", **fields})
@@ -162,7 +162,7 @@ def test_finetune_onnx_round_trip_keeps_the_graph(tmp_path):
 
 
 def test_calibrated_mrepu_keeps_the_mlp_and_its_blend_fine_tune_ends_as_mrepu(tmp_path):
-    from retrofit.activations import MRePU
+    from retrofit.activations.modules import MRePU
 
     source = tmp_path / "mlp.pt2"
     source.write_bytes((SAMPLES / "models" / "digits_mlp.pt2").read_bytes())
@@ -180,7 +180,7 @@ def test_calibrated_mrepu_keeps_the_mlp_and_its_blend_fine_tune_ends_as_mrepu(tm
 def test_a_result_without_sample_inputs_says_first_that_it_is_unverified(tmp_path):
     from rich.console import Console
 
-    from retrofit.report import print_report, report_to_json
+    from retrofit.pipeline.report import print_report, report_to_json
 
     source = tmp_path / "cnn.state.pt"
     source.write_bytes((SAMPLES / "models" / "digits_cnn.state.pt").read_bytes())
@@ -205,7 +205,7 @@ def test_sample_inputs_taken_from_the_data_are_the_data_as_the_model_is_fed_it(n
     import numpy as np
     import torch
 
-    from retrofit.job import open_model
+    from retrofit.pipeline.job import open_model
 
     data = np.load(VAL)
     pixels = tmp_path / "pixels.npz"

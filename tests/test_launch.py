@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-import retrofit.distributed
+import retrofit.training.distributed
 from retrofit.errors import ExitCode, UsageError
-from retrofit.launch import outcome_of, record_failure, worker_argv
+from retrofit.training.launch import outcome_of, record_failure, worker_argv
 from tests.conftest import REPO, SAMPLES, no_partial_files, run_cli
 
 MODEL = SAMPLES / "models" / "digits_mlp.pt2"
@@ -134,17 +134,17 @@ def test_more_cuda_processes_than_gpus_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(retrofit.distributed, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(retrofit.training.distributed, "resolve_device", lambda device: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UsageError, match="2 processes on CUDA need a GPU each, this machine has 1"):
-        retrofit.distributed.setup_distributed("auto")
+        retrofit.training.distributed.setup_distributed("auto")
 
 
 # --------------------------------------------------------------------------- real launches
 
 
 def launch_command(tmp_path: Path, train: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cli", "retrofit", str(MODEL), "--finetune", str(train),
+    return [sys.executable, "-m", "cadrelu", "retrofit", str(MODEL), "--finetune", str(train),
             "--device", "cpu", "--nproc-per-node", "2", "-o", str(tmp_path / "out.pt2"), *extra]
 
 

@@ -1,4 +1,4 @@
-"""retrofit.metrics: top-k flags, accuracy in percent, the paired delta's CI and McNemar p."""
+"""retrofit.evaluation.metrics: top-k flags, accuracy in percent, the paired delta's CI and McNemar p."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from retrofit.metrics import accuracy, mcnemar_exact_p, paired_delta_ci, topk_correct
+from retrofit.evaluation.metrics import accuracy, mcnemar_exact_p, paired_delta_ci, topk_correct
 
 
 def test_topk_correct_marks_targets_among_the_k_highest_logits() -> None:
@@ -118,7 +118,7 @@ def _flags(n: int, seed: int, p: float = 0.8) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", range(12))
 def test_one_seed_over_seeds_is_exactly_the_paired_interval(case: int) -> None:
-    from retrofit.metrics import paired_delta_over_seeds
+    from retrofit.evaluation.metrics import paired_delta_over_seeds
 
     n = 30 + 97 * case
     before = _flags(n, case)
@@ -133,7 +133,7 @@ def test_one_seed_over_seeds_is_exactly_the_paired_interval(case: int) -> None:
 
 
 def test_seeds_that_agree_add_nothing_and_seeds_that_disagree_widen_the_interval() -> None:
-    from retrofit.metrics import paired_delta_over_seeds
+    from retrofit.evaluation.metrics import paired_delta_over_seeds
 
     before = _flags(450, 1, 0.9)
     gain, loss = before.clone(), before.clone()
@@ -149,7 +149,7 @@ def test_seeds_that_agree_add_nothing_and_seeds_that_disagree_widen_the_interval
 
 
 def test_over_seeds_refuses_mismatched_runs() -> None:
-    from retrofit.metrics import paired_delta_over_seeds
+    from retrofit.evaluation.metrics import paired_delta_over_seeds
 
     with pytest.raises(ValueError, match="seeds"):
         paired_delta_over_seeds([_flags(5, 0)], [])

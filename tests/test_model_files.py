@@ -15,7 +15,7 @@ from torch import nn
 
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.errors import BadInputError, ExitCode, UsageError
-from retrofit.model_io import load_model, load_torch_model, parse_arch_kwargs
+from retrofit.torch_path.io import load_model, load_torch_model, parse_arch_kwargs
 from tests.conftest import one_line, run_cli, sha256
 
 FACTORY = "tests.test_model_files:head_cnn"
@@ -288,7 +288,7 @@ def test_inspect_without_relu_lists_what_it_left_alone_and_names_the_file(tmp_pa
 
 
 def test_config_of_record_round_trips():
-    from retrofit.retrofit_record import RetrofitRecord, RetrofitStep
+    from retrofit.torch_path.record import RetrofitRecord, RetrofitStep
 
     record = RetrofitRecord((RetrofitStep(CompetitiveReLUConfig(measure="l1", k=3.0), ("a",)),
                              RetrofitStep(MRePUConfig(p=3.0), ("b#1", "b#2"))),

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from retrofit.atomic import check_output_path
 from retrofit.errors import BadInputError, OutputError, UntrustedPickleError, UsageError
-from retrofit.model_io import (
+from retrofit.torch_path.io import (
     ModelFormat,
     default_output_path,
     detect_format,

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrofit.activations import CompetitiveReLU, MRePU
-from retrofit.checkpoint import load_checkpoint
+from retrofit.activations.modules import CompetitiveReLU, MRePU
+from retrofit.training.checkpoint import load_checkpoint
 from retrofit.errors import ExitCode
 from tests.conftest import SAMPLES, no_partial_files, one_line, run_cli as cli, sha256
 
@@ -167,7 +167,7 @@ def test_a_diverging_finetune_stops_with_one_line_and_keeps_the_last_good_checkp
     """The loss turns NaN in epoch 2: exit 3, the message names the kept epoch, no model is
     written, the checkpoint holds epoch 1 with finite best weights, and the report of what was
     measured before (here as JSON) is still printed."""
-    import retrofit.train as train
+    import retrofit.training.loop as train
 
     real_finetune = train.finetune
 

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrofit import onnx_io
+from retrofit.onnx_path import io as onnx_io
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.errors import BadInputError, OutputError, ParityError
-from retrofit.job import RetrofitRequest, retrofit_file
-from retrofit.model_io import TorchModel, load_torch_model
-from retrofit.onnx_export import export_onnx
+from retrofit.pipeline.job import RetrofitRequest, retrofit_file
+from retrofit.torch_path.io import TorchModel, load_torch_model
+from retrofit.torch_path.export import export_onnx
 from retrofit.sites import SiteSelector
-from retrofit.torch_rewrite import retrofit_torch_model
+from retrofit.torch_path.rewrite import retrofit_torch_model
 from tests.conftest import no_partial_files, run_cli, sha256
 from tests.models import TinyResNet
 
@@ -242,7 +242,7 @@ def test_export_failure_is_one_line_and_writes_nothing(tmp_path, module, x):
 
 
 def test_parity_failure_writes_nothing(tmp_path, monkeypatch):
-    import retrofit.onnx_export as onnx_export
+    import retrofit.torch_path.export as onnx_export
 
     def off_by_one(model, feeds):
         return [array + 1 for array in onnx_io.run_onnx(model, feeds)]

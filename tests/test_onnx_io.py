@@ -19,7 +19,7 @@ from retrofit.errors import (
     UnsupportedModelError,
     UsageError,
 )
-from retrofit.onnx_io import (
+from retrofit.onnx_path.io import (
     check_onnx_model,
     external_data_files,
     load_onnx,
@@ -28,7 +28,7 @@ from retrofit.onnx_io import (
     save_onnx,
     shape_inference_view,
 )
-from retrofit.onnx_rewrite import rewrite_onnx_relus
+from retrofit.onnx_path.rewrite import rewrite_onnx_relus
 from retrofit.verify import OutputParity, compare_outputs
 
 F32 = TensorProto.FLOAT

@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig, RePUConfig
 from retrofit.errors import SelectionError, UnsupportedModelError, UsageError
-from retrofit.onnx_activations import FUNCTION_DOMAIN, competition_axes
-from retrofit.onnx_io import check_onnx_model, iter_nodes, make_onnx_inputs, run_onnx
-from retrofit.onnx_rewrite import find_onnx_relu_sites, rewrite_onnx_relus
+from retrofit.onnx_path.emission import FUNCTION_DOMAIN, competition_axes
+from retrofit.onnx_path.io import check_onnx_model, iter_nodes, make_onnx_inputs, run_onnx
+from retrofit.onnx_path.rewrite import find_onnx_relu_sites, rewrite_onnx_relus
 from retrofit.sites import SiteSelector
 
 OPSETS = [9, 11, 13, 17, 21, 28]
@@ -728,11 +728,11 @@ def test_integer_relu_is_kept_with_a_reason():
 
 
 # --------------------------------------------------------------------------------------------
-# The same numbers as the torch modules (retrofit/activations.py)
+# The same numbers as the torch modules (retrofit/activations/modules.py)
 
 
 def test_competition_axes_are_the_torch_modules_axes():
-    activations = pytest.importorskip("retrofit.activations")
+    activations = pytest.importorskip("retrofit.activations.modules")
     for rank in range(6):
         for reduce in ("auto", "sample", "channel", "last"):
             axes = competition_axes(reduce, rank, 17).axes
@@ -748,7 +748,7 @@ def test_competition_axes_are_the_torch_modules_axes():
 )
 def test_competitive_relu_computes_what_the_torch_module_computes(measure, reduce, shape, elem):
     torch = pytest.importorskip("torch")
-    from retrofit.activations import competitive_relu
+    from retrofit.activations.modules import competitive_relu
 
     dtype = helper.tensor_dtype_to_np_dtype(elem)
     x = (_rng(12).standard_normal(shape) * 3).astype(dtype)
@@ -774,7 +774,7 @@ def test_competitive_relu_computes_what_the_torch_module_computes(measure, reduc
 @pytest.mark.parametrize("elem", [F32, F64, TensorProto.FLOAT16])
 def test_mrepu_and_repu_compute_what_the_torch_modules_compute(config, elem):
     torch = pytest.importorskip("torch")
-    from retrofit.activations import mrepu, repu
+    from retrofit.activations.modules import mrepu, repu
 
     dtype = helper.tensor_dtype_to_np_dtype(elem)
     x = np.linspace(-50, 50, 40).astype(dtype).reshape(4, 10)

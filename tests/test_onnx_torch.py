@@ -1,4 +1,4 @@
-"""retrofit.onnx_torch: an ONNX graph runs as a trainable fx module, and training writes back.
+"""retrofit.onnx_path.to_torch.builder: an ONNX graph runs as a trainable fx module, and training writes back.
 
 Every parity check compares against onnxruntime, the engine the exported model ships with.
 """
@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from retrofit.errors import BadInputError, UnsupportedModelError
-from retrofit.onnx_torch import (
+from retrofit.onnx_path.to_torch.builder import (
     initializer_torch_names,
     onnx_to_torch,
     torch_name,

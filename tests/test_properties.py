@@ -18,9 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from retrofit.config import CompetitiveReLUConfig
-from retrofit.onnx_io import check_onnx_model, make_onnx_inputs, run_onnx
-from retrofit.onnx_rewrite import rewrite_onnx_relus
-from retrofit.torch_rewrite import retrofit_torch_model
+from retrofit.onnx_path.io import check_onnx_model, make_onnx_inputs, run_onnx
+from retrofit.onnx_path.rewrite import rewrite_onnx_relus
+from retrofit.torch_path.rewrite import retrofit_torch_model
 from retrofit.verify import compare_outputs, torch_parity
 from tests.models import count_relu_calls
 

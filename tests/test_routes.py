@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from retrofit.model_io import load_model
+from retrofit.torch_path.io import load_model
 from tests.conftest import run_cli
 from tests.zoo import ARCHITECTURES, RELU_SITES
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from retrofit.activations import CompetitiveReLU, MRePU
-from retrofit.census import take_census
+from retrofit.activations.modules import CompetitiveReLU, MRePU
+from retrofit.torch_path.census import take_census
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.errors import SelectionError, UnsupportedModelError
 from retrofit.sites import SiteSelector
-from retrofit.torch_rewrite import retrofit_torch_model
+from retrofit.torch_path.rewrite import retrofit_torch_model
 from retrofit.verify import torch_parity
 from tests import models
 
@@ -225,8 +225,8 @@ def test_retrofitted_module_survives_a_pickle_round_trip(build, shape, tmp_path)
 
 
 def test_census_does_not_count_a_listed_kept_relu_call_twice(tmp_path):
-    from retrofit.model_io import ModelFormat, TorchModel
-    from retrofit.subjects import TorchSubject
+    from retrofit.torch_path.io import ModelFormat, TorchModel
+    from retrofit.pipeline.subjects import TorchSubject
 
     model = models.Specialising().eval()
     ids = torch.randint(0, 10, (2, 4))

@@ -1,4 +1,4 @@
-"""retrofit.train: fine-tuning learns, schedules hit their values, NaN and Ctrl-C leave a usable
+"""retrofit.training.loop: fine-tuning learns, schedules hit their values, NaN and Ctrl-C leave a usable
 state, resume is exact, torch.export modules train, N processes equal one with N x the batch."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from retrofit.activations import CompetitiveReLU, MRePU
-from retrofit.checkpoint import CHECKPOINT_FORMAT
+from retrofit.activations.modules import CompetitiveReLU, MRePU
+from retrofit.training.checkpoint import CHECKPOINT_FORMAT
 from retrofit.config import CompetitiveReLUConfig
-from retrofit.data import TensorClassificationData
-from retrofit.distributed import epoch_batches
+from retrofit.evaluation.data import TensorClassificationData
+from retrofit.training.distributed import epoch_batches
 from retrofit.errors import BadInputError, ExitCode, RetrofitError, UsageError
-from retrofit.evaluate import evaluate, torch_predictor
-from retrofit.train import (
+from retrofit.evaluation.evaluate import evaluate, torch_predictor
+from retrofit.training.loop import (
     FinetuneConfig,
     TrainingDiverged,
     TrainingInterrupted,
@@ -334,7 +334,7 @@ def test_an_existing_checkpoint_needs_resume_and_resume_needs_the_same_settings(
 
 
 def test_torch_export_modules_fine_tune_in_their_exported_mode():
-    from retrofit.torch_rewrite import retrofit_torch_model
+    from retrofit.torch_path.rewrite import retrofit_torch_model
 
     relu_net = conv_net(nn.ReLU()).eval()
     batch = torch.export.Dim("batch", min=2)
@@ -419,7 +419,7 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path):
 
 def test_training_plot_is_a_png_written_atomically(tmp_path):
     pytest.importorskip("matplotlib")
-    from retrofit.plots import save_training_plot
+    from retrofit.pipeline.plots import save_training_plot
 
     result = finetune(conv_net(), TRAIN, VAL, config())
     path = save_training_plot(result.history, tmp_path / "curves.png",
@@ -429,7 +429,7 @@ def test_training_plot_is_a_png_written_atomically(tmp_path):
 
 
 def test_training_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
-    from retrofit.plots import save_training_plot
+    from retrofit.pipeline.plots import save_training_plot
 
     result = finetune(conv_net(), TRAIN, None, config(epochs=1))
     monkeypatch.setitem(sys.modules, "matplotlib", None)

@@ -19,9 +19,9 @@ from torch import fx, nn
 
 transformers = pytest.importorskip("transformers")
 
-from retrofit.activations import CompetitiveReLU  # noqa: E402
-from retrofit.job import RetrofitRequest, retrofit_file  # noqa: E402
-from retrofit.model_io import ModelFormat, load_torch_model  # noqa: E402
+from retrofit.activations.modules import CompetitiveReLU  # noqa: E402
+from retrofit.pipeline.job import RetrofitRequest, retrofit_file  # noqa: E402
+from retrofit.torch_path.io import ModelFormat, load_torch_model  # noqa: E402
 from retrofit.verify import flatten_outputs, torch_parity  # noqa: E402
 from tests.conftest import REPO, one_line, run_cli  # noqa: E402
 from tests.models import count_relu_calls  # noqa: E402
@@ -145,7 +145,7 @@ def test_pickled_model_is_retrofitted_and_every_other_module_is_left_as_it_was(f
 def test_pickled_model_with_sample_inputs_is_verified_and_nothing_runs_unreached(family, tmp_path):
     from retrofit.config import CompetitiveReLUConfig
     from retrofit.sites import SiteSelector
-    from retrofit.subjects import TorchSubject
+    from retrofit.pipeline.subjects import TorchSubject
 
     model, inputs, _ = _build(family)
     torch.save(model, tmp_path / "model.pt")
@@ -173,7 +173,7 @@ def test_cli_retrofits_a_pickled_bert_and_says_first_that_it_is_unverified(tmp_p
 
 def test_bert_embeddings_keep_their_object_and_every_call_signature(tmp_path):
     from retrofit.config import CompetitiveReLUConfig
-    from retrofit.torch_rewrite import retrofit_torch_model
+    from retrofit.torch_path.rewrite import retrofit_torch_model
 
     model, (ids,), other_calls = _build("bert")
     result = retrofit_torch_model(model, CompetitiveReLUConfig())
@@ -281,7 +281,7 @@ def test_archive_of_transformers_outputs_needs_transformers_installed(bert_pt2, 
 def test_a_fresh_process_imports_only_the_output_module_it_needs(bert_pt2):
     script = (
         "import sys\n"
-        "from retrofit.model_io import load_torch_model\n"
+        "from retrofit.torch_path.io import load_torch_model\n"
         "assert 'transformers' not in sys.modules\n"
         f"model = load_torch_model({str(bert_pt2)!r})\n"
         "print(model.notes[0])\n"

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from retrofit.errors import UsageError
-from retrofit.evaluate import resolve_device
+from retrofit.evaluation.evaluate import resolve_device
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
 """How long a process waits at a collective. Rank 0 validates alone while the others wait, and a

@@ -344,7 +344,7 @@ class MRePU(nn.Module):
     ``(1 - blend) * ReLU(x) + blend * gain_out * MRePU(gain_in * x)``.
 
     ``gain_in`` and ``gain_out`` are trainable 0-dim parameters, 1 at construction (the
-    paper's MRePU) and fitted to the ReLU a site replaced by :mod:`retrofit.calibrate`.
+    paper's MRePU) and fitted to the ReLU a site replaced by :mod:`retrofit.pipeline.calibrate`.
     ``blend`` (lam) is a plain float attribute that a fine-tuning schedule may set at any time;
     it is not a parameter and not saved in the state dict. ``config`` is the config the module
     was built from (its ``blend`` is the start value).

@@ -4,18 +4,18 @@ Every candidate (CompetitiveReLU with each competition measure, the calibrated M
 untouched ReLU model, the control, are fine-tuned with the same budget and the same seed, for
 each seed, and scored on the same validation samples. The candidates are ranked by their mean
 top-1 change against the control, with a 95% interval paired over samples and seeds
-(:func:`retrofit.metrics.paired_delta_over_seeds`). Each arm is the retrofit job's own pieces
-(:func:`~retrofit.job.swap`, :func:`~retrofit.job.finetune_swapped`,
-:func:`~retrofit.job.report_trained`, :func:`~retrofit.job.finetune_control`): the model is
+(:func:`retrofit.evaluation.metrics.paired_delta_over_seeds`). Each arm is the retrofit job's own pieces
+(:func:`~retrofit.pipeline.job.swap`, :func:`~retrofit.pipeline.job.finetune_swapped`,
+:func:`~retrofit.pipeline.job.report_trained`, :func:`~retrofit.pipeline.job.finetune_control`): the model is
 opened and the original scored once for all arms, and every fine-tune is
-:func:`retrofit.train.finetune`.
+:func:`retrofit.training.loop.finetune`.
 
 What a caller may rely on:
 
 * Arms run seed by seed, the control first, then the candidates in their order. Under torchrun
   every process runs them in that order (each fine-tune is one DDP run) and ends with rank 0's
   numbers; rank 0 alone writes files.
-* An arm that fails on its own (its fine-tune diverged, :class:`~retrofit.train.TrainingDiverged`;
+* An arm that fails on its own (its fine-tune diverged, :class:`~retrofit.training.loop.TrainingDiverged`;
   its model computes NaN/inf or an identity swap changed the outputs,
   :class:`~retrofit.errors.ParityError`) is recorded as failed with its reason and is not
   ranked; the other arms go on. A candidate that fails on any seed is failed. Any other error
@@ -45,21 +45,21 @@ from torch import Tensor
 
 from retrofit.atomic import check_output_path, write_text_atomic
 from retrofit.config import ActivationConfig
-from retrofit.distributed import (
+from retrofit.training.distributed import (
     DistContext, broadcast_object, setup_distributed, teardown_distributed, world_size,
 )
 from retrofit.errors import (
     BadInputError, ExitCode, OutputError, ParityError, RetrofitError, UsageError,
 )
-from retrofit.evaluate import EvalResult
-from retrofit.job import (
+from retrofit.evaluation.evaluate import EvalResult
+from retrofit.pipeline.job import (
     GateResult, OpenedModel, RetrofitReport, RetrofitRequest, Stage, dataset_summary,
     finetune_config, finetune_control, finetune_swapped, gate_results, open_model,
     report_trained, score_stage, swap,
 )
-from retrofit.metrics import SeedPairedDelta, paired_delta_over_seeds
-from retrofit.model_io import ModelFormat
-from retrofit.options import activation_config, options_by_activation
+from retrofit.evaluation.metrics import SeedPairedDelta, paired_delta_over_seeds
+from retrofit.torch_path.io import ModelFormat
+from retrofit.pipeline.options import activation_config, options_by_activation
 
 CONTROL = "control"
 """The ReLU control's arm name."""
@@ -82,7 +82,7 @@ def candidates(activations: Sequence[str] = COMPARED, measures: Sequence[str] | 
                options: Mapping[str, Any] | None = None) -> tuple[Candidate, ...]:
     """CompetitiveReLU with each of ``measures`` (default: all three) and the calibrated MRePU,
     as far as ``activations`` asks for them. ``options`` are the activation options the user
-    set, named as :mod:`retrofit.options` names them (``k``, ``reduce``, ``p``, ``c``,
+    set, named as :mod:`retrofit.pipeline.options` names them (``k``, ``reduce``, ``p``, ``c``,
     ``blend_ramp``): each configures the activation it belongs to."""
     activations = list(dict.fromkeys(activations))
     unknown = [name for name in activations if name not in COMPARED]
@@ -310,7 +310,7 @@ def compare_file(request: CompareRequest) -> CompareReport:
     """Run the control and every candidate with every seed (see the module docstring), rank the
     candidates and apply the gates; write the plot when asked.
 
-    Raises :class:`~retrofit.train.TrainingInterrupted` (a KeyboardInterrupt) on Ctrl-C during
+    Raises :class:`~retrofit.training.loop.TrainingInterrupted` (a KeyboardInterrupt) on Ctrl-C during
     a fine-tune, after its checkpoint was written, and any :class:`RetrofitError` that is not
     one arm's own failure. When nothing could be ranked, ``report.failure`` says why.
     """
@@ -332,7 +332,7 @@ def compare_file(request: CompareRequest) -> CompareReport:
                 runs.append(_run_or_recall(ctx, state, opened, request, candidate, seed, before))
         report = _report(request, opened, before, runs)
         if request.plot is not None and ctx.is_main and report.ranked:
-            from retrofit.plots import save_compare_plot
+            from retrofit.pipeline.plots import save_compare_plot
 
             save_compare_plot([(arm.name, arm.delta) for arm in report.ranked],
                               [arm.name for arm in report.arms if arm.rank is None],
@@ -483,7 +483,7 @@ def _run_or_recall(ctx: DistContext, state: _State, opened: OpenedModel, request
 def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path,
                    resume: bool, before: Stage, run: ArmRun) -> None:
     """Swap, fine-tune from the swap, check and score: the retrofit job's steps, into ``run``."""
-    from retrofit.train import TrainingDiverged, TrainingInterrupted
+    from retrofit.training.loop import TrainingDiverged, TrainingInterrupted
 
     try:
         swapped = swap(opened, request, before=before)
@@ -516,7 +516,7 @@ def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Pa
 def _run_control(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path, resume: bool,
                  run: ArmRun) -> None:
     """The untouched ReLU model fine-tuned with the same budget and seed, into ``run``."""
-    from retrofit.train import TrainingDiverged
+    from retrofit.training.loop import TrainingDiverged
 
     report = RetrofitReport(request.model, opened.subject.format, CONTROL, request.config, [])
     config = replace(finetune_config(opened, request, checkpoint, report), resume=resume)

@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from retrofit.activations import ACTIVATION_MODULES
+from retrofit.activations.modules import ACTIVATION_MODULES
 
 _RELU_OPS = {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
 

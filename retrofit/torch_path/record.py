@@ -9,7 +9,7 @@ is this record, written beside the tensors as JSON text:
   metadata that ``torch.load(weights_only=True)`` and ``load_state_dict`` already carry, so the
   file stays a plain state dict that plain torch loads.
 
-:func:`retrofit.model_io.load_torch_model` reads it and re-applies each step to the fresh
+:func:`retrofit.torch_path.io.load_torch_model` reads it and re-applies each step to the fresh
 architecture before loading the weights strictly. The record never names code to import: the
 architecture is still the user's ``--arch``; ``arch`` here only helps the error that asks for it.
 """
@@ -27,7 +27,7 @@ from torch import nn
 from retrofit.config import CONFIGS, ActivationConfig
 from retrofit.errors import BadInputError, SelectionError
 from retrofit.sites import SiteSelector
-from retrofit.torch_rewrite import retrofit_torch_model
+from retrofit.torch_path.rewrite import retrofit_torch_model
 
 METADATA_KEY = "cadrelu"
 RECORD_VERSION = 1

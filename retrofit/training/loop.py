@@ -4,7 +4,7 @@
 activation parameters, linear warm-up then cosine decay per step, gradient clipping, bf16
 autocast on CUDA, the MRePU blend ramp, validation after every epoch (the best state by top-1 is
 what comes back), a checkpoint at every epoch end and on Ctrl-C/SIGTERM, exact resume, and
-several processes under ``torchrun`` (see :mod:`retrofit.distributed`).
+several processes under ``torchrun`` (see :mod:`retrofit.training.distributed`).
 
 What a caller may rely on:
 
@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from retrofit.activations import ACTIVATION_MODULES, CompetitiveReLU, MRePU
+from retrofit.activations.modules import ACTIVATION_MODULES, CompetitiveReLU, MRePU
 from retrofit.atomic import check_output_path
-from retrofit.checkpoint import (
+from retrofit.training.checkpoint import (
     StopRequest,
     deferred_interrupts,
     load_checkpoint,
@@ -60,8 +60,8 @@ from retrofit.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from retrofit.data import MODEL_CALL_ERRORS, check_labels_fit, first_error_line, model_input_error
-from retrofit.distributed import (
+from retrofit.evaluation.data import MODEL_CALL_ERRORS, check_labels_fit, first_error_line, model_input_error
+from retrofit.training.distributed import (
     DistContext,
     PlannedBatch,
     any_rank,
@@ -82,7 +82,7 @@ from retrofit.errors import (
     UnsupportedModelError,
     UsageError,
 )
-from retrofit.evaluate import (  # shared so that training and evaluation read batches alike
+from retrofit.evaluation.evaluate import (  # shared so that training and evaluation read batches alike
     check_batch_labels,
     evaluate,
     input_dtype,

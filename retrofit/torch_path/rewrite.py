@@ -14,7 +14,7 @@ in-place, ``F.relu``, ``torch.relu``, ``Tensor.relu_``, ``aten.relu``) is found.
    a type check), in which case the module is kept and those calls are listed as not replaced.
 
 A module whose forward does not trace is kept; what module swap cannot reach in it, functional
-calls written in that forward, is found by :mod:`retrofit.census` when sample inputs are given.
+calls written in that forward, is found by :mod:`retrofit.torch_path.census` when sample inputs are given.
 
 The input model is never modified: the rewrite works on a deep copy.
 """
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from retrofit.activations import make_activation
+from retrofit.activations.modules import make_activation
 from retrofit.config import ActivationConfig
 from retrofit.errors import UnsupportedModelError, UsageError
 from retrofit.sites import (
@@ -453,7 +453,7 @@ def _attribute_attach(
 
 def _pass_on_inplace(activation: nn.Module, inplace: bool) -> None:
     """An in-place ReLU's caller gave up its input; the activation may use that in inference
-    (see :class:`~retrofit.activations.CompetitiveReLU`), which saves a buffer per site."""
+    (see :class:`~retrofit.activations.modules.CompetitiveReLU`), which saves a buffer per site."""
     if inplace and hasattr(activation, "inplace"):
         activation.inplace = True
 
@@ -620,7 +620,7 @@ _OTHER_ACTIVATION_OPS = frozenset({
 
 
 # Where activation modules are defined: torch's, and ours (a file retrofitted before).
-_ACTIVATION_MODULES = ("torch.nn.modules.activation", "retrofit.activations")
+_ACTIVATION_MODULES = ("torch.nn.modules.activation", "retrofit.activations.modules")
 
 
 def _count_other_activations(rewrite: _Rewrite, module: nn.Module, graph: fx.Graph) -> None:

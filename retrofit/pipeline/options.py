@@ -34,7 +34,7 @@ DATA_OPTIONS = frozenset({
     "image_size", "crop_size", "mean", "std", "label_column", "batch_size",
 })
 """Options that only scoring on data (``--data`` or ``--finetune``) uses. The gates need data
-too: :class:`retrofit.job.RetrofitRequest` refuses them without it, for library callers alike."""
+too: :class:`retrofit.pipeline.job.RetrofitRequest` refuses them without it, for library callers alike."""
 
 
 def flag(option: str) -> str:

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from retrofit import onnx_io
-from retrofit.batching import first_row_repeated, outputs_when_grown
+from retrofit.onnx_path import io as onnx_io
+from retrofit.evaluation.batching import first_row_repeated, outputs_when_grown
 from retrofit.errors import BadInputError, ParityError
-from retrofit.model_io import _torch_export_logs
-from retrofit.onnx_io import check_onnx_model, iter_nodes, run_onnx, save_onnx
+from retrofit.torch_path.io import _torch_export_logs
+from retrofit.onnx_path.io import check_onnx_model, iter_nodes, run_onnx, save_onnx
 from retrofit.verify import OutputParity, compare_outputs, copy_module, eval_mode, torch_outputs
 
 DEFAULT_OPSET = 20

@@ -3,7 +3,7 @@ score again, gate, save, report.
 
 ``cadrelu retrofit``, ``inspect`` and ``evaluate`` are thin wrappers over :func:`retrofit_file`,
 :func:`inspect_file` and :func:`evaluate_file`; a Python user gets the same behaviour and the
-same report objects. The format-specific work is done by a :class:`~retrofit.subjects.Subject`.
+same report objects. The format-specific work is done by a :class:`~retrofit.pipeline.subjects.Subject`.
 """
 
 from __future__ import annotations
@@ -16,28 +16,28 @@ from typing import Any
 import torch
 
 from retrofit.atomic import check_output_path
-from retrofit.options import flag, require_finite
+from retrofit.pipeline.options import flag, require_finite
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig, RePUConfig
-from retrofit.batching import exact_batches_note
-from retrofit.data import (
+from retrofit.evaluation.batching import exact_batches_note
+from retrofit.evaluation.data import (
     ClassificationData, as_float_inputs, as_token_ids, check_same_classes, load_dataset,
     split_train_val,
 )
-from retrofit.distributed import is_main_process, world_size
+from retrofit.training.distributed import is_main_process, world_size
 from retrofit.errors import OutputError, RetrofitError, UnsupportedModelError, UsageError
-from retrofit.evaluate import EvalResult, evaluate, resolve_device
+from retrofit.evaluation.evaluate import EvalResult, evaluate, resolve_device
 from retrofit.inputs import InputShape
-from retrofit.metrics import PairedDelta, paired_delta_ci
-from retrofit.model_io import ModelFormat, default_output_path, detect_format
+from retrofit.evaluation.metrics import PairedDelta, paired_delta_ci
+from retrofit.torch_path.io import ModelFormat, default_output_path, detect_format
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector
-from retrofit.retrofit_record import RetrofitStep
-from retrofit.subjects import NO_SAMPLE_INPUT, Subject, TorchSubject, final_config, open_subject
+from retrofit.torch_path.record import RetrofitStep
+from retrofit.pipeline.subjects import NO_SAMPLE_INPUT, Subject, TorchSubject, final_config, open_subject
 from retrofit.verify import OutputParity
 
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Where the data is and how images are prepared (see :func:`retrofit.data.load_dataset`)."""
+    """Where the data is and how images are prepared (see :func:`retrofit.evaluation.data.load_dataset`)."""
 
     val: Path | None = None
     train: Path | None = None
@@ -93,7 +93,7 @@ class Gates:
 class RetrofitRequest:
     """Everything a retrofit needs; defaults are the CLI's defaults.
 
-    ``finetune`` is a :class:`retrofit.train.FinetuneConfig` (fine-tuning runs when
+    ``finetune`` is a :class:`retrofit.training.loop.FinetuneConfig` (fine-tuning runs when
     ``data.train`` is given).
     """
 
@@ -191,7 +191,7 @@ class RetrofitReport:
     resumed: bool = False
     """Whether a fine-tune went on from a checkpoint (``--resume``)."""
     calibration: Any = None
-    """The calibrated swap's per-site fits (:class:`retrofit.calibrate.Calibration`), when the
+    """The calibrated swap's per-site fits (:class:`retrofit.pipeline.calibrate.Calibration`), when the
     activation was calibrated."""
     overflow_scale: float | None = None
     """For an activation that grows faster than linearly (MRePU, RePU): the smallest input
@@ -353,7 +353,7 @@ def _check_outputs(request: RetrofitRequest, model_format: ModelFormat) -> Path:
             raise UsageError("--export-onnx and -o name the same file")
         check_output_path(request.export_onnx, inputs=[request.model], force=request.force)
         onnx_outputs.append(request.export_onnx)
-    from retrofit.onnx_io import external_data_path
+    from retrofit.onnx_path.io import external_data_path
 
     for onnx_output in onnx_outputs:  # written when the weights go external: ask first
         check_output_path(external_data_path(onnx_output), inputs=[request.model],
@@ -469,7 +469,7 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
     final = swapped.model
     checkpoints: list[Path] = []  # the fine-tune's, kept until the outputs are written
     if opened.train is not None and opened.val is not None:
-        from retrofit.train import TrainingDiverged
+        from retrofit.training.loop import TrainingDiverged
 
         try:
             final, checkpoints = _finetune(opened, request, swapped)
@@ -514,11 +514,11 @@ site sees thousands of elements per sample."""
 
 
 def _calibrate(opened: OpenedModel, request: RetrofitRequest) -> Any:
-    """Fit the MRePU gains (a :class:`~retrofit.calibrate.Calibration`) in the torch form of
+    """Fit the MRePU gains (a :class:`~retrofit.pipeline.calibrate.Calibration`) in the torch form of
     the model, on the device the job runs on; None when there are no inputs to fit on."""
-    from retrofit.calibrate import calibrate_gains, site_modules
-    from retrofit.evaluate import input_dtype
-    from retrofit.torch_rewrite import retrofit_torch_model
+    from retrofit.pipeline.calibrate import calibrate_gains, site_modules
+    from retrofit.evaluation.evaluate import input_dtype
+    from retrofit.torch_path.rewrite import retrofit_torch_model
 
     batches, source = _calibration_batches(opened, request)
     if not batches:
@@ -538,8 +538,8 @@ def _calibration_batches(opened: OpenedModel, request: RetrofitRequest
     """Up to :data:`CALIBRATION_SAMPLES` samples of the fine-tuning data, else of the
     validation data, else the sample inputs (random values: the report says so), in batches
     the model takes; and what they are, for the report."""
-    from retrofit.batching import first_row_repeated
-    from retrofit.calibrate import RANDOM_INPUTS
+    from retrofit.evaluation.batching import first_row_repeated
+    from retrofit.pipeline.calibrate import RANDOM_INPUTS
 
     subject = opened.subject
     data, source = ((opened.train, "training data") if opened.train is not None
@@ -563,7 +563,7 @@ def _write_outputs(subject: Subject, final: Any, request: RetrofitRequest,
     written (those the user named stay), so an interrupt or a full disk before that loses no
     training (``--resume``). An output that cannot be written is ``report.failure``; the export
     is checked before it is written, so a failed check writes nothing at all."""
-    from retrofit.train import TrainingInterrupted
+    from retrofit.training.loop import TrainingInterrupted
 
     try:
         if request.export_onnx is not None:
@@ -608,7 +608,7 @@ def _finetune(opened: OpenedModel, request: RetrofitRequest,
     model in the subject's format and the runs' checkpoints. A final model that computes
     NaN/inf is ``report.failure``. Ctrl-C after the fine-tune finished says which checkpoint
     keeps it."""
-    from retrofit.train import TrainingInterrupted
+    from retrofit.training.loop import TrainingInterrupted
 
     report = swapped.report
     assert report.output is not None and opened.train is not None and opened.val is not None
@@ -617,7 +617,7 @@ def _finetune(opened: OpenedModel, request: RetrofitRequest,
     checkpoint = Path(config.checkpoint)
     try:
         if request.plot is not None:
-            from retrofit.plots import save_training_plot
+            from retrofit.pipeline.plots import save_training_plot
 
             save_training_plot(trained.history, request.plot)
             report.written.append(request.plot)
@@ -638,7 +638,7 @@ def _finetune(opened: OpenedModel, request: RetrofitRequest,
 
 def finetune_config(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path,
                     report: RetrofitReport) -> Any:
-    """The request's :class:`~retrofit.train.FinetuneConfig` for this job: its device, its
+    """The request's :class:`~retrofit.training.loop.FinetuneConfig` for this job: its device, its
     checkpoint, and exact batches for a model that takes one batch size (said in the report)."""
     assert opened.train is not None
     config = replace(request.finetune, device=request.device, checkpoint=checkpoint)
@@ -701,7 +701,7 @@ def _finetune_once(model: Any, train: ClassificationData, val: ClassificationDat
     """One fine-tuning run. Its checkpoint stays until the job's outputs are written. With
     ``--resume`` a run whose checkpoint is missing (a control arm never started) starts anew;
     one that had finished only loads its final state."""
-    from retrofit.train import finetune
+    from retrofit.training.loop import finetune
 
     checkpoint = Path(config.checkpoint)
     if request.force and not config.resume:
@@ -718,7 +718,7 @@ def _finetune_once(model: Any, train: ClassificationData, val: ClassificationDat
 
 def _score_torch(module: Any, val: ClassificationData, request: RetrofitRequest,
                  fixed_batch: int | None) -> EvalResult:
-    from retrofit.evaluate import torch_predictor
+    from retrofit.evaluation.evaluate import torch_predictor
 
     return evaluate(torch_predictor(module, device=request.device, fixed_batch=fixed_batch), val,
                     batch_size=request.data.batch_size, description="scoring control")
@@ -730,7 +730,7 @@ def _export(subject: Subject, final: Any, request: RetrofitRequest, report: Retr
     path = request.export_onnx
     assert path is not None
     if isinstance(subject, TorchSubject):
-        from retrofit.onnx_export import export_onnx
+        from retrofit.torch_path.export import export_onnx
 
         if subject.inputs is None:
             raise UsageError("--export-onnx needs sample inputs: pass --input-shape or --data")

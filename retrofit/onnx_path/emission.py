@@ -1,6 +1,6 @@
 """ONNX spellings of the activations that replace ReLU: one site's computation as nodes.
 
-The rewrite (:mod:`retrofit.onnx_rewrite`) decides where a site is, what it is called and where
+The rewrite (:mod:`retrofit.onnx_path.rewrite`) decides where a site is, what it is called and where
 its parameters live; this module only turns a config plus one site's :class:`SitePlan` into
 nodes, for every default-domain opset from :data:`MIN_OPSET` to the newest one onnx knows, either
 inline or as the body of one model-local function per variant.
@@ -104,7 +104,7 @@ def competition_axes(
 ) -> CompetitionAxes:
     """Resolve a config's ``reduce`` to concrete axes for a tensor of ``rank`` dimensions.
 
-    The same axes as the torch module (:func:`retrofit.activations.competition_axes`):
+    The same axes as the torch module (:func:`retrofit.activations.modules.competition_axes`):
     ``sample`` every non-batch axis; ``channel`` the spatial axes ``2..rank-1`` (a 2-D input has
     none, so it falls back to ``sample``); ``last`` the last axis; ``auto`` is ``last`` for
     rank 3, else ``sample``; a 0-D or 1-D tensor is a single sample: every axis.

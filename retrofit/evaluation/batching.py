@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from retrofit.data import first_error_line
+from retrofit.evaluation.data import first_error_line
 from retrofit.verify import compare_outputs, torch_outputs
 
 PROBE_TOLERANCE = 1e-4

@@ -21,8 +21,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from retrofit.activations import MRePU, mrepu
-from retrofit.data import MODEL_CALL_ERRORS, model_input_error
+from retrofit.activations.modules import MRePU, mrepu
+from retrofit.evaluation.data import MODEL_CALL_ERRORS, model_input_error
 from retrofit.sites import RetrofitResult
 
 ELEMENTS_PER_SITE = 1 << 16

@@ -3,7 +3,7 @@
 A model is wrapped into a :class:`Predictor` (batch in, CPU float32 logits out) by
 :func:`torch_predictor` or :func:`onnx_predictor`, so :func:`evaluate` and everything after it
 (metrics, report) treat both kinds the same. :func:`evaluate` keeps the per-sample correctness in
-dataset order, which is what the paired before/after comparison in :mod:`retrofit.metrics` needs.
+dataset order, which is what the paired before/after comparison in :mod:`retrofit.evaluation.metrics` needs.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from retrofit.batching import run_in_batches
-from retrofit.data import MODEL_CALL_ERRORS, check_labels_fit, first_error_line, model_input_error
+from retrofit.evaluation.batching import run_in_batches
+from retrofit.evaluation.data import MODEL_CALL_ERRORS, check_labels_fit, first_error_line, model_input_error
 from retrofit.errors import BadInputError, RetrofitError, UnsupportedModelError, UsageError
-from retrofit.metrics import accuracy, topk_correct
+from retrofit.evaluation.metrics import accuracy, topk_correct
 
 
 class Predictor(Protocol):
@@ -116,7 +116,7 @@ def torch_predictor(
     ``device`` in place; floating inputs are cast to its parameters' dtype unless autocast is on
     (integer inputs, token ids, are fed as they are); outputs that are tuples, or dicts/objects
     with ``logits``, give their logits. ``fixed_batch``: the only batch size the module takes;
-    batches are then run in chunks of it (:func:`retrofit.batching.run_in_batches`)."""
+    batches are then run in chunks of it (:func:`retrofit.evaluation.batching.run_in_batches`)."""
     return TorchPredictor(module, device=device, autocast_dtype=autocast_dtype,
                           fixed_batch=fixed_batch)
 

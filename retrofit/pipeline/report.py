@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from retrofit.data import shown_name
-from retrofit.job import GateResult, RetrofitReport
-from retrofit.metrics import PairedDelta
+from retrofit.evaluation.data import shown_name
+from retrofit.pipeline.job import GateResult, RetrofitReport
+from retrofit.evaluation.metrics import PairedDelta
 from retrofit.sites import ReluSite
 from retrofit.verify import OutputParity
 

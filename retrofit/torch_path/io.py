@@ -33,7 +33,7 @@ from torch import nn
 
 from retrofit.atomic import write_bytes_atomic
 from retrofit.errors import BadInputError, UntrustedPickleError, UsageError
-from retrofit.retrofit_record import METADATA_KEY, RetrofitRecord
+from retrofit.torch_path.record import METADATA_KEY, RetrofitRecord
 from retrofit.verify import eval_mode
 
 
@@ -58,7 +58,7 @@ class TorchModel:
     ``notes`` what loading changed that the user must hear (a module saved in training mode,
     the package imported to read its output types).
     ``program`` is the loaded ``torch.export`` program (``.pt2`` only), for a re-export with a
-    dynamic batch (:func:`retrofit.batching.reexport_dynamic_batch`).
+    dynamic batch (:func:`retrofit.evaluation.batching.reexport_dynamic_batch`).
     """
 
     module: nn.Module
@@ -353,7 +353,7 @@ def load_torch_model(
     path: Path, *, arch: str | None = None, arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False, model_format: ModelFormat | None = None,
 ) -> TorchModel:
-    """Load a PyTorch model of any supported format (ONNX is :mod:`retrofit.onnx_io`'s job).
+    """Load a PyTorch model of any supported format (ONNX is :mod:`retrofit.onnx_path.io`'s job).
 
     The module comes back in eval mode, which is how it is verified, scored and saved; a module
     saved in training mode gets a note saying so. A weights file written by a retrofit is
@@ -573,7 +573,7 @@ def _logged_cause(records: list[logging.LogRecord], error: BaseException) -> str
 
 
 def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
-    from retrofit.hf_outputs import register_output_types
+    from retrofit.torch_path.hf_outputs import register_output_types
 
     if not trust_pickle:
         check_exported_archive(path)
@@ -684,7 +684,7 @@ def save_torch_model(model: TorchModel, module: nn.Module, path: Path,
     """Write ``module`` to ``path`` atomically in ``model_format`` (default: the input's).
 
     Weights files get ``record`` (the retrofit history) in their metadata, so that
-    :func:`load_torch_model` can rebuild the module they fit; see :mod:`retrofit.retrofit_record`.
+    :func:`load_torch_model` can rebuild the module they fit; see :mod:`retrofit.torch_path.record`.
     """
     model_format = model_format or model.format
     write_bytes_atomic(path, _serialized(model, module, model_format, record or model.record))

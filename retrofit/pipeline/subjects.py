@@ -1,9 +1,9 @@
 """The model being retrofitted, whatever its format, behind one small interface.
 
-The job (:mod:`retrofit.job`) rewrites, verifies, scores, fine-tunes and saves a model without
+The job (:mod:`retrofit.pipeline.job`) rewrites, verifies, scores, fine-tunes and saves a model without
 knowing whether it is a torch module or an ONNX graph: a :class:`TorchSubject` or an
 :class:`OnnxSubject` does the format-specific part of each step. Fine-tuning always happens in
-torch; an ONNX model is run as a torch module (:mod:`retrofit.onnx_torch`) and its trained values
+torch; an ONNX model is run as a torch module (:mod:`retrofit.onnx_path.to_torch.builder`) and its trained values
 are written back into the original graph.
 """
 
@@ -19,22 +19,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrofit.batching import (
+from retrofit.evaluation.batching import (
     first_row_repeated, fixed_batch_note, probe_fixed_batch, reexport_dynamic_batch,
     static_batch, torch_forward,
 )
-from retrofit.census import take_census
+from retrofit.torch_path.census import take_census
 from retrofit.config import ActivationConfig, MRePUConfig
-from retrofit.data import MODEL_CALL_ERRORS, first_error_line
+from retrofit.evaluation.data import MODEL_CALL_ERRORS, first_error_line
 from retrofit.errors import BadInputError, UsageError
-from retrofit.evaluate import Predictor, onnx_predictor, torch_predictor
+from retrofit.evaluation.evaluate import Predictor, onnx_predictor, torch_predictor
 from retrofit.inputs import (
     InputShape, assign_shapes, embedding_bound, embedding_inputs, random_inputs, table_bounds,
 )
-from retrofit.model_io import ModelFormat, TorchModel, load_torch_model, save_torch_model
-from retrofit.retrofit_record import RetrofitRecord, RetrofitStep
+from retrofit.torch_path.io import ModelFormat, TorchModel, load_torch_model, save_torch_model
+from retrofit.torch_path.record import RetrofitRecord, RetrofitStep
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
-from retrofit.torch_rewrite import retrofit_torch_model
+from retrofit.torch_path.rewrite import retrofit_torch_model
 from retrofit.verify import (
     OutputParity, compare_outputs, copy_module, torch_outputs,
 )
@@ -265,19 +265,19 @@ class OnnxSubject:
 
     def rewrite(self, config: ActivationConfig, select: SiteSelector,
                 site_values: SiteValues | None = None) -> RetrofitResult[Any]:
-        from retrofit.onnx_rewrite import rewrite_onnx_relus
+        from retrofit.onnx_path.rewrite import rewrite_onnx_relus
 
         return rewrite_onnx_relus(self.original, config, select, as_functions=self.as_functions,
                                   site_values=site_values)
 
     def parity(self, rewritten: Any) -> OutputParity:
-        from retrofit.onnx_io import check_onnx_model, run_onnx
+        from retrofit.onnx_path.io import check_onnx_model, run_onnx
 
         check_onnx_model(rewritten)
         return compare_outputs(run_onnx(self.original, self.inputs), run_onnx(rewritten, self.inputs))
 
     def scaled_outputs(self, model: Any, scale: float) -> list[np.ndarray]:
-        from retrofit.onnx_io import run_onnx
+        from retrofit.onnx_path.io import run_onnx
 
         return run_onnx(model, {name: (value * scale).astype(value.dtype)
                                 if np.issubdtype(value.dtype, np.floating) else value
@@ -291,7 +291,7 @@ class OnnxSubject:
         return retrofit_torch_model(self.trainable_original(), config, select, site_values).model
 
     def trainable_original(self) -> nn.Module:
-        from retrofit.onnx_torch import onnx_to_torch
+        from retrofit.onnx_path.to_torch.builder import onnx_to_torch
 
         return onnx_to_torch(self.original)
 
@@ -299,9 +299,9 @@ class OnnxSubject:
                      select: SiteSelector) -> tuple[Any, OutputParity]:
         """Trained weights into the original initializers, trained activation values into a
         fresh rewrite of the original graph; onnxruntime must then agree with torch."""
-        from retrofit.onnx_io import check_onnx_model, run_onnx
-        from retrofit.onnx_rewrite import rewrite_onnx_relus
-        from retrofit.onnx_torch import write_back_initializers
+        from retrofit.onnx_path.io import check_onnx_model, run_onnx
+        from retrofit.onnx_path.rewrite import rewrite_onnx_relus
+        from retrofit.onnx_path.to_torch.builder import write_back_initializers
 
         trained = trained.cpu()
         state = trained.state_dict()
@@ -320,7 +320,7 @@ class OnnxSubject:
 
     def save(self, model: Any, path: Path, step: RetrofitStep | None = None) -> None:
         """The graph says what it computes: ``step`` needs no record here."""
-        from retrofit.onnx_io import save_onnx
+        from retrofit.onnx_path.io import save_onnx
 
         save_onnx(model, path, source=self.path)
 
@@ -355,7 +355,7 @@ def open_subject(
 ) -> Subject:
     """Load the model and settle its sample inputs (given shapes first, then what the file
     carries (``.pt2``), then the first samples of the dataset), their types, and whether the
-    model takes only one batch size (:mod:`retrofit.batching`)."""
+    model takes only one batch size (:mod:`retrofit.evaluation.batching`)."""
     if model_format is ModelFormat.ONNX:
         return _open_onnx(path, input_shapes, seed, as_functions, data_sample)
     loaded = load_torch_model(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
@@ -488,7 +488,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _open_onnx(path: Path, input_shapes: tuple[InputShape, ...], seed: int, as_functions: bool,
                data_sample: torch.Tensor | None) -> OnnxSubject:
-    from retrofit.onnx_io import check_onnx_model, load_onnx, make_onnx_inputs, onnx_runner
+    from retrofit.onnx_path.io import check_onnx_model, load_onnx, make_onnx_inputs, onnx_runner
 
     model = load_onnx(path)
     try:

@@ -3,7 +3,7 @@ for a step boundary so that what is written is a consistent state.
 
 A checkpoint is a plain ``dict`` of tensors, numbers, strings, lists, tuples and dicts, so
 ``torch.load(path, weights_only=True)`` reads it and a checkpoint file cannot run code. What it
-holds is the training loop's business (:mod:`retrofit.train`); this module writes, reads and
+holds is the training loop's business (:mod:`retrofit.training.loop`); this module writes, reads and
 checks the envelope, and captures the random number generators.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from retrofit.atomic import write_bytes_atomic
-from retrofit.data import first_error_line
+from retrofit.evaluation.data import first_error_line
 from retrofit.errors import BadInputError
 
 CHECKPOINT_FORMAT = "cadrelu.finetune-checkpoint/1"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrofit.distributed import is_main_process
+from retrofit.training.distributed import is_main_process
 from retrofit.errors import ExitCode, UsageError
 
 LAUNCHED = "CADRELU_LAUNCHED"
@@ -82,7 +82,7 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
 
 
 def launch(argv: Sequence[str], nproc: int, *, fine_tunes: bool) -> Outcome:
-    """Run ``python -m cli ARGV`` in ``nproc`` local workers (gloo on CPU, one GPU each on
+    """Run ``python -m cadrelu ARGV`` in ``nproc`` local workers (gloo on CPU, one GPU each on
     CUDA) and say how they ended. Ctrl-C here stops the workers (they checkpoint as under
     torchrun) and gives exit code 130."""
     if nproc < 1:
@@ -107,7 +107,7 @@ def launch(argv: Sequence[str], nproc: int, *, fine_tunes: bool) -> Outcome:
             monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=logs),
         )
         try:
-            elastic_launch(config, sys.executable)("-m", "cli", *argv)
+            elastic_launch(config, sys.executable)("-m", "cadrelu", *argv)
         except ChildFailedError as failed:
             return outcome_of(failed.failures)
         except (SignalException, KeyboardInterrupt):

@@ -12,7 +12,7 @@ Where sites are:
   another rank or element type) call separate variants of the function; a variant takes the
   original function's name when the original is no longer called.
 
-Each site gets its parameters (:func:`retrofit.onnx_activations.parameter_names`: CAReLU's
+Each site gets its parameters (:func:`retrofit.onnx_path.emission.parameter_names`: CAReLU's
 ``alpha`` and ``beta``, MRePU's ``gain_in`` and ``gain_out``) as main-graph initializers named
 ``cadrelu.<site>.<parameter>`` (scopes joined by dots, other odd characters ``_``, numbered on a
 clash); ``site_values`` replaces their values, which is how calibrated and trained values are
@@ -22,7 +22,7 @@ variant (element type, axes) is one model-local function in domain ``cadrelu`` a
 one call of it with its own initializers; model-local functions need IR version 8, so a lower IR
 version is raised to 8 and the result says so in its notes. Ranks and element types come from
 onnx shape inference (per subgraph and per function call, with the enclosing scope's types);
-see :func:`retrofit.onnx_activations.competition_axes` for what an unknown rank allows.
+see :func:`retrofit.onnx_path.emission.competition_axes` for what an unknown rank allows.
 
 The input model is never modified; on any error nothing is returned half-edited.
 """
@@ -39,7 +39,7 @@ from onnx import helper
 
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig
 from retrofit.errors import UnsupportedModelError, UsageError
-from retrofit.onnx_activations import (
+from retrofit.onnx_path.emission import (
     FUNCTION_DOMAIN,
     FUNCTION_MIN_IR_VERSION,
     FUNCTION_NAMES,
@@ -57,7 +57,7 @@ from retrofit.onnx_activations import (
     parameter_values,
     type_name,
 )
-from retrofit.onnx_io import ensure_rewritable, iter_nodes
+from retrofit.onnx_path.io import ensure_rewritable, iter_nodes
 from retrofit.sites import (
     ReluSite, RetrofitResult, SiteSelector, no_site_message, unique_site_names,
 )

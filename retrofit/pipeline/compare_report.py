@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from retrofit.compare import CONTROL, ArmRun, ArmSummary, CompareReport
-from retrofit.report import classes_line, print_whole
+from retrofit.pipeline.compare import CONTROL, ArmRun, ArmSummary, CompareReport
+from retrofit.pipeline.report import classes_line, print_whole
 
 COMPARE_REPORT_VERSION = 1
 COLUMNS = ("rank", "arm", "after swap", "after fine-tune", "Δ vs control", "95% CI")

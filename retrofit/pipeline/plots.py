@@ -15,7 +15,7 @@ from retrofit.atomic import atomic_output
 from retrofit.errors import UsageError
 
 if TYPE_CHECKING:
-    from retrofit.train import EpochRecord
+    from retrofit.training.loop import EpochRecord
 
 _LABELLED_SITES = 6
 """With more activation sites than this the legend names only the parameters, not each site."""
@@ -27,7 +27,7 @@ def save_training_plot(
     *,
     start_val_top1: float | None = None,
 ) -> Path:
-    """Write the curves of ``history`` (from :class:`~retrofit.train.FinetuneResult`) to ``path``
+    """Write the curves of ``history`` (from :class:`~retrofit.training.loop.FinetuneResult`) to ``path``
     as a PNG, atomically. ``start_val_top1`` adds the accuracy before fine-tuning at epoch 0.
 
     Panels: training loss; training and validation top-1; and, when the model has new
@@ -97,7 +97,7 @@ def save_compare_plot(bars: Sequence[tuple[str, Any]], failed: Sequence[str],
     """Write ``cadrelu compare``'s answer as a PNG, atomically: one bar per ranked candidate,
     its mean top-1 change against the ReLU control (the zero line) with its 95% interval as
     whiskers, best first; ``failed`` candidates are named under the axis. ``bars`` pairs each
-    name with its :class:`~retrofit.metrics.SeedPairedDelta`. Returns the path."""
+    name with its :class:`~retrofit.evaluation.metrics.SeedPairedDelta`. Returns the path."""
     try:
         from matplotlib.figure import Figure
     except ImportError as error:

@@ -1,0 +1,1 @@
+"""Evaluation: datasets, batched prediction for torch and ONNX models, and the accuracy metrics."""

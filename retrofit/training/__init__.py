@@ -1,0 +1,1 @@
+"""Fine-tuning: the training loop, its schedule, checkpoints, and distributed (torchrun) workers."""
