@@ -13,7 +13,6 @@ import os
 from json import dumps
 import sys
 import warnings
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, NoReturn, Optional, TypeVar
 
@@ -22,23 +21,31 @@ from rich.console import Console
 from rich.text import Text
 
 from cadrelu.entry import interrupted_line
-from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
+from retrofit.config import (
+    ActivationConfig,
+    MEASURES,
+    ActivationName,
+    CompetitiveReLUConfig,
+    Measure,
+    MRePUConfig,
+    Reduction,
+)
 from retrofit.training.distributed import is_main_process
-from retrofit.errors import ExitCode, RetrofitError, UsageError
+from retrofit.errors import ExitCode, RetrofitError, UsageError, first_line
 from retrofit.inputs import InputShape
 from retrofit.torch_path.io import parse_arch_kwargs
 from retrofit.pipeline.options import ACTIVATION_OPTIONS, activation_config, check_options_apply
 from retrofit.pipeline.job import (
     DataOptions, Gates, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
 )
-from retrofit.pipeline.compare import COMPARED, MEASURES, CompareRequest, candidates, compare_file
+from retrofit.pipeline.compare import COMPARED, CompareRequest, candidates, compare_file
 from retrofit.pipeline.compare_report import compare_to_json, compare_to_markdown, print_compare
 from retrofit.training.launch import launch, prints_errors, record_failure, worker_argv
 from retrofit.pipeline.report import (
     append_step_summary, classes_line, print_report, report_to_json, report_to_markdown,
 )
 from retrofit.sites import SiteSelector
-from retrofit.training.loop import FinetuneConfig
+from retrofit.training.loop import AmpMode, FinetuneConfig, OptimizerName
 from retrofit.atomic import write_text_atomic
 
 try:  # Typer 0.2x vendors Click, and raises its own copy's exceptions
@@ -107,36 +114,6 @@ app = typer.Typer(
 )
 
 
-class Activation(str, Enum):
-    carelu = "carelu"
-    mrepu = "mrepu"
-    repu = "repu"
-
-
-class Measure(str, Enum):
-    energy = "energy"
-    l1 = "l1"
-    count = "count"
-
-
-class Reduce(str, Enum):
-    auto = "auto"
-    sample = "sample"
-    channel = "channel"
-    last = "last"
-
-
-class Optimizer(str, Enum):
-    adamw = "adamw"
-    sgd = "sgd"
-
-
-class Amp(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    off = "off"
-
-
 def _run(job: Callable[[], T]) -> T:
     """Run a library call; turn its errors into one line and an exit code."""
     try:
@@ -150,8 +127,7 @@ def _run(job: Callable[[], T]) -> T:
     except Exception as error:  # a bug of ours: still one line unless debugging
         if os.environ.get("CADRELU_DEBUG"):
             raise
-        first = (str(error).strip().splitlines() or [""])[0]
-        _fail(ExitCode.INTERNAL, f"{type(error).__name__}: {first} "
+        _fail(ExitCode.INTERNAL, f"{first_line(error, typed=True)} "
               "(set CADRELU_DEBUG=1 for the traceback)", prefix="internal error: ")
 
 
@@ -166,7 +142,7 @@ def _fail(code: int, message: object, prefix: str = "error: ") -> NoReturn:
 def _given(ctx: typer.Context) -> dict[str, Any]:
     """The options the user set (on the command line or through the environment), with their
     values: an option left at its default cannot contradict anything."""
-    return {name: value.value if isinstance(value, Enum) else value
+    return {name: value
             for name, value in ctx.params.items()
             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in _DEFAULTS}
 
@@ -195,20 +171,20 @@ StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std to
 LabelOpt = Annotated[Optional[str], typer.Option("--label-column", help="CSV column holding the label (default: label/target/class/y, else the last).", rich_help_panel=DATA)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size for scoring and fine-tuning.", rich_help_panel=DATA)]
 KOpt = Annotated[float, typer.Option("--k", help="CAReLU scale bound K (> 1).")]
-ReduceOpt = Annotated[Reduce, typer.Option(help="CAReLU competition axes: auto (last axis for 3-D sequences, whole sample otherwise), sample, channel or last.")]
+ReduceOpt = Annotated[Reduction, typer.Option(help="CAReLU competition axes: auto (last axis for 3-D sequences, whole sample otherwise), sample, channel or last.")]
 POpt = Annotated[float, typer.Option("--p", help="MRePU/RePU power p (> 1).")]
 COpt = Annotated[float, typer.Option("--c", help="MRePU shift c.")]
 ToleranceOpt = Annotated[float, typer.Option(help="Largest output difference, relative to the output scale, allowed for an identity-initialised retrofit and for ONNX vs torch.")]
 FinetuneOpt = Annotated[Optional[Path], typer.Option("--finetune", help="Training data to fine-tune on (same formats as --data); without --data a validation split is taken from it.", rich_help_panel=FINETUNE)]
 EpochsOpt = Annotated[int, typer.Option(help="Fine-tuning epochs.", rich_help_panel=FINETUNE)]
-OptimizerOpt = Annotated[Optimizer, typer.Option(help="Optimizer.", rich_help_panel=FINETUNE)]
+OptimizerOpt = Annotated[OptimizerName, typer.Option(help="Optimizer.", rich_help_panel=FINETUNE)]
 LrOpt = Annotated[float, typer.Option(help="Learning rate of the network's weights.", rich_help_panel=FINETUNE)]
 ActivationLrOpt = Annotated[float, typer.Option(help="Learning rate of the new activation parameters.", rich_help_panel=FINETUNE)]
 WeightDecayOpt = Annotated[float, typer.Option(help="Weight decay (not applied to activation parameters, biases and norms).", rich_help_panel=FINETUNE)]
 WarmupOpt = Annotated[float, typer.Option(help="Fraction of steps spent in linear warm-up before the cosine decay.", rich_help_panel=FINETUNE)]
 GradClipOpt = Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: off).", rich_help_panel=FINETUNE)]
 BlendRampOpt = Annotated[float, typer.Option(help="MRePU: ramp the blend from ReLU (0) to MRePU (1) over this fraction of the steps (default 0: the calibrated MRePU from the first step).", rich_help_panel=FINETUNE)]
-AmpOpt = Annotated[Amp, typer.Option(help="Mixed precision: auto (bf16 on GPU, off on CPU), bf16 or off.", rich_help_panel=FINETUNE)]
+AmpOpt = Annotated[AmpMode, typer.Option(help="Mixed precision: auto (bf16 on GPU, off on CPU), bf16 or off.", rich_help_panel=FINETUNE)]
 DeterministicOpt = Annotated[bool, typer.Option(help="Deterministic algorithms (slower on GPU).", rich_help_panel=FINETUNE)]
 ValFractionOpt = Annotated[float, typer.Option(help="Validation fraction split off --finetune when no --data is given.", rich_help_panel=FINETUNE)]
 NprocOpt = Annotated[Optional[int], typer.Option("--nproc-per-node", help="Fine-tune in N local processes (one GPU each, or N CPU processes), started and watched by cadrelu: the exit code is the documented one and one line says why (torchrun reports every failure as 1).", rich_help_panel=FINETUNE)]
@@ -247,15 +223,15 @@ def _data_options(val: Path | None, train: Path | None, image_size: int | None,
                        _floats(std, "--std"), label_column, batch_size)
 
 
-def _finetune_config(*, epochs: int, batch_size: int, optimizer: Optimizer, lr: float,
+def _finetune_config(*, epochs: int, batch_size: int, optimizer: OptimizerName, lr: float,
                      activation_lr: float, weight_decay: float, warmup: float, grad_clip: float,
-                     amp: Amp, deterministic: bool, device: str, seed: int = 0,
+                     amp: AmpMode, deterministic: bool, device: str, seed: int = 0,
                      checkpoint: Path | None = None, resume: bool = False) -> FinetuneConfig:
     """The fine-tuning options, as the command line names them, as a FinetuneConfig."""
     return FinetuneConfig(
-        epochs=epochs, batch_size=batch_size, optimizer=optimizer.value, lr=lr,
+        epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
         activation_lr=activation_lr, weight_decay=weight_decay, warmup_fraction=warmup,
-        grad_clip=grad_clip, seed=seed, deterministic=deterministic, amp=amp.value,
+        grad_clip=grad_clip, seed=seed, deterministic=deterministic, amp=amp,
         device=device, checkpoint=checkpoint, resume=resume,
     )
 
@@ -274,10 +250,10 @@ def _request(model: Path, config: ActivationConfig, include: list[str] | None,
 def retrofit(
     ctx: typer.Context,
     model: ModelArg,
-    to: Annotated[Activation, typer.Option("--to", help="The activation that replaces ReLU.")] = Activation.carelu,
-    measure: Annotated[Measure, typer.Option(help="CAReLU competition measure: energy share, L1 share or count share of the positive side.")] = Measure.energy,
+    to: Annotated[ActivationName, typer.Option("--to", help="The activation that replaces ReLU.")] = "carelu",
+    measure: Annotated[Measure, typer.Option(help="CAReLU competition measure: energy share, L1 share or count share of the positive side.")] = "energy",
     k: KOpt = 2.0,
-    reduce: ReduceOpt = Reduce.auto,
+    reduce: ReduceOpt = "auto",
     p: POpt = 2.0,
     c: COpt = 1.0,
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="MRePU: fit each site's input and output gains to the ReLU it replaces, on the data (the calibrated swap); --no-calibrate swaps in the paper's plain MRePU.")] = True,
@@ -297,14 +273,14 @@ def retrofit(
     data: DataOpt = None,
     finetune: FinetuneOpt = None,
     epochs: EpochsOpt = TRAINING.epochs,
-    optimizer: OptimizerOpt = Optimizer.adamw,
+    optimizer: OptimizerOpt = "adamw",
     lr: LrOpt = TRAINING.lr,
     activation_lr: ActivationLrOpt = TRAINING.activation_lr,
     weight_decay: WeightDecayOpt = TRAINING.weight_decay,
     warmup: WarmupOpt = TRAINING.warmup_fraction,
     grad_clip: GradClipOpt = TRAINING.grad_clip,
     blend_ramp: BlendRampOpt = MRePUConfig().ramp_fraction,
-    amp: AmpOpt = Amp.auto,
+    amp: AmpOpt = "auto",
     deterministic: DeterministicOpt = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file written each epoch and on Ctrl-C (default: OUTPUT.ckpt).", rich_help_panel=FINETUNE)] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted fine-tune from its checkpoint.", rich_help_panel=FINETUNE)] = False,
@@ -328,7 +304,7 @@ def retrofit(
 
     def request() -> RetrofitRequest:
         check_options_apply(given, data=data is not None, finetune=finetune is not None)
-        config = activation_config(to.value, {name: value for name, value in given.items()
+        config = activation_config(to, {name: value for name, value in given.items()
                                               if name in ACTIVATION_OPTIONS})
         data_options = _data_options(data, finetune, image_size, crop_size, mean, std,
                                      label_column, batch_size, val_fraction)
@@ -465,7 +441,7 @@ def compare(
     measures: Annotated[Optional[list[str]], typer.Option("--measures", help=f"CAReLU competition measures, one candidate each: {', '.join(MEASURES)} (repeatable or comma-separated; default: all).")] = None,
     seeds: Annotated[Optional[list[str]], typer.Option("--seeds", help="Seeds: every arm is fine-tuned once with each, the control with the same (repeatable or comma-separated, e.g. 0,1,2; default 0). A validation split off --finetune uses the first.")] = None,
     k: KOpt = 2.0,
-    reduce: ReduceOpt = Reduce.auto,
+    reduce: ReduceOpt = "auto",
     p: POpt = 2.0,
     c: COpt = 1.0,
     include: IncludeOpt = None,
@@ -479,14 +455,14 @@ def compare(
     data: DataOpt = None,
     finetune: FinetuneOpt = None,
     epochs: EpochsOpt = TRAINING.epochs,
-    optimizer: OptimizerOpt = Optimizer.adamw,
+    optimizer: OptimizerOpt = "adamw",
     lr: LrOpt = TRAINING.lr,
     activation_lr: ActivationLrOpt = TRAINING.activation_lr,
     weight_decay: WeightDecayOpt = TRAINING.weight_decay,
     warmup: WarmupOpt = TRAINING.warmup_fraction,
     grad_clip: GradClipOpt = TRAINING.grad_clip,
     blend_ramp: BlendRampOpt = MRePUConfig().ramp_fraction,
-    amp: AmpOpt = Amp.auto,
+    amp: AmpOpt = "auto",
     deterministic: DeterministicOpt = False,
     val_fraction: ValFractionOpt = 0.2,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for each run's checkpoint and the state file that records finished runs (default: MODEL_STEM.compare beside the model).", rich_help_panel=FINETUNE)] = None,

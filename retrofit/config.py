@@ -9,10 +9,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, Sequence, Union, get_args
 
+from retrofit.errors import UsageError
+
+# Each choice set is written once, as a Literal type: configs, modules and the CLI's options
+# (Typer reads Literal choices) all take their values from here.
+ActivationName = Literal["carelu", "mrepu", "repu"]
 Measure = Literal["energy", "l1", "count"]
 Reduction = Literal["auto", "sample", "channel", "last"]
+MEASURES: tuple[str, ...] = get_args(Measure)
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+
+
+def check_choice(value: str, choices: Sequence[str], what: str) -> None:
+    """Refuse a value outside its choice set, naming the choices (exit code 2)."""
+    if value not in choices:
+        raise UsageError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,7 @@ def _check_power(p: float) -> None:
 
 ActivationConfig = Union[CompetitiveReLUConfig, MRePUConfig, RePUConfig]
 
-CONFIGS: dict[str, type] = {
+CONFIGS: dict[ActivationName, type] = {
     "carelu": CompetitiveReLUConfig,
     "mrepu": MRePUConfig,
     "repu": RePUConfig,

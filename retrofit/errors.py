@@ -68,3 +68,13 @@ class OutputError(RetrofitError):
     """An output cannot be written where asked (missing folder, exists, equals the input)."""
 
     exit_code = ExitCode.OUTPUT
+
+
+def first_line(error: BaseException | str, *, typed: bool = False, limit: int = 300) -> str:
+    """The first non-blank line of an error's message, for a one-line report: library errors
+    (torch, onnx, PIL) span many lines. ``typed`` prefixes the exception's class name, where the
+    message alone does not say what failed; ``limit`` caps the line's length."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    name = type(error).__name__ if isinstance(error, BaseException) else ""
+    text = (f"{name}: {lines[0]}" if typed and name else lines[0]) if lines else name
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,9 +1,9 @@
 """Ctrl-C and SIGTERM reaching the real ``cadrelu`` process during fine-tuning: exit code 130,
 one line naming the checkpoint, no output written, and ``--resume`` ends where an
 uninterrupted run with the same seed ends (resumed once, for SIGINT: after the signal both
-take the same path, and tests/test_train.py resumes a mid-epoch SIGTERM exactly).
+take the same path, and tests/training/test_loop.py resumes a mid-epoch SIGTERM exactly).
 
-tests/test_train.py covers the same in-process (exact resume at epoch ends and mid-epoch);
+tests/training/test_loop.py covers the same in-process (exact resume at epoch ends and mid-epoch);
 here the signal comes from outside, as from a terminal or a job scheduler.
 """
 

@@ -43,20 +43,15 @@ from torch.autograd.function import once_differentiable
 
 from retrofit.config import (
     CONFIGS,
+    MEASURES,
+    REDUCTIONS,
     ActivationConfig,
     CompetitiveReLUConfig,
     MRePUConfig,
     RePUConfig,
+    check_choice,
 )
 from retrofit.errors import UsageError
-
-MEASURES: tuple[str, ...] = ("energy", "l1", "count")
-REDUCTIONS: tuple[str, ...] = ("auto", "sample", "channel", "last")
-
-
-def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
-    if value not in choices:
-        raise UsageError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
 
 
 def _finite_max(dtype: torch.dtype) -> float:
@@ -166,8 +161,8 @@ def competition(
     :func:`competition_axes`. The result keeps those axes with size 1, so it broadcasts against
     ``z``; it is float32 for half inputs and ``z``'s dtype otherwise.
     """
-    _check_choice(measure, MEASURES, "measure")
-    _check_choice(reduce, REDUCTIONS, "reduce")
+    check_choice(measure, MEASURES, "measure")
+    check_choice(reduce, REDUCTIONS, "reduce")
     return _competition(z, measure, eps, reduce)
 
 
@@ -209,8 +204,8 @@ def competitive_relu(
     Output has ``z``'s dtype (half inputs are computed in float32) and saturates at its largest
     finite value.
     """
-    _check_choice(measure, MEASURES, "measure")
-    _check_choice(reduce, REDUCTIONS, "reduce")
+    check_choice(measure, MEASURES, "measure")
+    check_choice(reduce, REDUCTIONS, "reduce")
     if _eager_carelu_applies(z, alpha, beta):
         return _eager_competitive_relu(z, alpha, beta, float(k), float(eps), measure, reduce)
     # Python floats work as alpha/beta too; the annotation is TorchScript's.
@@ -250,8 +245,8 @@ class CompetitiveReLU(nn.Module):
             raise UsageError(f"CompetitiveReLU needs a CompetitiveReLUConfig, got {config!r}")
         if overrides:
             config = dataclasses.replace(config, **overrides)
-        _check_choice(config.measure, MEASURES, "measure")
-        _check_choice(config.reduce, REDUCTIONS, "reduce")
+        check_choice(config.measure, MEASURES, "measure")
+        check_choice(config.reduce, REDUCTIONS, "reduce")
         self.config = config
         self.measure: str = config.measure
         self.reduce: str = config.reduce

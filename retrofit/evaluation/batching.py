@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from retrofit.evaluation.data import first_error_line
+from retrofit.errors import first_line
 from retrofit.verify import compare_outputs, torch_outputs
 
 PROBE_TOLERANCE = 1e-4
@@ -86,7 +86,7 @@ def _runs(forward: Forward, inputs: tuple[Tensor, ...]) -> Sequence[np.ndarray] 
     try:
         return forward(inputs)
     except Exception as error:  # noqa: BLE001 - the model's code or runtime refusing this batch
-        return first_error_line(error)
+        return first_line(error)
 
 
 @dataclass(frozen=True)

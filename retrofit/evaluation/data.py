@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from retrofit.errors import BadInputError, UsageError
+from retrofit.errors import BadInputError, UsageError, first_line
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -422,8 +422,7 @@ def _open_image(path: str, *, load: bool) -> Any:
         if load:
             image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BadInputError(f"cannot read image {path}: {reason}") from error
+        raise BadInputError(f"cannot read image {path}: {first_line(error)}") from error
     return image
 
 
@@ -589,7 +588,7 @@ def _read_npz(path: Path) -> tuple[Tensor, np.ndarray, ClassNames | None, dict[s
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise BadInputError(f"cannot read {path}: {first_error_line(error)}") from error
+        raise BadInputError(f"cannot read {path}: {first_line(error)}") from error
     with archive:
         missing = [key for key in ("x", "y") if key not in archive.files]
         if missing:
@@ -609,12 +608,12 @@ def _read_npz(path: Path) -> tuple[Tensor, np.ndarray, ClassNames | None, dict[s
                         "loaded (it could run code); save plain numeric arrays"
                     ) from error
                 raise BadInputError(
-                    f"cannot read array {key} in {path}: {first_error_line(error)}"
+                    f"cannot read array {key} in {path}: {first_line(error)}"
                 ) from error
             except (OSError, EOFError, zipfile.BadZipFile) as error:
                 raise BadInputError(
                     f"cannot read array {key} in {path} (damaged or truncated): "
-                    f"{first_error_line(error)}"
+                    f"{first_line(error)}"
                 ) from error
     x_array = arrays["x"]
     if x_array.dtype.kind not in "biuf":
@@ -634,7 +633,7 @@ def _read_pt(path: Path) -> tuple[Tensor, np.ndarray, ClassNames | None, dict[st
         ) from error
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
         raise BadInputError(
-            f"cannot read {path} (damaged or truncated?): {first_error_line(error)}"
+            f"cannot read {path} (damaged or truncated?): {first_line(error)}"
         ) from error
     if not isinstance(data, dict):
         raise BadInputError(f"{path} holds a {type(data).__name__}; expected a dict with x and y")
@@ -879,12 +878,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def first_error_line(error: BaseException) -> str:
-    """The first line of an error's message (library errors can span many lines)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 # --------------------------------------------------------------------------- splits and checks
 
 
@@ -1043,7 +1036,7 @@ def model_input_error(error: BaseException, sample_shape: Sequence[int]) -> BadI
     """The one-line error for data that the model cannot take (wrong shape, channels, rank)."""
     return BadInputError(
         f"data samples of shape {tuple(sample_shape)} do not fit the model: "
-        f"{first_error_line(error)}"
+        f"{first_line(error)}"
     )
 
 

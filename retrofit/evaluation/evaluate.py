@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from retrofit.evaluation.batching import run_in_batches
-from retrofit.evaluation.data import MODEL_CALL_ERRORS, check_labels_fit, first_error_line, model_input_error
-from retrofit.errors import BadInputError, RetrofitError, UnsupportedModelError, UsageError
+from retrofit.evaluation.data import MODEL_CALL_ERRORS, check_labels_fit, model_input_error
+from retrofit.errors import BadInputError, RetrofitError, UnsupportedModelError, UsageError, first_line
 from retrofit.evaluation.metrics import accuracy, topk_correct
 
 
@@ -192,7 +192,7 @@ class OnnxPredictor:
             self.session = ort.InferenceSession(source, options, providers=providers)
         except self._errors as error:
             raise UnsupportedModelError(
-                f"onnxruntime cannot load the model: {first_error_line(error)}"
+                f"onnxruntime cannot load the model: {first_line(error)}"
             ) from error
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
@@ -231,7 +231,7 @@ class OnnxPredictor:
         try:
             (output,) = self.session.run([self.output_name], {self.input_name: array})
         except self._errors as error:
-            raise RuntimeError(first_error_line(error)) from error
+            raise RuntimeError(first_line(error)) from error
         return torch.from_numpy(np.asarray(output)).float()
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:

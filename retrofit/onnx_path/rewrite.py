@@ -58,6 +58,7 @@ from retrofit.onnx_path.emission import (
     type_name,
 )
 from retrofit.onnx_path.io import ensure_rewritable, iter_nodes
+from retrofit.onnx_path.site_names import DEFAULT_DOMAINS, is_relu, node_label
 from retrofit.sites import (
     ReluSite, RetrofitResult, SiteSelector, no_site_message, unique_site_names,
 )
@@ -65,7 +66,6 @@ from retrofit.sites import (
 SITE_KIND = "onnx.Relu"
 PARAMETER_PREFIX = "cadrelu."
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _RNN_OPS = {"RNN", "GRU", "LSTM"}
 _SMALL_TENSOR_BYTES = 4096
 
@@ -80,12 +80,6 @@ Signature = tuple[Optional[SitePlan], ...]
 # Small helpers
 
 
-def _is_relu(node: onnx.NodeProto) -> bool:
-    return node.op_type == "Relu" and node.domain in _DEFAULT_DOMAINS
-
-
-def _label(node: onnx.NodeProto, index: int) -> str:
-    return node.name or (node.output[0] if node.output else f"node_{index}")
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
@@ -107,7 +101,7 @@ def _call_key(node: onnx.NodeProto) -> FunctionKey:
 
 
 def _default_opset(opset_imports: Iterable[onnx.OperatorSetIdProto]) -> int | None:
-    versions = [o.version for o in opset_imports if o.domain in _DEFAULT_DOMAINS]
+    versions = [o.version for o in opset_imports if o.domain in DEFAULT_DOMAINS]
     return max(versions) if versions else None
 
 
@@ -390,8 +384,8 @@ class _Discovery:
         place); ``sink`` collects the sites of a function body instead (``graph`` is None).
         ``opset`` and ``opsets`` are the scope's default-domain version and opset imports."""
         for index, node in enumerate(nodes):
-            label = prefix + _label(node, index)
-            if _is_relu(node):
+            label = prefix + node_label(node, index)
+            if is_relu(node):
                 elem_type, rank = _tensor_info(types, node.input[0] if node.input else "")
                 found = _Found(label, owner, elem_type, rank, opset)
                 if graph is not None:
@@ -472,8 +466,8 @@ class _Discovery:
 
     def _layout_scope(self, nodes: Sequence[onnx.NodeProto], prefix: str, layout: _Layout) -> None:
         for index, node in enumerate(nodes):
-            label = prefix + _label(node, index)
-            if _is_relu(node):
+            label = prefix + node_label(node, index)
+            if is_relu(node):
                 layout.entries.append(("relu", label))
                 layout.labels.append(label)
                 layout.count += 1
@@ -491,7 +485,7 @@ class _Discovery:
                     layout.count += inner.count
 
     def _note_hidden_relu(self, node: onnx.NodeProto, label: str) -> None:
-        if node.op_type in _RNN_OPS and node.domain in _DEFAULT_DOMAINS:
+        if node.op_type in _RNN_OPS and node.domain in DEFAULT_DOMAINS:
             for attr in node.attribute:
                 if attr.name == "activations" and b"Relu" in attr.strings:
                     self.notes.append(
@@ -706,8 +700,8 @@ class _Rewriter:
     ) -> None:
         replacements: dict[int, list[onnx.NodeProto]] = {}
         for index, node in enumerate(container):
-            label = prefix + _label(node, index)
-            if _is_relu(node):
+            label = prefix + node_label(node, index)
+            if is_relu(node):
                 slot = counter[0]
                 counter[0] += 1
                 plan = signature[slot]

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from retrofit.atomic import check_output_path, write_text_atomic
-from retrofit.config import ActivationConfig
+from retrofit.config import MEASURES, ActivationConfig
 from retrofit.training.distributed import (
     DistContext, broadcast_object, setup_distributed, teardown_distributed, world_size,
 )
@@ -64,7 +64,6 @@ from retrofit.pipeline.options import activation_config, options_by_activation
 CONTROL = "control"
 """The ReLU control's arm name."""
 COMPARED = ("carelu", "mrepu")
-MEASURES = ("energy", "l1", "count")
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 T = TypeVar("T")

@@ -25,8 +25,8 @@ from retrofit.evaluation.batching import (
 )
 from retrofit.torch_path.census import take_census
 from retrofit.config import ActivationConfig, MRePUConfig
-from retrofit.evaluation.data import MODEL_CALL_ERRORS, first_error_line
-from retrofit.errors import BadInputError, UsageError
+from retrofit.evaluation.data import MODEL_CALL_ERRORS
+from retrofit.errors import BadInputError, UsageError, first_line
 from retrofit.evaluation.evaluate import Predictor, onnx_predictor, torch_predictor
 from retrofit.inputs import (
     InputShape, assign_shapes, embedding_bound, embedding_inputs, random_inputs, table_bounds,
@@ -149,7 +149,7 @@ class TorchSubject:
             try:
                 self._reference = torch_outputs(self.original, self.inputs)
             except Exception as error:  # the model's own code, whatever it raises
-                why = first_error_line(error)
+                why = first_line(error)
                 if not isinstance(error, MODEL_CALL_ERRORS):
                     why = f"{type(error).__name__}: {why}"
                 raise BadInputError(

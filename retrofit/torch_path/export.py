@@ -29,7 +29,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from retrofit.onnx_path import io as onnx_io
 from retrofit.evaluation.batching import first_row_repeated, outputs_when_grown
-from retrofit.errors import BadInputError, ParityError
+from retrofit.errors import BadInputError, ParityError, first_line
 from retrofit.torch_path.io import _torch_export_logs
 from retrofit.onnx_path.io import check_onnx_model, iter_nodes, run_onnx, save_onnx
 from retrofit.verify import OutputParity, compare_outputs, copy_module, eval_mode, torch_outputs
@@ -38,7 +38,6 @@ DEFAULT_OPSET = 20
 """torch 2.13's default for ``torch.onnx.export(dynamo=True)``: onnxscript's torchlib writes
 opset 18 and converts up; onnxruntime runs opset 20 from 1.17 on."""
 
-_ERROR_LIMIT = 300
 _EXTRA = 2
 """Rows added to the sample batch for the second batch size checked: the sample and two copies
 of its first row, larger than the batch of two a batch of one is traced with."""
@@ -302,9 +301,7 @@ def _cause(error: BaseException) -> str:
     """The first line of the innermost cause: torch.onnx wraps it in a generic header."""
     while error.__cause__ is not None:
         error = error.__cause__
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return text if len(text) <= _ERROR_LIMIT else text[: _ERROR_LIMIT - 3] + "..."
+    return first_line(error, typed=True)
 
 
 def _widened(dynamic: tuple[bool, ...], dynamic_dims: tuple[tuple[int, ...], ...] | None) -> bool:

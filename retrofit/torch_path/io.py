@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from retrofit.atomic import write_bytes_atomic
-from retrofit.errors import BadInputError, UntrustedPickleError, UsageError
+from retrofit.errors import BadInputError, UntrustedPickleError, UsageError, first_line
 from retrofit.torch_path.record import METADATA_KEY, RetrofitRecord
 from retrofit.verify import eval_mode
 
@@ -151,13 +151,8 @@ def _torch_save_kind(path: Path) -> ModelFormat:
     except pickle.UnpicklingError:
         return ModelFormat.PICKLED_MODULE
     except Exception as error:
-        raise BadInputError(f"{path}: cannot read this torch.save file ({_line(error)})") from error
+        raise BadInputError(f"{path}: cannot read this torch.save file ({first_line(error)})") from error
     return ModelFormat.STATE_DICT
-
-
-def _line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def parse_arch_kwargs(items: Sequence[str]) -> dict[str, Any]:
@@ -214,7 +209,7 @@ def load_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
 
 
 def _described(error: BaseException) -> str:
-    return f"{type(error).__name__}: {_line(error)}"
+    return first_line(error, typed=True)
 
 
 def _arch_factory(spec: str, module_name: str, factory_name: str) -> Any:
@@ -329,7 +324,7 @@ def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
         model.load_state_dict(state)
     except RuntimeError as error:  # e.g. a dtype that cannot be copied into the parameter
         raise BadInputError(f"{path}: the state dict does not load into --arch {arch} "
-                            f"({_line(error)})") from error
+                            f"({first_line(error)})") from error
     if prefix is None:
         return None
     return (f"{path.name}: every key began with {prefix!r} (a wrapper's prefix), which was removed "
@@ -379,10 +374,10 @@ def load_torch_model(
                       "importable (its folder, or PYTHONPATH)")
             raise BadInputError(
                 f"{path}: cannot unpickle the module: it names code that cannot be imported "
-                f"here ({_line(error)}); {remedy}, or save a .pt2 or a state dict instead"
+                f"here ({first_line(error)}); {remedy}, or save a .pt2 or a state dict instead"
             ) from error
         except Exception as error:
-            raise BadInputError(f"{path}: cannot unpickle the module ({_line(error)})") from error
+            raise BadInputError(f"{path}: cannot unpickle the module ({first_line(error)})") from error
         module, notes = _module_in(module, path)
         if _in_training_mode(module):
             notes.append(_TRAINING_MODE_NOTE)
@@ -460,7 +455,7 @@ def _read_state(path: Path, model_format: ModelFormat) -> tuple[dict[str, torch.
     except BadInputError:
         raise
     except Exception as error:
-        raise BadInputError(f"{path}: cannot read the weights ({_line(error)})") from error
+        raise BadInputError(f"{path}: cannot read the weights ({first_line(error)})") from error
     return state, (RetrofitRecord.from_json(text, path) if isinstance(text, str) else None)
 
 
@@ -504,7 +499,7 @@ def check_exported_archive(path: Path) -> None:
                         "--trust-pickle only if you trust its source"
                     )
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
-        raise BadInputError(f"{path}: damaged zip archive ({_line(error)})") from error
+        raise BadInputError(f"{path}: damaged zip archive ({first_line(error)})") from error
 
 
 def _raw_tensor_members(archive: zipfile.ZipFile, names: list[str]) -> set[str]:
@@ -518,7 +513,7 @@ def _raw_tensor_members(archive: zipfile.ZipFile, names: list[str]) -> set[str]:
             entries = [(entry["path_name"], entry.get("use_pickle")) for entry in config.values()]
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise BadInputError(f"{archive.filename}: damaged torch.export record {name} "
-                                f"({_line(error)})") from error
+                                f"({first_line(error)})") from error
         folder = name.rpartition("/")[0]
         for path_name, use_pickle in entries:
             if (not use_pickle and isinstance(path_name, str)
@@ -568,8 +563,8 @@ def _logged_cause(records: list[logging.LogRecord], error: BaseException) -> str
     "check the warnings above"."""
     for record in reversed(records):
         if record.exc_info and record.exc_info[1] is not None:
-            return _line(record.exc_info[1])
-    return _line(error)
+            return first_line(record.exc_info[1])
+    return first_line(error)
 
 
 def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
@@ -607,7 +602,7 @@ def _load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
             notes.append(_TRAINING_MODE_NOTE)
         module = program.module()
     except Exception as error:  # a damaged or hand-made program
-        raise BadInputError(f"{path}: the torch.export program is not usable ({_line(error)})") from error
+        raise BadInputError(f"{path}: the torch.export program is not usable ({first_line(error)})") from error
     if len(example) != len(placeholders) or not all(isinstance(t, torch.Tensor) for t in example):
         raise BadInputError(
             f"{path}: the program's example inputs are not {len(placeholders)} tensor(s), one per "
@@ -675,7 +670,7 @@ def export_program(
         with eval_mode(module):
             return torch.export.export(module, tuple(example_inputs), dynamic_shapes=shapes)
     except Exception as error:
-        raise BadInputError(f"cannot export the model with torch.export ({_line(error)})") from error
+        raise BadInputError(f"cannot export the model with torch.export ({first_line(error)})") from error
 
 
 def save_torch_model(model: TorchModel, module: nn.Module, path: Path,

@@ -34,7 +34,7 @@ from torch import fx, nn
 
 from retrofit.activations.modules import make_activation
 from retrofit.config import ActivationConfig
-from retrofit.errors import UnsupportedModelError, UsageError
+from retrofit.errors import UnsupportedModelError, UsageError, first_line
 from retrofit.sites import (
     ReluSite, RetrofitResult, SiteSelector, no_site_message, unique_site_names,
 )
@@ -127,11 +127,6 @@ def _is_relu_module(module: nn.Module) -> bool:
     return isinstance(module, nn.ReLU)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
 class _SiteTracer(fx.Tracer):
     """Traces one module's own forward: every submodule call stays one call node.
 
@@ -166,7 +161,7 @@ def _trace(module: nn.Module) -> tuple[fx.Graph | None, str, str]:
     try:
         graph = tracer.trace(module)
     except Exception as error:  # any failure of user code under fx
-        return None, _first_line(error), ""
+        return None, first_line(error, typed=True), ""
     for node in graph.nodes:
         # Annotations kept as strings (``from __future__ import annotations``) would become
         # string globals of the generated code, which a pickled GraphModule cannot name.

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from retrofit.atomic import write_bytes_atomic
-from retrofit.evaluation.data import first_error_line
-from retrofit.errors import BadInputError
+from retrofit.errors import BadInputError, first_line
 
 CHECKPOINT_FORMAT = "cadrelu.finetune-checkpoint/1"
 """The ``format`` entry of every checkpoint; a file without it is not one of ours."""
@@ -49,7 +48,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BadInputError(f"checkpoint {path} does not exist") from error
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise BadInputError(
-            f"cannot read checkpoint {path}: {first_error_line(error)}"
+            f"cannot read checkpoint {path}: {first_line(error)}"
         ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise BadInputError(f"{path} is not a cadrelu fine-tuning checkpoint")

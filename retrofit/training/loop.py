@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ from retrofit.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from retrofit.evaluation.data import MODEL_CALL_ERRORS, check_labels_fit, first_error_line, model_input_error
+from retrofit.evaluation.data import MODEL_CALL_ERRORS, check_labels_fit, model_input_error
 from retrofit.training.distributed import (
     DistContext,
     PlannedBatch,
@@ -81,6 +81,7 @@ from retrofit.errors import (
     RetrofitError,
     UnsupportedModelError,
     UsageError,
+    first_line,
 )
 from retrofit.evaluation.evaluate import (  # shared so that training and evaluation read batches alike
     check_batch_labels,
@@ -92,8 +93,10 @@ from retrofit.evaluation.evaluate import (  # shared so that training and evalua
 )
 from retrofit.verify import copy_module
 
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
-AMP_MODES: tuple[str, ...] = ("auto", "bf16", "off")
+OptimizerName = Literal["adamw", "sgd"]
+AmpMode = Literal["auto", "bf16", "off"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+AMP_MODES: tuple[str, ...] = get_args(AmpMode)
 
 _NOT_COMPARED_ON_RESUME = ("device", "num_workers", "checkpoint", "resume")
 """Config fields a resumed run may change: they do not change what is computed."""
@@ -127,7 +130,7 @@ class FinetuneConfig:
 
     epochs: int = 3
     batch_size: int = 64
-    optimizer: str = "adamw"
+    optimizer: OptimizerName = "adamw"
     lr: float = 1e-4
     activation_lr: float | None = 1e-2
     weight_decay: float = 1e-4
@@ -136,7 +139,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     seed: int = 0
     deterministic: bool = False
-    amp: str = "auto"
+    amp: AmpMode = "auto"
     blend_ramp_fraction: float | None = None
     device: str = "auto"
     num_workers: int = 0
@@ -457,7 +460,7 @@ class _Finetuning:
             self.model = copy_module(source).to(device)
         except (TypeError, RuntimeError, copy.Error) as error:
             raise UnsupportedModelError(
-                f"cannot copy the model for fine-tuning: {first_error_line(error)}") from error
+                f"cannot copy the model for fine-tuning: {first_line(error)}") from error
         self.fixed_mode = not _set_training(self.model, True) or _is_export_graph(self.model)
         self.amp_dtype = (torch.bfloat16 if config.amp == "bf16" or (
             config.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -560,7 +563,7 @@ class _Finetuning:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise BadInputError(f"checkpoint {self.checkpoint} does not fit this model: "
-                                f"{first_error_line(error)}") from error
+                                f"{first_line(error)}") from error
         self.step, self.epoch = schedule["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.totals = list(state["epoch_totals"]) if self.ctx.is_main else [0.0, 0.0, 0.0]

@@ -14,7 +14,7 @@ What callers may rely on:
   one tensor for a one-output graph, else a tuple in graph-output order.
 * Each ONNX ``Relu`` becomes one ``call_function`` node with target ``torch.relu`` and
   ``node.meta["site_name"]`` set to the site name the ONNX rewrite uses (``node.name`` or its
-  first output, made unique in graph order by :func:`retrofit.sites.unique_site_names`).
+  first output, made unique in graph order by :func:`retrofit.onnx_path.site_names.graph_site_names`).
 * Float initializers used as run-time tensors are parameters; other initializers used at run time
   (integer tables, BatchNormalization running statistics) are persistent buffers; ``Constant``
   nodes and values folded at build time are non-persistent buffers or Python literals. The state
@@ -61,8 +61,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, numpy_helper
 from torch import fx, nn
 
-from retrofit.errors import BadInputError, RetrofitError, UnsupportedModelError
-from retrofit.sites import unique_site_names
+from retrofit.errors import BadInputError, RetrofitError, UnsupportedModelError, first_line
+from retrofit.onnx_path.site_names import DEFAULT_DOMAINS, graph_site_names, is_relu
 
 __all__ = [
     "SUPPORTED_OPS",
@@ -72,7 +72,6 @@ __all__ = [
     "write_back_initializers",
 ]
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _CONTROL_FLOW = ("If", "Loop", "Scan")
 
 _TORCH_DTYPES: dict[int, torch.dtype] = {
@@ -197,13 +196,13 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
 
 def _default_opset(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
-        if entry.domain in _DEFAULT_DOMAINS:
+        if entry.domain in DEFAULT_DOMAINS:
             return entry.version
     raise BadInputError("the ONNX model does not import the default operator set")
 
 
 def _op_label(node: onnx.NodeProto) -> str:
-    return node.op_type if node.domain in _DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
+    return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
 
 
 def _unsupported_ops(model: onnx.ModelProto) -> list[str]:
@@ -211,7 +210,7 @@ def _unsupported_ops(model: onnx.ModelProto) -> list[str]:
         {
             _op_label(node)
             for node in model.graph.node
-            if node.domain not in _DEFAULT_DOMAINS or node.op_type not in _HANDLERS
+            if node.domain not in DEFAULT_DOMAINS or node.op_type not in _HANDLERS
         }
     )
 
@@ -598,9 +597,8 @@ class _Builder:
 
     def add_nodes(self) -> None:
         nodes = list(self.model.graph.node)
-        relus = [n for n in nodes if n.op_type == "Relu" and n.domain in _DEFAULT_DOMAINS]
-        site_names = unique_site_names([n.name or n.output[0] for n in relus])
-        self.site_names = {id(n): s for n, s in zip(relus, site_names)}
+        relus = [node for node in nodes if is_relu(node)]
+        self.site_names = {id(n): s for n, s in zip(relus, graph_site_names(nodes))}
         for node in _topological_order(nodes, set(self.values)):
             self.current = node
             self.since = _op_version(node.op_type, self.opset)
@@ -611,8 +609,8 @@ class _Builder:
                 raise
             except Exception as error:  # noqa: BLE001 - one line for the user, cause chained
                 raise UnsupportedModelError(
-                    f"cannot fine-tune this ONNX model: {node.op_type} node "
-                    f"{self.current_label!r} cannot be built: {error}".splitlines()[0]
+                    first_line(f"cannot fine-tune this ONNX model: {node.op_type} node "
+                               f"{self.current_label!r} cannot be built: {error}")
                 ) from error
             if not isinstance(outputs, (list, tuple)):
                 outputs = [outputs]

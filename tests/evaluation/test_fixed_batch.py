@@ -250,7 +250,7 @@ def test_eager_module_with_a_fixed_batch_is_probed_from_its_input_shape(
         tmp_path: Path, data: tuple[Path, Path]) -> None:
     path = tmp_path / "fixed.state.pt"
     torch.save(_model(fixed=True).state_dict(), path)
-    arch = "tests.test_fixed_batch:fixed_model"
+    arch = "tests.evaluation.test_fixed_batch:fixed_model"
     (val, train), out = data, tmp_path / "out.pt"
     result = run_cli("retrofit", path, "--arch", arch, "--input-shape", "4,3,8,8", "--data",
                      val, "--finetune", train, "--epochs", "1", "--device", "cpu", "-o", out)

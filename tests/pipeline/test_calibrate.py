@@ -231,7 +231,7 @@ def test_data_the_model_cannot_take_is_bad_input_when_calibrating_too(tmp_path):
     the data is scored: the same one line and exit code 3 as scoring gives, not a bug's 1."""
     from retrofit.errors import ExitCode
     from tests.conftest import one_line, run_cli
-    from tests.test_int_inputs import LENGTH, VOCAB, _model
+    from tests.evaluation.test_int_inputs import LENGTH, VOCAB, _model
 
     source = tmp_path / "tokens.pt2"
     torch.export.save(torch.export.export(_model(), (torch.randint(0, VOCAB, (2, LENGTH)),)),

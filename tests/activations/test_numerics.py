@@ -1,7 +1,7 @@
 """Numerics at the edges: activations on extreme inputs in every dtype, non-finite data refused
 by the command line, a diverging fine-tune stopped with the last good state kept.
 
-The contract tested here (tests/test_activations.py covers zeros and 1e30/3e38 forward):
+The contract tested here (tests/activations/test_modules.py covers zeros and 1e30/3e38 forward):
 
 * Any *finite* input, of any magnitude (subnormal to the dtype's largest value, mixed in one
   row), gives a finite output in float32, bfloat16 and float16, for CompetitiveReLU with every

@@ -26,7 +26,7 @@ from retrofit.torch_path.rewrite import retrofit_torch_model
 from tests.conftest import no_partial_files, run_cli, sha256
 from tests.models import TinyResNet
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+from tests.conftest import SAMPLES
 SCALED = {"alpha_init": 1.3, "beta_init": -0.4}  # not the identity: the sites compute something
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")

@@ -18,7 +18,7 @@ from retrofit.errors import BadInputError, ExitCode, UsageError
 from retrofit.torch_path.io import load_model, load_torch_model, parse_arch_kwargs
 from tests.conftest import one_line, run_cli, sha256
 
-FACTORY = "tests.test_model_files:head_cnn"
+FACTORY = "tests.torch_path.test_model_files:head_cnn"
 
 
 class HeadCNN(nn.Module):

@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from retrofit.errors import UnsupportedModelError
 from retrofit.onnx_path.to_torch.builder import SUPPORTED_OPS, onnx_to_torch
-from tests.test_onnx_torch import OpCase, _assert_matches_ort, _f, _i, _n
+from tests.onnx_path.test_to_torch import OpCase, _assert_matches_ort, _f, _i, _n
 
 _DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
 _MODEL_KINDS = ("pytorch-converted", "pytorch-operator")
