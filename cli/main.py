@@ -33,7 +33,7 @@ from retrofit.config import (
 from retrofit.training.distributed import is_main_process
 from retrofit.errors import ExitCode, RetrofitError, UsageError, first_line
 from retrofit.inputs import InputShape
-from retrofit.torch_path.io import parse_arch_kwargs
+from retrofit.torch_path.arch import parse_arch_kwargs
 from retrofit.pipeline.options import ACTIVATION_OPTIONS, activation_config, check_options_apply
 from retrofit.pipeline.job import (
     DataOptions, Gates, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,

@@ -15,7 +15,7 @@ import torch
 from retrofit.atomic import atomic_output, write_text_atomic
 from retrofit.training.checkpoint import load_checkpoint, save_checkpoint
 from retrofit.errors import ExitCode, OutputError
-from retrofit.torch_path.io import ModelFormat, detect_format
+from retrofit.torch_path.formats import ModelFormat, detect_format
 from tests.conftest import SAMPLES, no_partial_files, one_line, run_cli as cli, sha256
 
 MLP = SAMPLES / "models" / "digits_mlp.pt2"

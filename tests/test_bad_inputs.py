@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from retrofit.errors import ExitCode
-from retrofit.torch_path.io import ModelFormat, detect_format
+from retrofit.torch_path.formats import ModelFormat, detect_format
 from tests.conftest import SAMPLES, _WritesMarker, no_partial_files, run_cli as cli, sha256
 
 MLP = SAMPLES / "models" / "digits_mlp.pt2"

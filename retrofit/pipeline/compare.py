@@ -58,7 +58,7 @@ from retrofit.pipeline.job import (
     report_trained, score_stage, swap,
 )
 from retrofit.evaluation.metrics import SeedPairedDelta, paired_delta_over_seeds
-from retrofit.torch_path.io import ModelFormat
+from retrofit.torch_path.formats import ModelFormat
 from retrofit.pipeline.options import activation_config, options_by_activation
 
 CONTROL = "control"

@@ -28,7 +28,7 @@ from retrofit.errors import OutputError, RetrofitError, UnsupportedModelError, U
 from retrofit.evaluation.evaluate import EvalResult, evaluate, resolve_device
 from retrofit.inputs import InputShape
 from retrofit.evaluation.metrics import PairedDelta, paired_delta_ci
-from retrofit.torch_path.io import ModelFormat, default_output_path, detect_format
+from retrofit.torch_path.formats import ModelFormat, default_output_path, detect_format
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector
 from retrofit.torch_path.record import RetrofitStep
 from retrofit.pipeline.subjects import NO_SAMPLE_INPUT, Subject, TorchSubject, final_config, open_subject

@@ -31,7 +31,8 @@ from retrofit.evaluation.evaluate import Predictor, onnx_predictor, torch_predic
 from retrofit.inputs import (
     InputShape, assign_shapes, embedding_bound, embedding_inputs, random_inputs, table_bounds,
 )
-from retrofit.torch_path.io import ModelFormat, TorchModel, load_torch_model, save_torch_model
+from retrofit.torch_path.formats import ModelFormat, TorchModel
+from retrofit.torch_path.io import load_torch_model, save_torch_model
 from retrofit.torch_path.record import RetrofitRecord, RetrofitStep
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
 from retrofit.torch_path.rewrite import retrofit_torch_model

@@ -30,7 +30,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from retrofit.onnx_path import io as onnx_io
 from retrofit.evaluation.batching import first_row_repeated, outputs_when_grown
 from retrofit.errors import BadInputError, ParityError, first_line
-from retrofit.torch_path.io import _torch_export_logs
+from retrofit.torch_path.exported import torch_export_logs
 from retrofit.onnx_path.io import check_onnx_model, iter_nodes, run_onnx, save_onnx
 from retrofit.verify import OutputParity, compare_outputs, copy_module, eval_mode, torch_outputs
 
@@ -291,7 +291,7 @@ def _quiet() -> Iterator[None]:
     """Keep the exporter's progress prints, log records and warnings out of the tool's output;
     a failure is reported by the exception it raises."""
     sink = io.StringIO()
-    with warnings.catch_warnings(), _torch_export_logs(), contextlib.redirect_stdout(sink), \
+    with warnings.catch_warnings(), torch_export_logs(), contextlib.redirect_stdout(sink), \
             contextlib.redirect_stderr(sink):
         warnings.simplefilter("ignore")
         yield

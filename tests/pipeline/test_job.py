@@ -11,7 +11,7 @@ import pytest
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.errors import OutputError, UsageError
 from retrofit.pipeline.job import DataOptions, Gates, RetrofitRequest, evaluate_file, retrofit_file
-from retrofit.torch_path.io import ModelFormat
+from retrofit.torch_path.formats import ModelFormat
 from retrofit.pipeline.report import report_to_dict, report_to_markdown
 from tests.conftest import SAMPLES
 

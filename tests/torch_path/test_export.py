@@ -19,7 +19,8 @@ from retrofit.onnx_path import io as onnx_io
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.errors import BadInputError, OutputError, ParityError
 from retrofit.pipeline.job import RetrofitRequest, retrofit_file
-from retrofit.torch_path.io import TorchModel, load_torch_model
+from retrofit.torch_path.formats import TorchModel
+from retrofit.torch_path.io import load_torch_model
 from retrofit.torch_path.export import export_onnx
 from retrofit.sites import SiteSelector
 from retrofit.torch_path.rewrite import retrofit_torch_model

@@ -10,13 +10,8 @@ from safetensors.torch import save_file
 
 from retrofit.atomic import check_output_path
 from retrofit.errors import BadInputError, OutputError, UntrustedPickleError, UsageError
-from retrofit.torch_path.io import (
-    ModelFormat,
-    default_output_path,
-    detect_format,
-    load_torch_model,
-    save_torch_model,
-)
+from retrofit.torch_path.formats import ModelFormat, default_output_path, detect_format
+from retrofit.torch_path.io import load_torch_model, save_torch_model
 from retrofit.verify import torch_parity
 from tests import models
 from tests.conftest import no_partial_files

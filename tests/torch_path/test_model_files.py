@@ -15,7 +15,8 @@ from torch import nn
 
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.errors import BadInputError, ExitCode, UsageError
-from retrofit.torch_path.io import load_model, load_torch_model, parse_arch_kwargs
+from retrofit.torch_path.arch import parse_arch_kwargs
+from retrofit.torch_path.io import load_model, load_torch_model
 from tests.conftest import one_line, run_cli, sha256
 
 FACTORY = "tests.torch_path.test_model_files:head_cnn"

@@ -225,7 +225,7 @@ def test_retrofitted_module_survives_a_pickle_round_trip(build, shape, tmp_path)
 
 
 def test_census_does_not_count_a_listed_kept_relu_call_twice(tmp_path):
-    from retrofit.torch_path.io import ModelFormat, TorchModel
+    from retrofit.torch_path.formats import ModelFormat, TorchModel
     from retrofit.pipeline.subjects import TorchSubject
 
     model = models.Specialising().eval()

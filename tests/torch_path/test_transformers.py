@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 from retrofit.activations.modules import CompetitiveReLU  # noqa: E402
 from retrofit.pipeline.job import RetrofitRequest, retrofit_file  # noqa: E402
-from retrofit.torch_path.io import ModelFormat, load_torch_model  # noqa: E402
+from retrofit.torch_path.formats import ModelFormat
+from retrofit.torch_path.io import load_torch_model  # noqa: E402
 from retrofit.verify import flatten_outputs, torch_parity  # noqa: E402
 from tests.conftest import REPO, one_line, run_cli  # noqa: E402
 from tests.models import count_relu_calls  # noqa: E402
