@@ -1,4 +1,4 @@
-"""retrofit.onnx_path.to_torch.builder: an ONNX graph runs as a trainable fx module, and training writes back.
+"""retrofit.onnx_path.to_torch: an ONNX graph runs as a trainable fx module, and training writes back.
 
 Every parity check compares against onnxruntime, the engine the exported model ships with.
 """
@@ -19,9 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from retrofit.errors import BadInputError, UnsupportedModelError
-from retrofit.onnx_path.to_torch.builder import (
+from retrofit.onnx_path.to_torch.builder import onnx_to_torch
+from retrofit.onnx_path.to_torch.weights import (
     initializer_torch_names,
-    onnx_to_torch,
     torch_name,
     write_back_initializers,
 )
