@@ -302,7 +302,7 @@ class OnnxSubject:
         fresh rewrite of the original graph; onnxruntime must then agree with torch."""
         from retrofit.onnx_path.io import check_onnx_model, run_onnx
         from retrofit.onnx_path.rewrite import rewrite_onnx_relus
-        from retrofit.onnx_path.to_torch.builder import write_back_initializers
+        from retrofit.onnx_path.to_torch.weights import write_back_initializers
 
         trained = trained.cpu()
         state = trained.state_dict()

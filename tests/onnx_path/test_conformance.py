@@ -1,4 +1,4 @@
-"""retrofit.onnx_path.to_torch.builder against ONNX's own operator conformance cases, as onnx2torch runs them.
+"""retrofit.onnx_path.to_torch against ONNX's own operator conformance cases, as onnx2torch runs them.
 
 Every case whose ops are all in ``SUPPORTED_OPS`` is run: the node cases of
 ``onnx.backend.test.case.node`` and the ``pytorch-converted`` / ``pytorch-operator`` models
@@ -8,8 +8,8 @@ shapes, dtypes and values within the backend runner's tolerances) or is refused 
 onnx's "light" model-zoo classifiers must all compute their expected outputs.
 
 Below them: the ops classic classifiers use, at each opset where their semantics differ, against
-onnxruntime; LRN against its spec formula; old op versions' attribute forms; and the op-version
-registry (unknown versions refused, every version onnx defines claimed or deliberately refused).
+onnxruntime; LRN against its spec formula; old op versions' attribute forms (the op-version
+registry itself is tested in test_registry.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 from onnx import numpy_helper
 
 from retrofit.errors import UnsupportedModelError
-from retrofit.onnx_path.to_torch.builder import SUPPORTED_OPS, onnx_to_torch
+from retrofit.onnx_path.to_torch import SUPPORTED_OPS
+from retrofit.onnx_path.to_torch.builder import onnx_to_torch
 from tests.onnx_path.test_to_torch import OpCase, _assert_matches_ort, _f, _i, _n
 
 _DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
@@ -415,7 +416,7 @@ def _run(model: onnx.ModelProto, *inputs: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["edge", "reflect", "wrap"])
 def test_pad_modes_copy_the_elements_numpy_pad_copies_also_past_one_period(mode: str) -> None:
-    from retrofit.onnx_path.to_torch.builder import _pad_source_index
+    from retrofit.onnx_path.to_torch.padding import _pad_source_index
 
     for size in range(2 if mode == "reflect" else 1, 6):
         for before in range(0, 9):
@@ -440,7 +441,7 @@ def test_lrn_graph_trains_every_initializer_and_writes_back() -> None:
     module computes them."""
     import onnxruntime as ort
 
-    from retrofit.onnx_path.to_torch.builder import torch_name, write_back_initializers
+    from retrofit.onnx_path.to_torch.weights import torch_name, write_back_initializers
 
     inits = {"w": _f(4, 3, 3, 3), "cb": _f(4), "fw": _f(5, 4 * 4 * 4), "fb": _f(5)}
     model = _graph_model([
@@ -500,36 +501,6 @@ def test_reshape_1_concat_1_cast_1_and_pad_1_use_their_attribute_forms() -> None
     pad = _graph_model([_n("Pad", ["x"], paddings=[0, 1, 0, 0, 2, 1], value=2.0)], {"x": x}, 1)
     expected = np.pad(x, [(0, 0), (1, 2), (0, 1)], constant_values=2.0)
     np.testing.assert_array_equal(_run(pad, x), expected)
-
-
-@pytest.mark.parametrize("opset, op, attrs", [
-    (5, "Tile", {}),  # Tile-1: tiles and axis inputs
-    (6, "Upsample", {"height_scale": 2.0, "width_scale": 2.0, "mode": "nearest"}),  # Upsample-1
-])
-def test_an_op_version_no_handler_claims_is_refused_before_any_work(
-    opset: int, op: str, attrs: dict
-) -> None:
-    x = _f(1, 1, 2, 2)
-    inputs = ["x", "t", "a"] if op == "Tile" else ["x"]
-    model = _graph_model([_n(op, inputs, **attrs)], {"x": x}, opset,
-                         {"t": _i(2), "a": _i(1)} if op == "Tile" else {})
-    before = model.SerializeToString()
-    with pytest.raises(UnsupportedModelError, match=rf"op versions .*{op}-1 \(opset {opset}\)"):
-        onnx_to_torch(model)
-    assert model.SerializeToString() == before
-
-
-def test_every_op_version_onnx_defines_is_claimed_or_deliberately_refused() -> None:
-    """A newer onnx that adds an op version fails here until someone reads what changed and
-    either claims it in the registry or adds it to the refused versions."""
-    from retrofit.onnx_path.to_torch.builder import _VERSIONS
-
-    refused = {("Tile", 1), ("Upsample", 1)}
-    defined = {(s.name, s.since_version) for s in onnx.defs.get_all_schemas_with_history()
-               if s.domain == "" and s.name in SUPPORTED_OPS}
-    claimed = {(op, v) for op, versions in _VERSIONS.items() for v in versions}
-    assert sorted(defined - claimed - refused) == []
-    assert sorted(claimed - defined) == []  # no version that onnx does not define
 
 
 @pytest.mark.parametrize("model, feature", [
