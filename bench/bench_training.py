@@ -44,18 +44,18 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-import retrofit.activations.modules as activations  # noqa: E402
+import retrofit.activations.functional as functional  # noqa: E402
 
 
 @contextlib.contextmanager
 def plain_formula() -> Iterator[None]:
     """Route CompetitiveReLU through the plain tensor formula (autograd records every op)."""
-    fast = activations._eager_carelu_applies
-    activations._eager_carelu_applies = lambda *args: False
+    fast = functional._eager_carelu_applies
+    functional._eager_carelu_applies = lambda *args: False
     try:
         yield
     finally:
-        activations._eager_carelu_applies = fast
+        functional._eager_carelu_applies = fast
 
 
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plain: bool

@@ -6,7 +6,7 @@ The claim: deep RePU networks fail (their kernel recursion has no critical point
 explode or vanish with depth whatever the initialisation), while MRePU, initialised at its
 critical point, trains deep like ReLU; the paper backs its initialisation with a phase diagram
 over (C_W, C_b). Here the same diagram is measured. For ReLU, RePU and MRePU (the library's
-``retrofit.activations.modules.repu``/``mrepu``, p = 2, c = 1), every cell (C_W, C_b, depth) is a
+``retrofit.activations.functional.repu``/``mrepu``, p = 2, c = 1), every cell (C_W, C_b, depth) is a
 fully connected net of ``depth`` hidden layers (Linear -> activation) plus a linear head, with
 *every* Linear drawn by ``retrofit.training.initialisation.initialise_weights``: weights
 N(0, C_W / fan_in), biases N(0, C_b). Each cell trains with the same budget (Adam, constant lr)
@@ -61,7 +61,7 @@ from bench.repro_common import (  # noqa: E402
     set_threads,
     write_results,
 )
-from retrofit.activations.modules import mrepu, repu  # noqa: E402
+from retrofit.activations.functional import mrepu, repu  # noqa: E402
 from retrofit.training.initialisation import (  # noqa: E402
     SCRATCH_INIT,
     initialise_from_scratch,

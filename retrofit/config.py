@@ -7,9 +7,10 @@ object (activations.md gives the math).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union, get_args
+from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union, get_args
 
 from retrofit.errors import UsageError
 
@@ -51,6 +52,8 @@ class CompetitiveReLUConfig:
     identity_at_init = True
 
     def __post_init__(self) -> None:
+        check_choice(self.measure, MEASURES, "measure")
+        check_choice(self.reduce, REDUCTIONS, "reduce")
         if not 1 < self.k < math.inf:  # NaN fails every comparison
             raise ValueError(f"K must be a finite number greater than 1, got {self.k}")
         if not 0 < self.eps < math.inf:
@@ -129,3 +132,29 @@ CONFIGS: dict[ActivationName, type] = {
     "mrepu": MRePUConfig,
     "repu": RePUConfig,
 }
+
+
+Config = TypeVar("Config", CompetitiveReLUConfig, MRePUConfig, RePUConfig)
+
+
+def config_with(kind: type[Config], config: Optional[Config], overrides: Mapping[str, Any]
+                ) -> Config:
+    """The config an activation module is built from: ``config`` (``kind()`` if None) with
+    ``overrides`` replacing its fields, checked again; another activation's config is refused
+    (exit code 2)."""
+    config = kind() if config is None else config
+    if not isinstance(config, kind):
+        raise UsageError(f"the {kind.name} activation is built from a {kind.__name__}, got "
+                         f"{config!r}")
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def resolve_config(config: ActivationConfig | str) -> ActivationConfig:
+    """A config as given, or the defaults of the activation a name names; anything else is
+    refused (exit code 2)."""
+    if isinstance(config, str):
+        check_choice(config, tuple(CONFIGS), "activation")
+        return CONFIGS[config]()  # type: ignore[index]
+    if not isinstance(config, tuple(CONFIGS.values())):
+        raise UsageError(f"no activation for config {config!r}; known: {', '.join(CONFIGS)}")
+    return config

@@ -27,12 +27,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from retrofit.activations.functional import competition_axes as shared_competition_axes
 from retrofit.config import (
+    REDUCTIONS,
     ActivationConfig,
     CompetitiveReLUConfig,
     MRePUConfig,
     Reduction,
     RePUConfig,
+    check_choice,
 )
 from retrofit.errors import UnsupportedModelError, UsageError
 
@@ -104,16 +107,13 @@ def competition_axes(
 ) -> CompetitionAxes:
     """Resolve a config's ``reduce`` to concrete axes for a tensor of ``rank`` dimensions.
 
-    The same axes as the torch module (:func:`retrofit.activations.modules.competition_axes`):
-    ``sample`` every non-batch axis; ``channel`` the spatial axes ``2..rank-1`` (a 2-D input has
-    none, so it falls back to ``sample``); ``last`` the last axis; ``auto`` is ``last`` for
-    rank 3, else ``sample``; a 0-D or 1-D tensor is a single sample: every axis.
-    With the rank unknown, ``sample`` is measured rank-agnostically through ``Flatten`` and
-    ``last`` as axis -1 (opset 11 on); ``auto`` and ``channel`` cannot be decided and raise
-    :class:`UnsupportedModelError`.
+    With the rank known, the torch forms' axes
+    (:func:`retrofit.activations.functional.competition_axes`), every axis of a 0-D or 1-D
+    tensor written as ``None``. With the rank unknown, ``sample`` is measured rank-agnostically
+    through ``Flatten`` and ``last`` as axis -1 (opset 11 on); ``auto`` and ``channel`` cannot
+    be decided and raise :class:`UnsupportedModelError`.
     """
-    if reduce not in ("auto", "sample", "channel", "last"):
-        raise UsageError(f"unknown reduce {reduce!r}; choose auto, sample, channel or last")
+    check_choice(reduce, REDUCTIONS, "reduce")
     if rank is None:
         if reduce == "sample":
             return CompetitionAxes((1,), flatten=True)
@@ -127,13 +127,7 @@ def competition_axes(
         )
     if rank <= 1:
         return CompetitionAxes(None)
-    if reduce == "auto":
-        reduce = "last" if rank == 3 else "sample"
-    if reduce == "last":
-        return CompetitionAxes((rank - 1,))
-    if reduce == "channel" and rank >= 3:
-        return CompetitionAxes(tuple(range(2, rank)))
-    return CompetitionAxes(tuple(range(1, rank)))
+    return CompetitionAxes(tuple(shared_competition_axes(rank, reduce)))
 
 
 @dataclass(frozen=True)

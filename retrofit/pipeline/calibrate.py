@@ -21,7 +21,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from retrofit.activations.modules import MRePU, mrepu
+from retrofit.activations.functional import mrepu
+from retrofit.activations.modules import MRePU
 from retrofit.evaluation.data import MODEL_CALL_ERRORS, model_input_error
 from retrofit.sites import RetrofitResult
 

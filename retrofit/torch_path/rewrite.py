@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from retrofit.activations.modules import make_activation
+from retrofit.activations.registry import make_activation
 from retrofit.config import ActivationConfig
 from retrofit.errors import UnsupportedModelError, UsageError, first_line
 from retrofit.sites import (

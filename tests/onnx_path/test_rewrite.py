@@ -728,11 +728,11 @@ def test_integer_relu_is_kept_with_a_reason():
 
 
 # --------------------------------------------------------------------------------------------
-# The same numbers as the torch modules (retrofit/activations/modules.py)
+# The same numbers as the torch forms (retrofit/activations/functional.py)
 
 
 def test_competition_axes_are_the_torch_modules_axes():
-    activations = pytest.importorskip("retrofit.activations.modules")
+    activations = pytest.importorskip("retrofit.activations.functional")
     for rank in range(6):
         for reduce in ("auto", "sample", "channel", "last"):
             axes = competition_axes(reduce, rank, 17).axes
@@ -748,7 +748,7 @@ def test_competition_axes_are_the_torch_modules_axes():
 )
 def test_competitive_relu_computes_what_the_torch_module_computes(measure, reduce, shape, elem):
     torch = pytest.importorskip("torch")
-    from retrofit.activations.modules import competitive_relu
+    from retrofit.activations.functional import competitive_relu
 
     dtype = helper.tensor_dtype_to_np_dtype(elem)
     x = (_rng(12).standard_normal(shape) * 3).astype(dtype)
@@ -774,7 +774,7 @@ def test_competitive_relu_computes_what_the_torch_module_computes(measure, reduc
 @pytest.mark.parametrize("elem", [F32, F64, TensorProto.FLOAT16])
 def test_mrepu_and_repu_compute_what_the_torch_modules_compute(config, elem):
     torch = pytest.importorskip("torch")
-    from retrofit.activations.modules import mrepu, repu
+    from retrofit.activations.functional import mrepu, repu
 
     dtype = helper.tensor_dtype_to_np_dtype(elem)
     x = np.linspace(-50, 50, 40).astype(dtype).reshape(4, 10)

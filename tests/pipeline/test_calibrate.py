@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from retrofit.activations.modules import MRePU, mrepu
+from retrofit.activations.functional import mrepu
+from retrofit.activations.modules import MRePU
 from retrofit.pipeline.calibrate import calibrate_gains, fit_gains, site_modules
 from retrofit.config import MRePUConfig
 from retrofit.errors import ParityError

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from retrofit.activations.modules import mrepu
+from retrofit.activations.functional import mrepu
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig, RePUConfig
 from retrofit.errors import UsageError
 from retrofit.training.initialisation import (

@@ -1,0 +1,238 @@
+"""Tests for retrofit/activations/kernels.py: the eager fast paths (custom autograd Functions
+and no-grad row kernels) agree with the plain formulas in values and gradients, in float64 and
+every half type, keep only the input for backward, and stay out of captured graphs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from retrofit.activations.functional import competitive_relu
+from retrofit.activations.kernels import (
+    CAReLUPlan,
+    CompetitiveReLUFunction,
+    MRePUFunction,
+    MRePUPlan,
+)
+from retrofit.activations.modules import CompetitiveReLU, MRePU
+from tests.activations.reference import (
+    HALF_AND_SINGLE,
+    MEASURES,
+    REDUCTIONS,
+    SCALES,
+    SHAPES,
+    away_from_zero,
+    gained,
+    plain_carelu,
+    plain_mrepu,
+)
+
+F64_MAX = torch.finfo(torch.float64).max
+
+
+def grads_of(fn, z, module, weight):
+    z = z.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    out = fn(z, module)
+    (out * weight).sum().backward()
+    return out.detach(), [z.grad, *(p.grad for p in module.parameters())]
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_kernels_gradcheck_from_a_plan_alone(measure):
+    """The Functions need nothing but their plan: the row view, the bound, the compute dtype."""
+    z = away_from_zero((3, 2, 4), torch.Generator().manual_seed(9)).requires_grad_()
+    a = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-0.2, dtype=torch.float64, requires_grad=True)
+    plan = CAReLUPlan(2.0, 1e-6, measure, 8, F64_MAX, torch.float64)  # one group per sample
+    assert torch.autograd.gradcheck(lambda *t: CompetitiveReLUFunction.apply(*t, plan), (z, a, b))
+    x = torch.where((z + 1).abs() < 0.1, z + 0.3, z).detach().requires_grad_()  # off x = -c
+    plan = MRePUPlan(0.5, 2.0, 1.0, F64_MAX, torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: MRePUFunction.apply(*t, plan), (x, a, b))
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+def test_fast_carelu_matches_the_plain_formula_in_float64_values_and_gradients(measure, reduce):
+    g = torch.Generator().manual_seed(5)
+    for shape, (alpha, beta) in itertools.product(((4, 7), (2, 3, 5, 5), (2, 6, 8), (9,)), SCALES):
+        module = CompetitiveReLU(measure=measure, reduce=reduce, alpha_init=alpha,
+                                 beta_init=beta, dtype=torch.float64)
+        z = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+        weight = torch.randn(shape, generator=g, dtype=torch.float64)
+        fast, fast_grads = grads_of(lambda x, m: m(x), z, module, weight)
+        plain, plain_grads = grads_of(plain_carelu, z, module, weight)
+        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+        for got, want in zip(fast_grads, plain_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("measure", ("energy", "l1"))
+@pytest.mark.parametrize("reduce", REDUCTIONS)
+def test_inference_carelu_matches_the_plain_formula(measure, reduce):
+    """The no-grad CPU path measures with unscaled norms; it must agree with the scaled formula
+    for every sign of the scale, and hand rows whose norms overflow to the scaled path."""
+    g = torch.Generator().manual_seed(8)
+    for shape, (alpha, beta) in itertools.product((*SHAPES, (9,)), SCALES):
+        for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            module = CompetitiveReLU(measure=measure, reduce=reduce, alpha_init=alpha,
+                                     beta_init=beta, dtype=dtype)
+            z = torch.randn(shape, generator=g, dtype=dtype) * 3
+            z.view(-1)[0] = 1e25  # its square overflows float32: energy falls back to scaling
+            with torch.no_grad():
+                got, want = module(z), plain_carelu(z, module)
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("measure", ("energy", "l1"))
+def test_inplace_inference_writes_into_the_input_only_where_that_is_exact(measure):
+    z = torch.randn(4, 3, 5, 5)
+    settings = {"measure": measure, "alpha_init": 1.3, "beta_init": 0.4}
+    want = plain_carelu(z, CompetitiveReLU(**settings))
+    module = CompetitiveReLU(**settings, inplace=True)
+    x = z.clone()
+    with torch.no_grad():
+        y = module(x)
+    assert y.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    # autograd, a scale that can turn negative, a non-contiguous or half input: out of place
+    negative = CompetitiveReLU(measure=measure, alpha_init=-2.5, beta_init=0.3, inplace=True)
+    for run, x in ((module, z.clone().requires_grad_()), (negative, z.clone()),
+                   (module, z.clone().transpose(2, 3)), (module, z.clone().half())):
+        before = x.detach().clone()
+        with torch.set_grad_enabled(x.requires_grad):
+            run(x)
+        assert torch.equal(x.detach(), before)
+
+
+def test_eager_calls_take_the_fast_path_and_gradcheck_it():
+    module = CompetitiveReLU(alpha_init=1.3, beta_init=0.4, dtype=torch.float64)
+    z = away_from_zero((2, 3, 2, 2), torch.Generator().manual_seed(6)).requires_grad_()
+    assert type(module(z).grad_fn).__name__.startswith("CompetitiveReLUFunction")
+    a, b = module.alpha, module.beta
+    for measure in MEASURES:
+        fn = lambda z, a, b: competitive_relu(z, a, b, measure=measure)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (z, a, b))
+    x = away_from_zero((3, 4), torch.Generator().manual_seed(7), scale=2.0).requires_grad_()
+    assert type(MRePU(blend=0.5)(x).grad_fn).__name__.startswith("MRePUFunction")
+    x = torch.where((x + 1).abs() < 0.1, x + 0.3, x).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: MRePU(blend=0.5)(x), (x,))
+
+
+def test_fast_carelu_passes_gradient_to_beta_when_the_scale_is_exactly_zero():
+    # alpha = beta = 0 gives s = 0: clamp's rule passes the gradient at s*z = 0, so the
+    # parameters still learn (a strict mask would freeze them).
+    module = CompetitiveReLU(alpha_init=0.0, beta_init=0.0, dtype=torch.float64)
+    z = torch.randn(3, 8, dtype=torch.float64)
+    weight = torch.randn(3, 8, dtype=torch.float64)
+    _, fast = grads_of(lambda x, m: m(x), z, module, weight)
+    _, plain = grads_of(plain_carelu, z, module, weight)
+    assert fast[2].abs().item() > 0
+    for got, want in zip(fast, plain):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", HALF_AND_SINGLE, ids=str)
+def test_fast_paths_match_the_plain_formulas_in_every_dtype(dtype):
+    z = (torch.randn(4, 3, 6, 6) * 4).to(dtype)
+    weight = torch.randn(4, 3, 6, 6).to(dtype)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    for module in (CompetitiveReLU(alpha_init=1.3, beta_init=-0.4),
+                   CompetitiveReLU(measure="l1", alpha_init=-1.0, beta_init=0.2)):
+        fast, fast_grads = grads_of(lambda x, m: m(x), z, module, weight)
+        plain, _ = grads_of(plain_carelu, z, module, weight)
+        assert fast.dtype == dtype and fast_grads[0].dtype == dtype
+        torch.testing.assert_close(fast, plain, **tolerance)
+        # gradients against float32 (the plain formula rounds its half gradients more often)
+        _, want_grads = grads_of(plain_carelu, z.float(), module, weight.float())
+        for got, want in zip(fast_grads, want_grads):
+            torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    for lam in (0.5, 1.0):
+        module = gained(MRePU(blend=lam))
+        x = (torch.randn(4, 3, 6, 6) * 2).to(dtype)
+        fast, fast_grads = grads_of(lambda x, m: m(x), x, module, weight)
+        plain, plain_grads = grads_of(plain_mrepu, x, module, weight)
+        torch.testing.assert_close(fast, plain, **tolerance)
+        torch.testing.assert_close(fast_grads[0], plain_grads[0], **tolerance)
+        for got, want in zip(fast_grads[1:], plain_grads[1:]):  # sums over the whole input
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("lam", (0.25, 1.0))
+def test_fast_mrepu_matches_the_plain_formula_in_float64_also_when_saturated(lam):
+    x = torch.tensor([[-3.0, -1.0, -0.5, 0.0, 0.7, 2.0, 1e103, -1e103]], dtype=torch.float64)
+    weight = torch.randn(1, 8, dtype=torch.float64)
+    module = gained(MRePU(blend=lam, dtype=torch.float64))
+    fast, fast_grads = grads_of(lambda x, m: m(x), x, module, weight)
+    plain, plain_grads = grads_of(plain_mrepu, x, module, weight)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    for got, want in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert fast_grads[0][0, 6] == 0  # saturated at the largest float64: no gradient, like clamp
+
+
+def count_saved_elements(fn, *inputs) -> tuple[int, int]:
+    """(number, total elements) of the tensors autograd keeps for the backward of ``fn``."""
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(*inputs)
+    large = [t for t in saved if t.numel() > 64]
+    return len(large), sum(t.numel() for t in saved)
+
+
+def test_fast_paths_keep_only_the_input_for_backward():
+    z = torch.randn(8, 16, 12, 12, requires_grad=True)
+    for module in (CompetitiveReLU(), CompetitiveReLU(measure="l1"), MRePU(), MRePU(blend=0.5)):
+        plain = plain_carelu if isinstance(module, CompetitiveReLU) else plain_mrepu
+        fast_count, fast_elements = count_saved_elements(module, z)
+        plain_count, plain_elements = count_saved_elements(lambda x: plain(x, module), z)
+        assert fast_count == 1, module  # z itself, plus a few numbers per sample
+        assert fast_elements < z.numel() + 8 * 8
+        assert plain_count >= 3 and plain_elements >= 3 * z.numel(), module
+
+
+def test_no_grad_calls_and_graph_capture_use_no_autograd_function():
+    module = CompetitiveReLU(alpha_init=1.3, beta_init=-0.4)
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        assert module(z).grad_fn is None
+    traced = torch.jit.trace(module, (z.detach(),))
+    kinds = {node.kind() for node in traced.graph.nodes()}
+    assert "prim::PythonOp" not in kinds, kinds
+    torch.testing.assert_close(traced(z.detach()), module(z).detach())
+    traced = torch.jit.trace(MRePU(blend=0.5), (z.detach(),))
+    assert "prim::PythonOp" not in {node.kind() for node in traced.graph.nodes()}
+
+
+def test_fast_path_reads_a_non_contiguous_input_and_leaves_it_untouched():
+    z = torch.randn(3, 5, 4, 2).permute(0, 3, 1, 2)  # channels-last-like strides
+    copy = z.clone()
+    module = CompetitiveReLU(alpha_init=1.3, beta_init=-0.4)
+    torch.testing.assert_close(module(z), plain_carelu(z, module).detach())
+    assert torch.equal(z, copy)
+    torch.testing.assert_close(MRePU()(z), plain_mrepu(z, MRePU()))
+    assert torch.equal(z, copy)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_fast_gradients_at_the_largest_finite_value_are_not_nan(dtype):
+    # dL/ds overflows there; the backward works in u = z/m so no 0 * inf becomes NaN, and a
+    # saturated MRePU output gets gradient 0 even where its slope is inf.
+    x = torch.tensor([[torch.finfo(dtype).max, 1.0, -2.0, 0.5]], dtype=dtype)
+    modules = [CompetitiveReLU(measure=m, alpha_init=a, beta_init=b)
+               for m in MEASURES for a, b in ((0.0, None), (1.0, 0.5), (-1.0, -0.9))]
+    for module in [*modules, MRePU(), MRePU(blend=0.5)]:
+        z = x.clone().requires_grad_()
+        module(z).float().sum().backward()
+        for grad in (z.grad, *(p.grad for p in module.parameters())):
+            assert not torch.isnan(grad).any(), module
+    z = torch.tensor([1e30, -1e30, 1.0], requires_grad=True)
+    MRePU()(z).sum().backward()
+    assert z.grad.tolist() == [0.0, 0.0, 8.0]  # saturated, flat (x + c < 0), (x+1)^2 + 2x(x+1)
