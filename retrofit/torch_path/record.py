@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from retrofit.config import CONFIGS, ActivationConfig
-from retrofit.errors import BadInputError, SelectionError
+from retrofit.errors import BadInputError, SelectionError, UsageError
 from retrofit.sites import SiteSelector
 from retrofit.torch_path.rewrite import retrofit_torch_model
 
@@ -77,7 +77,8 @@ class RetrofitRecord:
                 for step in data["steps"]
             )
             return cls(steps, data.get("arch"), dict(data.get("arch_kwargs") or {}))
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
+        # A config out of its ranges (UsageError) is a damaged file here, not a bad option.
+        except (ValueError, KeyError, TypeError, AttributeError, UsageError) as error:
             raise BadInputError(f"{source}: damaged cadrelu record in the file's metadata "
                                 f"({error})") from error
 

@@ -165,9 +165,16 @@ def test_retrofitted_weights_without_arch_say_where_they_came_from(tmp_path):
     assert f"retrofitted from --arch {FACTORY}" in one_line(result)
 
 
-def test_a_damaged_record_is_bad_input(tmp_path):
+@pytest.mark.parametrize("record", [
+    "{not json",
+    # well-formed JSON whose config is out of range: still the file's fault, not an option's
+    '{"version": 1, "steps": [{"activation": "carelu", "config": {"measure": "bogus"}, '
+    '"sites": ["relu"]}]}',
+    '{"version": 1, "steps": [{"activation": "carelu", "config": {"k": 0.5}, "sites": []}]}',
+])
+def test_a_damaged_record_is_bad_input(tmp_path, record):
     state = head_cnn().state_dict()
-    state._metadata[""]["cadrelu"] = "{not json"
+    state._metadata[""]["cadrelu"] = record
     path = tmp_path / "weights.pt"
     torch.save(state, path)
     with pytest.raises(BadInputError, match="damaged cadrelu record"):
