@@ -10,7 +10,8 @@ import pytest
 
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.errors import OutputError, UsageError
-from retrofit.pipeline.job import DataOptions, Gates, RetrofitRequest, evaluate_file, retrofit_file
+from retrofit.pipeline.job import evaluate_file, retrofit_file
+from retrofit.pipeline.request import DataOptions, Gates, RetrofitRequest
 from retrofit.torch_path.io import ModelFormat
 from retrofit.pipeline.report import report_to_dict, report_to_markdown
 from tests.conftest import SAMPLES
@@ -205,7 +206,7 @@ def test_sample_inputs_taken_from_the_data_are_the_data_as_the_model_is_fed_it(n
     import numpy as np
     import torch
 
-    from retrofit.pipeline.job import open_model
+    from retrofit.pipeline.swap import open_model
 
     data = np.load(VAL)
     pixels = tmp_path / "pixels.npz"

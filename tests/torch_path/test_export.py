@@ -18,7 +18,8 @@ from torch import nn
 from retrofit.onnx_path import io as onnx_io
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.errors import BadInputError, OutputError, ParityError
-from retrofit.pipeline.job import RetrofitRequest, retrofit_file
+from retrofit.pipeline.job import retrofit_file
+from retrofit.pipeline.request import RetrofitRequest
 from retrofit.torch_path.io import TorchModel, load_torch_model
 from retrofit.torch_path.export import export_onnx
 from retrofit.sites import SiteSelector
