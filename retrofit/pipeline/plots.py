@@ -21,14 +21,9 @@ _LABELLED_SITES = 6
 """With more activation sites than this the legend names only the parameters, not each site."""
 
 
-def save_training_plot(
-    history: Sequence["EpochRecord"],
-    path: str | os.PathLike[str],
-    *,
-    start_val_top1: float | None = None,
-) -> Path:
+def save_training_plot(history: Sequence["EpochRecord"], path: str | os.PathLike[str]) -> Path:
     """Write the curves of ``history`` (from :class:`~retrofit.training.loop.FinetuneResult`) to ``path``
-    as a PNG, atomically. ``start_val_top1`` adds the accuracy before fine-tuning at epoch 0.
+    as a PNG, atomically.
 
     Panels: training loss; training and validation top-1; and, when the model has new
     activations, each CompetitiveReLU's alpha (solid) and beta (dashed), MRePU's blend lam
@@ -56,8 +51,6 @@ def save_training_plot(
     accuracy = axes[1]
     accuracy.plot(epochs, [r.train_top1 for r in history], marker="o", label="train")
     val = [(r.epoch, r.val_top1) for r in history if r.val_top1 is not None]
-    if start_val_top1 is not None:
-        val.insert(0, (0, start_val_top1))
     if val:
         accuracy.plot(*zip(*val), marker="o", label="validation")
     accuracy.set(title="top-1 accuracy", xlabel="epoch", ylabel="%")
