@@ -16,11 +16,12 @@ from retrofit.evaluation.evaluate import EvalResult
 from retrofit.pipeline.compare import CompareReport, CompareRequest, ComparisonFailed, candidates
 from retrofit.pipeline.request import DataOptions, Gates, RetrofitRequest
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector
+from retrofit.torch_path.io import load_model
 from retrofit.training.loop import FinetuneConfig, FinetuneResult, TrainingDiverged, TrainingInterrupted
 
 __all__ = [
     # the rewrite, and what runs after it
-    "retrofit_model", "finetune", "evaluate", "compare",
+    "retrofit_model", "finetune", "evaluate", "compare", "load_model",
     # configs
     "CompetitiveReLUConfig", "MRePUConfig", "RePUConfig", "FinetuneConfig", "SiteSelector",
     "CompareRequest", "RetrofitRequest", "DataOptions", "Gates", "candidates",

@@ -222,3 +222,9 @@ def test_the_readme_python_example_runs_as_written(monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "stem.2 False excluded" in printed and "True" in printed
+
+
+def test_the_readme_imports_the_library_only_from_its_package():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "from retrofit import load_model" in readme
+    assert not re.findall(r"from retrofit\.|import retrofit\.", readme)

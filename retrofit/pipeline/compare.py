@@ -270,8 +270,8 @@ class CompareReport:
     """What the comparison found. ``arms`` are the candidates, ranked ones first (best first),
     then failed ones; ``control`` the ReLU control; ``before`` the original's score.
     ``gated_arm`` is the candidate the gates were applied to (the top-ranked one).
-    ``failure`` is set when nothing could be ranked: the caller shows the report, then fails
-    with it."""
+    ``failure`` is set when nothing could be ranked: the caller shows the report, then
+    :meth:`raise_for_outcome` raises it (or the failed gates' error)."""
 
     model: Path
     format: ModelFormat

@@ -102,7 +102,8 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
     NaN/inf, and any other :class:`~retrofit.errors.RetrofitError` found before the report
     exists. What fails after it (a fine-tune that diverged, a fine-tuned model that computes
     NaN/inf, an output that cannot be written) is ``report.failure``, and failed gates are in
-    ``report.gates``: the caller shows the report, then acts on them.
+    ``report.gates``: the caller shows the report, then ``report.raise_for_outcome()`` raises
+    the failure or a :class:`~retrofit.errors.GateError`.
     """
     output = _check_outputs(request, detect_format(request.model))
     opened = open_model(request)

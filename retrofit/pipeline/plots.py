@@ -15,6 +15,7 @@ from retrofit.atomic import atomic_output
 from retrofit.errors import UsageError
 
 if TYPE_CHECKING:
+    from retrofit.evaluation.metrics import SeedPairedDelta
     from retrofit.training.loop import EpochRecord
 
 _LABELLED_SITES = 6
@@ -85,12 +86,11 @@ def _plot_activations(axis: Any, history: Sequence["EpochRecord"], sites: list[s
     axis.legend(fontsize="small")
 
 
-def save_compare_plot(bars: Sequence[tuple[str, Any]], failed: Sequence[str],
+def save_compare_plot(bars: Sequence[tuple[str, SeedPairedDelta]], failed: Sequence[str],
                       path: str | os.PathLike[str], *, title: str) -> Path:
     """Write ``cadrelu compare``'s answer as a PNG, atomically: one bar per ranked candidate,
     its mean top-1 change against the ReLU control (the zero line) with its 95% interval as
-    whiskers, best first; ``failed`` candidates are named under the axis. ``bars`` pairs each
-    name with its :class:`~retrofit.evaluation.metrics.SeedPairedDelta`. Returns the path."""
+    whiskers, best first; ``failed`` candidates are named under the axis. Returns the path."""
     try:
         from matplotlib.figure import Figure
     except ImportError as error:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
-from retrofit.errors import OutputError, UsageError
+from retrofit.errors import GateError, OutputError, UsageError
 from retrofit.pipeline.job import evaluate_file, retrofit_file
 from retrofit.pipeline.request import DataOptions, Gates, RetrofitRequest
 from retrofit.torch_path.io import ModelFormat
@@ -50,6 +50,9 @@ def test_mrepu_swap_reports_the_drop_and_fails_a_max_drop_gate(cnn):
     assert [(gate.name, gate.passed) for gate in report.gates] == [("max_drop", False)]
     assert not report.gates_passed
     assert report.output.exists()
+    with pytest.raises(GateError, match="^gate failed: max_drop$") as failed:
+        report.raise_for_outcome()
+    assert failed.value.exit_code == 5
 
 
 def test_json_report_has_exactly_the_documented_keys(cnn):
