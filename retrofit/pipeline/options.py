@@ -136,8 +136,8 @@ def _activation_options(options: Mapping[str, Any], given: Collection[str]) -> d
     return {name: options[name] for name in given if name in ACTIVATION_OPTIONS}
 
 
-def _job(options: Mapping[str, Any], config: ActivationConfig, seed: int, *, checkpoint: Path | None = None, resume: bool = False,
-         **fields: Any) -> RetrofitRequest:
+def _job(options: Mapping[str, Any], config: ActivationConfig, seed: int, *,
+         checkpoint: Path | None = None, resume: bool = False, **fields: Any) -> RetrofitRequest:
     """What ``retrofit`` and every ``compare`` arm share: the model and how to open it, the
     sites, the data, the fine-tuning budget, the device, the tolerance and the gates."""
     data = data_options(options, options["val_fraction"])
