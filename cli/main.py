@@ -10,7 +10,6 @@ in :mod:`cadrelu.entry`, which catches Ctrl-C and SIGTERM before this module's i
 from __future__ import annotations
 
 import os
-from json import dumps
 import sys
 import warnings
 from pathlib import Path
@@ -21,32 +20,22 @@ from rich.console import Console
 from rich.text import Text
 
 from cadrelu.entry import interrupted_line
-from retrofit.config import (
-    ActivationConfig,
-    MEASURES,
-    ActivationName,
-    CompetitiveReLUConfig,
-    Measure,
-    MRePUConfig,
-    Reduction,
-)
-from retrofit.training.distributed import is_main_process
-from retrofit.errors import ExitCode, RetrofitError, UsageError, first_line
-from retrofit.inputs import InputShape
-from retrofit.torch_path.arch import parse_arch_kwargs
-from retrofit.pipeline.options import ACTIVATION_OPTIONS, activation_config, check_options_apply
-from retrofit.pipeline.job import (
-    DataOptions, Gates, RetrofitRequest, evaluate_file, inspect_file, retrofit_file,
-)
-from retrofit.pipeline.compare import COMPARED, CompareRequest, candidates, compare_file
+from retrofit.config import MEASURES, ActivationName, Measure, MRePUConfig, Reduction
+from retrofit.errors import ExitCode, RetrofitError, first_line
+from retrofit.pipeline.compare import COMPARED, compare_file
 from retrofit.pipeline.compare_report import compare_to_json, compare_to_markdown, print_compare
-from retrofit.training.launch import launch, prints_errors, record_failure, worker_argv
-from retrofit.pipeline.report import (
-    append_step_summary, classes_line, print_report, report_to_json, report_to_markdown,
+from retrofit.pipeline.job import evaluate_file, inspect_file, retrofit_file
+from retrofit.pipeline.options import (
+    compare_request, data_options, inspect_request, retrofit_request,
 )
-from retrofit.sites import SiteSelector
+from retrofit.pipeline.report import (
+    evaluation_to_json, print_evaluation, print_report, publish_markdown, report_to_json,
+    report_to_markdown,
+)
+from retrofit.torch_path.arch import parse_arch_kwargs
+from retrofit.training.distributed import is_main_process
+from retrofit.training.launch import launch, prints_errors, record_failure, worker_argv
 from retrofit.training.loop import AmpMode, FinetuneConfig, OptimizerName
-from retrofit.atomic import write_text_atomic
 
 try:  # Typer 0.2x vendors Click, and raises its own copy's exceptions
     from typer._click import exceptions as click_errors
@@ -139,11 +128,10 @@ def _fail(code: int, message: object, prefix: str = "error: ") -> NoReturn:
     raise typer.Exit(int(code)) from None
 
 
-def _given(ctx: typer.Context) -> dict[str, Any]:
-    """The options the user set (on the command line or through the environment), with their
-    values: an option left at its default cannot contradict anything."""
-    return {name: value
-            for name, value in ctx.params.items()
+def _given(ctx: typer.Context) -> set[str]:
+    """The options the user set (on the command line or through the environment): an option
+    left at its default cannot contradict anything."""
+    return {name for name in ctx.params
             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in _DEFAULTS}
 
 
@@ -191,59 +179,6 @@ NprocOpt = Annotated[Optional[int], typer.Option("--nproc-per-node", help="Fine-
 MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Fail (exit 5) when the final top-1 is more than this many points below the original's (compare: the top-ranked candidate's mean).", rich_help_panel=CI)]
 MinGainOpt = Annotated[Optional[float], typer.Option("--min-gain", help="Fail (exit 5) unless the final top-1 gains at least this many points (compare: the top-ranked candidate's mean).", rich_help_panel=CI)]
 MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report here (also appended to $GITHUB_STEP_SUMMARY when set).", rich_help_panel=CI)]
-
-
-def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise UsageError(f"{option} takes numbers separated by commas, got {text!r}") from None
-
-
-def _listed(values: list[str] | None) -> list[str] | None:
-    """A repeatable option whose values may also be comma-separated, as one list."""
-    if values is None:
-        return None
-    return [part.strip() for value in values for part in value.split(",") if part.strip()]
-
-
-def _seeds(values: list[str] | None) -> tuple[int, ...]:
-    try:
-        return tuple(int(value) for value in _listed(values) or ["0"])
-    except ValueError:
-        raise UsageError(f"--seeds takes whole numbers, got {', '.join(values or [])}") from None
-
-
-def _data_options(val: Path | None, train: Path | None, image_size: int | None,
-                  crop_size: int | None, mean: str | None, std: str | None,
-                  label_column: str | None, batch_size: int, val_fraction: float = 0.2) -> DataOptions:
-    return DataOptions(val, train, val_fraction, image_size, crop_size, _floats(mean, "--mean"),
-                       _floats(std, "--std"), label_column, batch_size)
-
-
-def _finetune_config(*, epochs: int, batch_size: int, optimizer: OptimizerName, lr: float,
-                     activation_lr: float, weight_decay: float, warmup: float, grad_clip: float,
-                     amp: AmpMode, deterministic: bool, device: str, seed: int = 0,
-                     checkpoint: Path | None = None, resume: bool = False) -> FinetuneConfig:
-    """The fine-tuning options, as the command line names them, as a FinetuneConfig."""
-    return FinetuneConfig(
-        epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-        activation_lr=activation_lr, weight_decay=weight_decay, warmup_fraction=warmup,
-        grad_clip=grad_clip, seed=seed, deterministic=deterministic, amp=amp,
-        device=device, checkpoint=checkpoint, resume=resume,
-    )
-
-
-def _request(model: Path, config: ActivationConfig, include: list[str] | None,
-             exclude: list[str] | None, input_shape: list[str] | None, **fields: object) -> RetrofitRequest:
-    return RetrofitRequest(
-        model=model, config=config,
-        select=SiteSelector(tuple(include or ()), tuple(exclude or ())),
-        input_shapes=tuple(InputShape.parse(text) for text in input_shape or ()),
-        **fields,  # type: ignore[arg-type]
-    )
 
 
 @app.command()
@@ -300,41 +235,14 @@ def retrofit(
     nproc_per_node: NprocOpt = None,
 ) -> None:
     """Rewrite every selected ReLU site, verify, optionally fine-tune, score and save."""
-    given = _given(ctx)
-
-    def request() -> RetrofitRequest:
-        check_options_apply(given, data=data is not None, finetune=finetune is not None)
-        config = activation_config(to, {name: value for name, value in given.items()
-                                              if name in ACTIVATION_OPTIONS})
-        data_options = _data_options(data, finetune, image_size, crop_size, mean, std,
-                                     label_column, batch_size, val_fraction)
-        finetune_config = None
-        if finetune is not None:
-            finetune_config = _finetune_config(
-                epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                activation_lr=activation_lr, weight_decay=weight_decay, warmup=warmup,
-                grad_clip=grad_clip, amp=amp, deterministic=deterministic, device=device,
-                seed=seed, checkpoint=checkpoint, resume=resume)
-        return _request(model, config, include, exclude, input_shape, output=output, force=force,
-                        arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
-                        trust_pickle=trust_pickle, tolerance=tolerance, seed=seed,
-                        device=device, data=data_options, finetune=finetune_config,
-                        control=control, gates=Gates(max_drop, min_gain),
-                        export_onnx=export_onnx, onnx_functions=onnx_functions, plot=plot,
-                        markdown=markdown)
-
-    job = _run(request)
+    job = _run(lambda: retrofit_request(ctx.params, _given(ctx)))
     if nproc_per_node is not None:
         _launch(nproc_per_node, fine_tunes=job.finetune is not None)
     report = _run(lambda: retrofit_file(job))
     if is_main_process():
         _run(lambda: _show(report, report_to_json, print_report, report_to_markdown, json,
                            markdown))
-    if report.failure is not None:
-        _fail(report.failure.exit_code, report.failure)
-    if not report.gates_passed:
-        failed = ", ".join(gate.name for gate in report.gates if not gate.passed)
-        _fail(ExitCode.GATE, f"gate failed: {failed}")
+    _run(report.raise_for_outcome)
 
 
 def _launch(nproc_per_node: int, *, fine_tunes: bool) -> NoReturn:
@@ -362,14 +270,12 @@ def _show(report: R, as_json: Callable[[R], str], view: Callable[[R, Console], N
         sys.stdout.flush()
     except BrokenPipeError:  # `cadrelu ... | head`: the rest of stdout goes nowhere
         sys.stdout = open(os.devnull, "w")
-    text = as_markdown(report)
-    if markdown is not None:
-        write_text_atomic(markdown, text)
-    append_step_summary(text)
+    publish_markdown(as_markdown(report), markdown)
 
 
 @app.command()
 def inspect(
+    ctx: typer.Context,
     model: ModelArg,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -380,9 +286,7 @@ def inspect(
     json: JsonOpt = False,
 ) -> None:
     """List every ReLU site and whether a retrofit would replace it (a dry run: writes nothing)."""
-    request = _run(lambda: _request(model, CompetitiveReLUConfig(), include, exclude, input_shape,
-                                    arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
-                                    trust_pickle=trust_pickle))
+    request = _run(lambda: inspect_request(ctx.params))
     report = _run(lambda: inspect_file(request))
     if json:
         print(report_to_json(report))
@@ -392,6 +296,7 @@ def inspect(
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     model: ModelArg,
     data: Annotated[Path, typer.Option("--data", help="Labelled data: an image folder, .npz/.pt with x and y, or CSV.")],
     arch: ArchOpt = None,
@@ -407,23 +312,14 @@ def evaluate(
     json: JsonOpt = False,
 ) -> None:
     """Top-1 (and top-5) accuracy of any supported model on a dataset."""
-    report = _run(lambda: evaluate_file(model, _data_options(data, None, image_size, crop_size,
-                                                             mean, std, label_column, batch_size),
-                                        arch=arch,
+    options = ctx.params
+    report = _run(lambda: evaluate_file(model, data_options(options), arch=arch,
                                         arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
                                         trust_pickle=trust_pickle, device=device))
-    result, dataset = report.result, report.dataset
     if json:
-        print(dumps({"model": str(model), "dataset": dataset, "n": result.n, "top1": result.top1,
-                     "top5": result.top5, "notes": report.notes}, indent=2, default=str))
-        return
-    for note in report.notes:
-        out.print(f"[yellow]note:[/] {note}", highlight=False)
-    top5 = "" if result.top5 is None else f", top-5 {result.top5:.2f}%"
-    out.print(f"{model}: top-1 {result.top1:.2f}%{top5} on {result.n} samples of {dataset['validation']}")
-    classes = classes_line(dataset)
-    if classes:
-        out.print(classes, markup=False, highlight=False)
+        print(evaluation_to_json(report))
+    else:
+        print_evaluation(report, out)
 
 
 @app.command(epilog=(
@@ -482,40 +378,14 @@ def compare(
     nproc_per_node: NprocOpt = None,
 ) -> None:
     """Which activation helps this model? Rank every candidate against a ReLU control."""
-    given = _given(ctx)
-
-    def request() -> CompareRequest:
-        check_options_apply(given, data=data is not None, finetune=finetune is not None)
-        first_seed = _seeds(seeds)[0]
-        finetune_config = None if finetune is None else _finetune_config(
-            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-            activation_lr=activation_lr, weight_decay=weight_decay, warmup=warmup,
-            grad_clip=grad_clip, amp=amp, deterministic=deterministic, device=device,
-            seed=first_seed)
-        job = _request(model, CompetitiveReLUConfig(), include, exclude, input_shape,
-                       force=force, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs or ()),
-                       trust_pickle=trust_pickle, tolerance=tolerance, seed=first_seed,
-                       device=device, finetune=finetune_config,
-                       data=_data_options(data, finetune, image_size, crop_size, mean, std,
-                                          label_column, batch_size, val_fraction),
-                       gates=Gates(max_drop, min_gain))
-        options = {name: value for name, value in given.items() if name in ACTIVATION_OPTIONS}
-        return CompareRequest(job, candidates(COMPARED if to is None else _listed(to), _listed(measures),
-                                              options),
-                              _seeds(seeds), out_dir, resume, markdown, plot)
-
-    job = _run(request)
+    job = _run(lambda: compare_request(ctx.params, _given(ctx)))
     if nproc_per_node is not None:
         _launch(nproc_per_node, fine_tunes=True)
     report = _run(lambda: compare_file(job))
     if is_main_process():
         _run(lambda: _show(report, compare_to_json, print_compare, compare_to_markdown, json,
                            markdown))
-    if report.failure is not None:
-        _fail(report.failure.exit_code, report.failure)
-    if not report.gates_passed:
-        failed = ", ".join(gate.name for gate in report.gates if not gate.passed)
-        _fail(ExitCode.GATE, f"gate failed: {failed} (on {report.gated_arm})")
+    _run(report.raise_for_outcome)
 
 
 def run(args: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from retrofit.errors import ExitCode
 from retrofit.torch_path.io import load_torch_model
 from retrofit.verify import torch_parity
 from tests import models
-from tests.conftest import REPO, SAMPLES, no_partial_files, run_cli as _cli, sha256
+from tests.conftest import REPO, SAMPLES, no_partial_files, one_line, run_cli as _cli, sha256
 
 def _copy(path: Path, folder: Path) -> Path:
     target = folder / path.name
@@ -50,6 +50,31 @@ def test_retrofit_prints_sites_and_parity(tmp_path):
     again = _cli("retrofit", source)
     assert again.exit_code == ExitCode.OUTPUT and "already exists" in again.output
     assert _cli("retrofit", source, "--force").exit_code == 0
+
+
+def test_a_failed_gate_is_exit_5_after_the_report_and_the_written_model(tmp_path):
+    source = _copy(SAMPLES / "models" / "digits_cnn.pt2", tmp_path)
+    result = _cli("retrofit", source, "--to", "mrepu", "--data",
+                  SAMPLES / "data" / "digits_val.npz", "--device", "cpu", "--max-drop", "1",
+                  "--min-gain", "-100", "--json")
+    assert result.exit_code == ExitCode.GATE, result.output
+    assert one_line(result) == "error: gate failed: max_drop"
+    report = json.loads(result.stdout)
+    assert [(gate["name"], gate["passed"]) for gate in report["gates"]] == [
+        ("max_drop", False), ("min_gain", True)]
+    assert Path(report["output"]).exists()
+
+
+def test_evaluate_json_is_the_library_s_versioned_report(tmp_path):
+    result = _cli("evaluate", SAMPLES / "models" / "digits_mlp.pt2", "--data",
+                  SAMPLES / "data" / "digits_val.npz", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert list(report) == ["version", "model", "dataset", "n", "top1", "top5", "notes"]
+    assert report["version"] == 1 and report["n"] == 450 and report["top1"] > 90
+    text = _cli("evaluate", SAMPLES / "models" / "digits_mlp.pt2", "--data",
+                SAMPLES / "data" / "digits_val.npz", "--device", "cpu")
+    assert f"top-1 {report['top1']:.2f}%" in text.stdout and "on 450 samples of" in text.stdout
 
 
 def test_inspect_writes_nothing(tmp_path):

@@ -4,10 +4,11 @@ Every candidate (CompetitiveReLU with each competition measure, the calibrated M
 untouched ReLU model, the control, are fine-tuned with the same budget and the same seed, for
 each seed, and scored on the same validation samples. The candidates are ranked by their mean
 top-1 change against the control, with a 95% interval paired over samples and seeds
-(:func:`retrofit.evaluation.metrics.paired_delta_over_seeds`). Each arm is the retrofit job's own pieces
-(:func:`~retrofit.pipeline.job.swap`, :func:`~retrofit.pipeline.job.finetune_swapped`,
-:func:`~retrofit.pipeline.job.report_trained`, :func:`~retrofit.pipeline.job.finetune_control`): the model is
-opened and the original scored once for all arms, and every fine-tune is
+(:func:`retrofit.evaluation.metrics.paired_delta_over_seeds`). Each arm is the retrofit job's own
+pieces (:func:`~retrofit.pipeline.swap.swap`, :func:`~retrofit.pipeline.finetune.finetune_swapped`,
+:func:`~retrofit.pipeline.finetune.report_trained`,
+:func:`~retrofit.pipeline.finetune.finetune_control`): the model is opened, translated to torch
+and the original scored once for all arms, and every fine-tune is
 :func:`retrofit.training.loop.finetune`.
 
 What a caller may rely on:
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor
 
 from retrofit.atomic import check_output_path, write_text_atomic
-from retrofit.config import MEASURES, ActivationConfig
+from retrofit.config import CONFIGS, MEASURES, ActivationConfig, CompetitiveReLUConfig
 from retrofit.training.distributed import (
     DistContext, broadcast_object, setup_distributed, teardown_distributed, world_size,
 )
@@ -52,14 +53,15 @@ from retrofit.errors import (
     BadInputError, ExitCode, OutputError, ParityError, RetrofitError, UsageError,
 )
 from retrofit.evaluation.evaluate import EvalResult
-from retrofit.pipeline.job import (
-    GateResult, OpenedModel, RetrofitReport, RetrofitRequest, Stage, dataset_summary,
-    finetune_config, finetune_control, finetune_swapped, gate_results, open_model,
-    report_trained, score_stage, swap,
-)
 from retrofit.evaluation.metrics import SeedPairedDelta, paired_delta_over_seeds
+from retrofit.pipeline.finetune import (
+    finetune_config, finetune_control, finetune_swapped, keeps_finished, report_trained,
+)
+from retrofit.pipeline.report import RetrofitReport, Stage
+from retrofit.pipeline.request import GateResult, RetrofitRequest, gate_error, gate_results
+from retrofit.pipeline.swap import OpenedModel, dataset_summary, open_model, score_stage, swap
 from retrofit.torch_path.formats import ModelFormat
-from retrofit.pipeline.options import activation_config, options_by_activation
+from retrofit.training.loop import FinetuneConfig
 
 CONTROL = "control"
 """The ReLU control's arm name."""
@@ -77,17 +79,24 @@ class Candidate:
     config: ActivationConfig
 
 
-def candidates(activations: Sequence[str] = COMPARED, measures: Sequence[str] | None = None,
-               options: Mapping[str, Any] | None = None) -> tuple[Candidate, ...]:
-    """CompetitiveReLU with each of ``measures`` (default: all three) and the calibrated MRePU,
-    as far as ``activations`` asks for them. ``options`` are the activation options the user
-    set, named as :mod:`retrofit.pipeline.options` names them (``k``, ``reduce``, ``p``, ``c``,
-    ``blend_ramp``): each configures the activation it belongs to."""
-    activations = list(dict.fromkeys(activations))
-    unknown = [name for name in activations if name not in COMPARED]
-    if unknown or not activations:
+def compared_activations(names: Sequence[str]) -> list[str]:
+    """``names`` once each, in order, refused unless each is one :data:`COMPARED` can compare."""
+    names = list(dict.fromkeys(names))
+    unknown = [name for name in names if name not in COMPARED]
+    if unknown or not names:
         raise UsageError(f"--to takes {' and '.join(COMPARED)}, got "
                          f"{', '.join(unknown) or 'nothing'}")
+    return names
+
+
+def candidates(configs: Mapping[str, ActivationConfig] | None = None,
+               measures: Sequence[str] | None = None) -> tuple[Candidate, ...]:
+    """The arms for ``configs`` (one config per activation in :data:`COMPARED`; default: each
+    at its defaults): CompetitiveReLU once with each of ``measures`` (default: all three), and
+    the calibrated MRePU as configured."""
+    if configs is None:
+        configs = {name: CONFIGS[name]() for name in COMPARED}
+    activations = compared_activations(list(configs))
     if measures is not None and "carelu" not in activations:
         raise UsageError("--measures applies to --to carelu")
     measures = list(dict.fromkeys(measures or MEASURES))
@@ -95,14 +104,14 @@ def candidates(activations: Sequence[str] = COMPARED, measures: Sequence[str] | 
     if unknown or not measures:
         raise UsageError(f"--measures takes {', '.join(MEASURES)}, got "
                          f"{', '.join(unknown) or 'nothing'}")
-    shared = options_by_activation(activations, options or {})
     found: list[Candidate] = []
     for activation in activations:
-        if activation == "carelu":
-            found += [Candidate(f"carelu-{measure}", activation_config(
-                "carelu", {**shared["carelu"], "measure": measure})) for measure in measures]
+        config = configs[activation]
+        if isinstance(config, CompetitiveReLUConfig):
+            found += [Candidate(f"carelu-{measure}", replace(config, measure=measure))
+                      for measure in measures]
         else:
-            found.append(Candidate(activation, activation_config(activation, shared[activation])))
+            found.append(Candidate(activation, config))
     return tuple(found)
 
 
@@ -261,15 +270,15 @@ class CompareReport:
     """What the comparison found. ``arms`` are the candidates, ranked ones first (best first),
     then failed ones; ``control`` the ReLU control; ``before`` the original's score.
     ``gated_arm`` is the candidate the gates were applied to (the top-ranked one).
-    ``failure`` is set when nothing could be ranked: the caller shows the report, then fails
-    with it."""
+    ``failure`` is set when nothing could be ranked: the caller shows the report, then
+    :meth:`raise_for_outcome` raises it (or the failed gates' error)."""
 
     model: Path
     format: ModelFormat
     dataset: dict[str, Any]
     before: EvalResult
     seeds: tuple[int, ...]
-    finetune: Any
+    finetune: FinetuneConfig
     control: ArmSummary
     arms: list[ArmSummary]
     folder: Path
@@ -303,6 +312,16 @@ class CompareReport:
     @property
     def gates_passed(self) -> bool:
         return all(gate.passed for gate in self.gates)
+
+    def raise_for_outcome(self) -> None:
+        """Raise what the comparison ended with, for a caller that shows the report first:
+        why nothing was ranked, else a :class:`~retrofit.errors.GateError` for failed gates
+        (on the top-ranked candidate)."""
+        if self.failure is not None:
+            raise self.failure
+        failed = gate_error(self.gates, on=self.gated_arm)
+        if failed is not None:
+            raise failed
 
 
 def compare_file(request: CompareRequest) -> CompareReport:
@@ -482,7 +501,7 @@ def _run_or_recall(ctx: DistContext, state: _State, opened: OpenedModel, request
 def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path,
                    resume: bool, before: Stage, run: ArmRun) -> None:
     """Swap, fine-tune from the swap, check and score: the retrofit job's steps, into ``run``."""
-    from retrofit.training.loop import TrainingDiverged, TrainingInterrupted
+    from retrofit.training.loop import TrainingDiverged
 
     try:
         swapped = swap(opened, request, before=before)
@@ -498,15 +517,11 @@ def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Pa
         _failed(run, diverged, report)
         return
     try:
-        report_trained(opened, request, report, trained)
+        with keeps_finished(trained, checkpoint):
+            report_trained(opened, request, swapped, trained)
     except ParityError as error:
         _failed(run, error, report)
         return
-    except TrainingInterrupted:
-        raise
-    except KeyboardInterrupt:
-        raise TrainingInterrupted("interrupted after the fine-tune finished", trained,
-                                  checkpoint) from None
     _scored(run, report.stages[-1].result, report, trained.best_epoch)
     if report.failure is not None:
         _failed(run, report.failure, report)

@@ -15,20 +15,16 @@ from retrofit.atomic import atomic_output
 from retrofit.errors import UsageError
 
 if TYPE_CHECKING:
+    from retrofit.evaluation.metrics import SeedPairedDelta
     from retrofit.training.loop import EpochRecord
 
 _LABELLED_SITES = 6
 """With more activation sites than this the legend names only the parameters, not each site."""
 
 
-def save_training_plot(
-    history: Sequence["EpochRecord"],
-    path: str | os.PathLike[str],
-    *,
-    start_val_top1: float | None = None,
-) -> Path:
+def save_training_plot(history: Sequence["EpochRecord"], path: str | os.PathLike[str]) -> Path:
     """Write the curves of ``history`` (from :class:`~retrofit.training.loop.FinetuneResult`) to ``path``
-    as a PNG, atomically. ``start_val_top1`` adds the accuracy before fine-tuning at epoch 0.
+    as a PNG, atomically.
 
     Panels: training loss; training and validation top-1; and, when the model has new
     activations, each CompetitiveReLU's alpha (solid) and beta (dashed), MRePU's blend lam
@@ -56,8 +52,6 @@ def save_training_plot(
     accuracy = axes[1]
     accuracy.plot(epochs, [r.train_top1 for r in history], marker="o", label="train")
     val = [(r.epoch, r.val_top1) for r in history if r.val_top1 is not None]
-    if start_val_top1 is not None:
-        val.insert(0, (0, start_val_top1))
     if val:
         accuracy.plot(*zip(*val), marker="o", label="validation")
     accuracy.set(title="top-1 accuracy", xlabel="epoch", ylabel="%")
@@ -92,12 +86,11 @@ def _plot_activations(axis: Any, history: Sequence["EpochRecord"], sites: list[s
     axis.legend(fontsize="small")
 
 
-def save_compare_plot(bars: Sequence[tuple[str, Any]], failed: Sequence[str],
+def save_compare_plot(bars: Sequence[tuple[str, SeedPairedDelta]], failed: Sequence[str],
                       path: str | os.PathLike[str], *, title: str) -> Path:
     """Write ``cadrelu compare``'s answer as a PNG, atomically: one bar per ranked candidate,
     its mean top-1 change against the ReLU control (the zero line) with its 95% interval as
-    whiskers, best first; ``failed`` candidates are named under the axis. ``bars`` pairs each
-    name with its :class:`~retrofit.evaluation.metrics.SeedPairedDelta`. Returns the path."""
+    whiskers, best first; ``failed`` candidates are named under the axis. Returns the path."""
     try:
         from matplotlib.figure import Figure
     except ImportError as error:

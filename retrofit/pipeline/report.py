@@ -1,4 +1,5 @@
-"""Reports of a retrofit: a rich view for people, JSON for machines, Markdown for CI summaries.
+"""Reports of a retrofit and of an evaluation: what happened, as data, and its views: a rich
+view for people, JSON for machines, Markdown for CI summaries.
 
 The JSON keys are documented in the README ("JSON report") and versioned by ``version``: a CI
 step may parse them. Accuracies are percentages, differences percentage points.
@@ -9,20 +10,125 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from retrofit.atomic import write_text_atomic
+from retrofit.config import ActivationConfig
+from retrofit.errors import RetrofitError
 from retrofit.evaluation.data import shown_name
-from retrofit.pipeline.job import GateResult, RetrofitReport
+from retrofit.evaluation.evaluate import EvalResult
 from retrofit.evaluation.metrics import PairedDelta
+from retrofit.pipeline.request import GateResult, gate_error
+from retrofit.pipeline.subjects import NO_SAMPLE_INPUT
 from retrofit.sites import ReluSite
+from retrofit.torch_path.formats import ModelFormat
 from retrofit.verify import OutputParity
 
+if TYPE_CHECKING:
+    from retrofit.pipeline.calibrate import Calibration
+    from retrofit.training.loop import FinetuneResult
+
 REPORT_VERSION = 1
+EVALUATE_REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One scored model: ``name`` is before / after swap / after fine-tune / control."""
+
+    name: str
+    result: EvalResult
+
+
+@dataclass
+class RetrofitReport:
+    """What happened: every site, remarks, parity figures, accuracies, gates, written files.
+
+    ``parity`` compares the rewritten model with the original on sample inputs (None when none
+    were available, and then ``unverified`` says why); ``preserves_function`` says it had to
+    hold within ``tolerance``.
+    ``stages`` are the retrofitted model's scores in order (before, after swap, after
+    fine-tune); ``control`` is the untouched ReLU model fine-tuned with the same budget.
+    ``deltas`` maps a comparison name (``swap``, ``finetune``, ``vs_control``) to its paired
+    difference with a confidence interval.
+    """
+
+    model: Path
+    format: ModelFormat
+    activation: str
+    config: ActivationConfig
+    sites: list[ReluSite]
+    notes: list[str] = field(default_factory=list)
+    parity: OutputParity | None = None
+    preserves_function: bool = True
+    tolerance: float = 1e-5
+    output: Path | None = None
+    dataset: dict[str, Any] | None = None
+    stages: list[Stage] = field(default_factory=list)
+    control: Stage | None = None
+    deltas: dict[str, PairedDelta] = field(default_factory=dict)
+    gates: list[GateResult] = field(default_factory=list)
+    finetune: FinetuneResult | None = None
+    trained_parity: OutputParity | None = None
+    onnx_export: Path | None = None
+    onnx_export_parity: OutputParity | None = None
+    unverified: str = ""
+    written: list[Path] = field(default_factory=list)
+    """The files this run wrote, in order; ``output`` is where the model was to go."""
+    failure: RetrofitError | None = None
+    """What stopped the job after the report was made (a fine-tune that diverged, an output that
+    could not be written): :meth:`raise_for_outcome` raises it once the report is shown."""
+    resumed: bool = False
+    """Whether a fine-tune went on from a checkpoint (``--resume``)."""
+    calibration: Calibration | None = None
+    """The calibrated swap's per-site fits, when the activation was calibrated."""
+    overflow_scale: float | None = None
+    """For an activation that grows faster than linearly (MRePU, RePU): the smallest input
+    scale at which the written model's outputs on the sample inputs overflow (None: none of
+    :data:`retrofit.verify.OVERFLOW_SCALES`, or not probed)."""
+
+    def __post_init__(self) -> None:
+        if self.parity is None and not self.unverified:
+            self.unverified = NO_SAMPLE_INPUT
+
+    @property
+    def verified(self) -> bool:
+        """Whether the rewritten model's outputs were compared with the original's."""
+        return not self.unverified
+
+    @property
+    def replaced(self) -> list[ReluSite]:
+        return [site for site in self.sites if site.replaced]
+
+    @property
+    def gates_passed(self) -> bool:
+        return all(gate.passed for gate in self.gates)
+
+    def raise_for_outcome(self) -> None:
+        """Raise what the job ended with, for a caller that shows the report first: the
+        failure that stopped it, else a :class:`~retrofit.errors.GateError` for failed gates."""
+        if self.failure is not None:
+            raise self.failure
+        failed = gate_error(self.gates)
+        if failed is not None:
+            raise failed
+
+
+@dataclass(frozen=True)
+class EvaluateReport:
+    """What ``cadrelu evaluate`` found: the scores, the dataset, and what loading changed that
+    the user must hear (a module saved in training mode, a rebuilt retrofit)."""
+
+    model: Path
+    result: EvalResult
+    dataset: dict[str, Any]
+    notes: list[str]
 
 _DELTA_TITLES = {
     "swap": "after swap vs before",
@@ -254,6 +360,39 @@ def report_to_markdown(report: RetrofitReport) -> str:
     if report.notes:
         lines += ["", *[f"> {note}" for note in report.notes]]
     return "\n".join(lines) + "\n"
+
+
+def publish_markdown(markdown: str, path: Path | None) -> None:
+    """A Markdown report written to ``path`` when one is asked for, and appended to the CI
+    step summary when CI set one."""
+    if path is not None:
+        write_text_atomic(path, markdown)
+    append_step_summary(markdown)
+
+
+def evaluation_to_dict(report: EvaluateReport) -> dict[str, Any]:
+    """``cadrelu evaluate --json`` (README, "JSON report"; versioned like the retrofit's)."""
+    result = report.result
+    return {"version": EVALUATE_REPORT_VERSION, "model": str(report.model),
+            "dataset": report.dataset, "n": result.n, "top1": result.top1, "top5": result.top5,
+            "notes": list(report.notes)}
+
+
+def evaluation_to_json(report: EvaluateReport) -> str:
+    return json.dumps(evaluation_to_dict(report), indent=2, default=str)
+
+
+def print_evaluation(report: EvaluateReport, console: Console) -> None:
+    """The notes, then one line of scores and the label mapping."""
+    for note in report.notes:
+        console.print(Text.assemble(("note:", "yellow"), f" {note}"), highlight=False)
+    result = report.result
+    top5 = "" if result.top5 is None else f", top-5 {result.top5:.2f}%"
+    console.print(f"{report.model}: top-1 {result.top1:.2f}%{top5} on {result.n} samples of "
+                  f"{report.dataset['validation']}", markup=False)
+    classes = classes_line(report.dataset)
+    if classes:
+        console.print(classes, markup=False, highlight=False)
 
 
 def append_step_summary(markdown: str) -> Path | None:

@@ -13,7 +13,7 @@ import inspect
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,13 +36,14 @@ from retrofit.torch_path.io import load_torch_model, save_torch_model
 from retrofit.torch_path.record import RetrofitRecord, RetrofitStep
 from retrofit.sites import ReluSite, RetrofitResult, SiteSelector, unique_site_names
 from retrofit.torch_path.rewrite import retrofit_torch_model
-from retrofit.verify import (
-    OutputParity, compare_outputs, copy_module, torch_outputs,
-)
+from retrofit.verify import OutputParity, compare_outputs, torch_outputs
+
+if TYPE_CHECKING:
+    import onnx
 
 
-SiteValues = Mapping[str, Mapping[str, float]]
-"""Parameter values by site name (a calibrated MRePU's gains), for either format's rewrite."""
+Model = Union[nn.Module, "onnx.ModelProto"]
+"""A model in a subject's own format: a torch module, or an ONNX graph."""
 
 NO_SAMPLE_INPUT = "no sample input: pass --input-shape (or --data) to verify outputs"
 """Why a model's outputs could not be compared with the original's (``Subject.parity`` None)."""
@@ -59,11 +60,15 @@ class Subject(Protocol):
     ``fixed_batch`` is the only batch size the model takes (None: any); ``takes_token_ids``
     says its (first) input is integer, so integer data is fed as int64; ``notes`` are what
     opening it found out (fixed batch, inferred input types), for the report.
+
+    Fine-tuning and calibration run in torch: :meth:`trainable` is a rewrite's torch form, made
+    once per rewrite, and :meth:`with_values` carries that form's values (calibrated gains,
+    trained weights) back into the rewrite, so that no rewrite is done twice.
     """
 
     format: ModelFormat
     path: Path
-    original: Any
+    original: Model
     fixed_batch: int | None
     notes: list[str]
 
@@ -81,19 +86,28 @@ class Subject(Protocol):
         """Make ``sample`` (data as the model takes it) the sample inputs, where they were
         taken from the data: parity and the NaN/inf check then run on real inputs."""
 
-    def rewrite(self, config: ActivationConfig, select: SiteSelector,
-                site_values: SiteValues | None = None) -> RetrofitResult[Any]: ...
-    def parity(self, rewritten: Any) -> OutputParity | None: ...
-    def scaled_outputs(self, model: Any, scale: float) -> list[np.ndarray]:
+    def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[Model]: ...
+    def parity(self, rewritten: Model) -> OutputParity | None: ...
+    def scaled_outputs(self, model: Model, scale: float) -> list[np.ndarray]:
         """``model``'s outputs on the sample inputs with every floating input times ``scale``."""
 
-    def predictor(self, model: Any, device: str) -> Predictor: ...
-    def trainable(self, config: ActivationConfig, select: SiteSelector,
-                  site_values: SiteValues | None = None) -> nn.Module: ...
-    def trainable_original(self) -> nn.Module: ...
-    def from_trained(self, trained: nn.Module, config: ActivationConfig,
-                     select: SiteSelector) -> tuple[Any, OutputParity | None]: ...
-    def save(self, model: Any, path: Path, step: RetrofitStep | None = None) -> None: ...
+    def predictor(self, model: Model, device: str) -> Predictor: ...
+    def torch_original(self) -> nn.Module:
+        """The original as a torch module, made once; callers copy it before changing it
+        (:func:`~retrofit.training.loop.finetune` and the torch rewrite do)."""
+
+    def trainable(self, rewritten: RetrofitResult[Model], config: ActivationConfig,
+                  select: SiteSelector) -> RetrofitResult[nn.Module]:
+        """``rewritten`` as torch modules, to calibrate and fine-tune."""
+
+    def with_values(self, rewritten: RetrofitResult[Model], config: ActivationConfig,
+                    torch_form: nn.Module, torch_sites: Sequence[ReluSite]
+                    ) -> tuple[Model, OutputParity | None]:
+        """``rewritten`` (made with ``config``) holding the values of ``torch_form``, a module
+        made from :meth:`trainable` whose sites are ``torch_sites`` (calibrated or trained);
+        and how the two compare where they are two programs (ONNX vs torch), else None."""
+
+    def save(self, model: Model, path: Path, step: RetrofitStep | None = None) -> None: ...
 
 
 def _add_census(result: RetrofitResult[nn.Module], inputs: tuple[torch.Tensor, ...]) -> None:
@@ -187,9 +201,8 @@ class TorchSubject:
             return list(program.graph_signature.user_inputs)
         return [f"input {i + 1}" for i in range(len(self.inputs or ()) or 1)]
 
-    def rewrite(self, config: ActivationConfig, select: SiteSelector,
-                site_values: SiteValues | None = None) -> RetrofitResult[nn.Module]:
-        result = retrofit_torch_model(self.original, config, select, site_values)
+    def rewrite(self, config: ActivationConfig, select: SiteSelector) -> RetrofitResult[nn.Module]:
+        result = retrofit_torch_model(self.original, config, select)
         if self.inputs is not None:
             self.reference_outputs()  # before the rewritten model runs: whose fault is a failure
             _add_census(result, self.inputs)
@@ -208,17 +221,19 @@ class TorchSubject:
     def predictor(self, model: nn.Module, device: str) -> Predictor:
         return torch_predictor(model, device=device, fixed_batch=self.fixed_batch)
 
-    def trainable(self, config: ActivationConfig, select: SiteSelector,
-                  site_values: SiteValues | None = None) -> nn.Module:
-        return retrofit_torch_model(self.original, config, select, site_values).model
+    def torch_original(self) -> nn.Module:
+        return self.original
 
-    def trainable_original(self) -> nn.Module:
-        return copy_module(self.original)
+    def trainable(self, rewritten: RetrofitResult[nn.Module], config: ActivationConfig,
+                  select: SiteSelector) -> RetrofitResult[nn.Module]:
+        """A torch rewrite is its own torch form."""
+        return rewritten
 
-    def from_trained(self, trained: nn.Module, config: ActivationConfig,
-                     select: SiteSelector) -> tuple[nn.Module, None]:
-        """The trained module is the result: nothing to translate, so nothing to compare."""
-        return trained.cpu(), None
+    def with_values(self, rewritten: RetrofitResult[nn.Module], config: ActivationConfig,
+                    torch_form: nn.Module, torch_sites: Sequence[ReluSite]
+                    ) -> tuple[nn.Module, None]:
+        """The torch form is the result: nothing to translate, so nothing to compare."""
+        return torch_form.cpu(), None
 
     def save(self, model: nn.Module, path: Path, step: RetrofitStep | None = None) -> None:
         """Write in the input's format; a weights file records ``step`` after the history it
@@ -235,14 +250,15 @@ class TorchSubject:
 class OnnxSubject:
     """An ONNX model; ``inputs`` are feeds built from the graph's own input shapes."""
 
-    original: Any  # onnx.ModelProto
+    original: onnx.ModelProto
     path: Path
-    inputs: dict[str, Any]
+    inputs: dict[str, np.ndarray]
     as_functions: bool = False
     format: ModelFormat = ModelFormat.ONNX
     fixed_batch: int | None = None
     notes: list[str] = field(default_factory=list)
     inputs_from_data: bool = False
+    _torch: nn.Module | None = field(default=None, repr=False)
 
     def feed_data_sample(self, sample: torch.Tensor) -> None:
         if not self.inputs_from_data:
@@ -264,62 +280,68 @@ class OnnxSubject:
         first = next(iter(self.inputs.values()), None)
         return first is not None and np.issubdtype(first.dtype, np.integer)
 
-    def rewrite(self, config: ActivationConfig, select: SiteSelector,
-                site_values: SiteValues | None = None) -> RetrofitResult[Any]:
+    def rewrite(self, config: ActivationConfig, select: SiteSelector
+                ) -> RetrofitResult[onnx.ModelProto]:
         from retrofit.onnx_path.rewrite import rewrite_onnx_relus
 
-        return rewrite_onnx_relus(self.original, config, select, as_functions=self.as_functions,
-                                  site_values=site_values)
+        return rewrite_onnx_relus(self.original, config, select, as_functions=self.as_functions)
 
-    def parity(self, rewritten: Any) -> OutputParity:
+    def parity(self, rewritten: onnx.ModelProto) -> OutputParity:
         from retrofit.onnx_path.io import check_onnx_model, run_onnx
 
         check_onnx_model(rewritten)
         return compare_outputs(run_onnx(self.original, self.inputs), run_onnx(rewritten, self.inputs))
 
-    def scaled_outputs(self, model: Any, scale: float) -> list[np.ndarray]:
+    def scaled_outputs(self, model: onnx.ModelProto, scale: float) -> list[np.ndarray]:
         from retrofit.onnx_path.io import run_onnx
 
         return run_onnx(model, {name: (value * scale).astype(value.dtype)
                                 if np.issubdtype(value.dtype, np.floating) else value
                                 for name, value in self.inputs.items()})
 
-    def predictor(self, model: Any, device: str) -> Predictor:
+    def predictor(self, model: onnx.ModelProto, device: str) -> Predictor:
         return onnx_predictor(model, fixed_batch=self.fixed_batch)
 
-    def trainable(self, config: ActivationConfig, select: SiteSelector,
-                  site_values: SiteValues | None = None) -> nn.Module:
-        return retrofit_torch_model(self.trainable_original(), config, select, site_values).model
+    def torch_original(self) -> nn.Module:
+        """The graph as a torch module whose initializers are parameters, translated once."""
+        if self._torch is None:
+            from retrofit.onnx_path.to_torch.builder import onnx_to_torch
 
-    def trainable_original(self) -> nn.Module:
-        from retrofit.onnx_path.to_torch.builder import onnx_to_torch
+            self._torch = onnx_to_torch(self.original)
+        return self._torch
 
-        return onnx_to_torch(self.original)
+    def trainable(self, rewritten: RetrofitResult[onnx.ModelProto], config: ActivationConfig,
+                  select: SiteSelector) -> RetrofitResult[nn.Module]:
+        """The same rewrite of the graph's torch form: the site names agree
+        (:mod:`retrofit.onnx_path.site_names`), which is what the values are carried back by."""
+        return retrofit_torch_model(self.torch_original(), config, select)
 
-    def from_trained(self, trained: nn.Module, config: ActivationConfig,
-                     select: SiteSelector) -> tuple[Any, OutputParity]:
-        """Trained weights into the original initializers, trained activation values into a
-        fresh rewrite of the original graph; onnxruntime must then agree with torch."""
+    def with_values(self, rewritten: RetrofitResult[onnx.ModelProto], config: ActivationConfig,
+                    torch_form: nn.Module, torch_sites: Sequence[ReluSite]
+                    ) -> tuple[onnx.ModelProto, OutputParity]:
+        """The torch form's weights into the graph's initializers and each site's activation
+        values into its parameter initializers; onnxruntime must then agree with torch."""
+        from retrofit.onnx_path.emission import parameter_names
         from retrofit.onnx_path.io import check_onnx_model, run_onnx
-        from retrofit.onnx_path.rewrite import rewrite_onnx_relus
         from retrofit.onnx_path.to_torch.weights import write_back_initializers
 
-        trained = trained.cpu()
-        state = trained.state_dict()
-        rewritten_sites = retrofit_torch_model(self.trainable_original(), config, select).sites
-        site_values = {
-            site.name: {key.rpartition(".")[2]: float(state[key]) for key in site.parameters}
-            for site in rewritten_sites if site.replaced and site.parameters
-        }
-        weights = write_back_initializers(self.original, state)
-        result = rewrite_onnx_relus(weights, final_config(config), select,
-                                    as_functions=self.as_functions, site_values=site_values)
-        check_onnx_model(result.model)
-        parity = compare_outputs(torch_outputs(trained, self.sample_tensors),
-                                 run_onnx(result.model, self.inputs))
-        return result.model, parity
+        torch_form = torch_form.cpu()
+        state = torch_form.state_dict()
+        graph_sites = {site.name: site for site in rewritten.sites if site.replaced}
+        values: dict[str, np.ndarray] = {}
+        for site in torch_sites:
+            if site.replaced and site.parameters:
+                # A site's initializers come in the order of its activation's parameters.
+                named = dict(zip(parameter_names(config), graph_sites[site.name].parameters))
+                for key in site.parameters:
+                    values[named[key.rpartition(".")[2]]] = state[key].detach().numpy()
+        model = write_back_initializers(rewritten.model, state, extra=values)
+        check_onnx_model(model)
+        parity = compare_outputs(torch_outputs(torch_form, self.sample_tensors),
+                                 run_onnx(model, self.inputs))
+        return model, parity
 
-    def save(self, model: Any, path: Path, step: RetrofitStep | None = None) -> None:
+    def save(self, model: onnx.ModelProto, path: Path, step: RetrofitStep | None = None) -> None:
         """The graph says what it computes: ``step`` needs no record here."""
         from retrofit.onnx_path.io import save_onnx
 
@@ -342,7 +364,7 @@ def _is_index_dtype(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
-def _feed_names(model: Any) -> list[str]:
+def _feed_names(model: onnx.ModelProto) -> list[str]:
     """Graph inputs a caller feeds (initializers listed as inputs are not fed)."""
     initializers = {tensor.name for tensor in model.graph.initializer}
     return [value.name for value in model.graph.input if value.name not in initializers]
@@ -531,7 +553,7 @@ def _open_onnx(path: Path, input_shapes: tuple[InputShape, ...], seed: int, as_f
                        inputs_from_data=from_data)
 
 
-def _declared_batch(model: Any, names: list[str]) -> int | None:
+def _declared_batch(model: onnx.ModelProto, names: list[str]) -> int | None:
     """The batch size the graph's inputs declare, when every one declares the same fixed size."""
     values = {value.name: value for value in model.graph.input}
     sizes = set()
@@ -543,7 +565,7 @@ def _declared_batch(model: Any, names: list[str]) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _onnx_input_dtype(model: Any, name: str) -> torch.dtype | None:
+def _onnx_input_dtype(model: onnx.ModelProto, name: str) -> torch.dtype | None:
     from onnx import helper
 
     value = next((v for v in model.graph.input if v.name == name), None)

@@ -148,34 +148,41 @@ def load_exported(path: Path, trust_pickle: bool = False) -> TorchModel:
         cause = _logged_cause(records, error)
         raise BadInputError(f"{path}: cannot load the torch.export program ({cause})") from error
     try:
-        placeholders = [
-            node for node in program.graph_module.graph.nodes
-            if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
-        ]
-        dynamic = tuple(
-            tuple(i for i, dim in enumerate(node.meta["val"].shape) if not isinstance(dim, int))
-            for node in placeholders
-        )
-        example = program.example_inputs[0] if program.example_inputs else None
-        if example is None:
-            example = tuple(
-                torch.randn(_concrete_shape(node.meta["val"].shape), dtype=node.meta["val"].dtype)
-                for node in placeholders
-            )
-        example = tuple(example)
+        example, dynamic = program_inputs(program)
         # On the program itself, so that every module made from it (a re-export too) is in eval mode.
         if _exported_to_eval(program.graph_module):
             notes.append(TRAINING_MODE_NOTE)
         module = program.module()
     except Exception as error:  # a damaged or hand-made program
         raise BadInputError(f"{path}: the torch.export program is not usable ({first_line(error)})") from error
-    if len(example) != len(placeholders) or not all(isinstance(t, torch.Tensor) for t in example):
+    if len(example) != len(dynamic) or not all(isinstance(t, torch.Tensor) for t in example):
         raise BadInputError(
-            f"{path}: the program's example inputs are not {len(placeholders)} tensor(s), one per "
+            f"{path}: the program's example inputs are not {len(dynamic)} tensor(s), one per "
             "model input; the file is damaged"
         )
     return TorchModel(module, ModelFormat.EXPORTED, path, example, dynamic, notes=notes,
                       program=program)
+
+
+def program_inputs(program: torch.export.ExportedProgram
+                   ) -> tuple[tuple[Any, ...], tuple[tuple[int, ...], ...]]:
+    """A program's example inputs (random ones of its inputs' shapes when it kept none) and,
+    per input, its dynamic axes: what a re-export of its module needs to keep them dynamic."""
+    placeholders = [
+        node for node in program.graph_module.graph.nodes
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
+    ]
+    dynamic = tuple(
+        tuple(i for i, dim in enumerate(node.meta["val"].shape) if not isinstance(dim, int))
+        for node in placeholders
+    )
+    example = program.example_inputs[0] if program.example_inputs else None
+    if example is None:
+        example = tuple(
+            torch.randn(_concrete_shape(node.meta["val"].shape), dtype=node.meta["val"].dtype)
+            for node in placeholders
+        )
+    return tuple(example), dynamic
 
 
 _aten = torch.ops.aten

@@ -22,7 +22,8 @@ from retrofit.evaluation.data import (
     split_train_val,
 )
 from retrofit.errors import BadInputError, UsageError
-from retrofit.pipeline.job import DataOptions, RetrofitRequest, evaluate_file, retrofit_file
+from retrofit.pipeline.job import evaluate_file, retrofit_file
+from retrofit.pipeline.request import DataOptions, RetrofitRequest
 from retrofit.pipeline.report import classes_line, report_to_dict, report_to_markdown
 from tests.conftest import SAMPLES, run_cli
 

@@ -16,7 +16,8 @@ from retrofit.activations.modules import MRePU
 from retrofit.pipeline.calibrate import calibrate_gains, fit_gains, site_modules
 from retrofit.config import MRePUConfig
 from retrofit.errors import ParityError
-from retrofit.pipeline.job import DataOptions, RetrofitRequest, retrofit_file
+from retrofit.pipeline.job import retrofit_file
+from retrofit.pipeline.request import DataOptions, RetrofitRequest
 from retrofit.onnx_path.io import run_onnx
 from retrofit.torch_path.rewrite import retrofit_torch_model
 from retrofit.training.loop import FinetuneConfig

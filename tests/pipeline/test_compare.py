@@ -19,8 +19,10 @@ import retrofit.pipeline.compare
 import retrofit.training.loop
 from retrofit.pipeline.compare import CompareRequest, candidates, compare_file
 from retrofit.pipeline.compare_report import COLUMNS, compare_to_dict, compare_to_markdown, print_compare
+from retrofit.config import CompetitiveReLUConfig
 from retrofit.errors import ExitCode, UsageError
-from retrofit.pipeline.job import DataOptions, RetrofitRequest
+from retrofit.pipeline.options import activation_configs
+from retrofit.pipeline.request import DataOptions, RetrofitRequest
 from retrofit.evaluation.metrics import paired_delta_ci
 from retrofit.training.loop import FinetuneConfig, TrainingDiverged
 from tests.conftest import REPO, SAMPLES, one_line, run_cli
@@ -121,7 +123,7 @@ def test_candidates_are_ranked_by_their_mean_delta_against_the_control(two_seeds
 
 
 def test_one_seed_gives_the_paired_interval_over_samples(tmp_path, data):
-    report = compare_file(request(tmp_path, data, candidates=candidates(["carelu"], ["l1"]),
+    report = compare_file(request(tmp_path, data, candidates=candidates({"carelu": CompetitiveReLUConfig()}, ["l1"]),
                                   seeds=(3,)))
     (arm,) = report.arms
     expected = paired_delta_ci(report.control.runs[0].correct, arm.runs[0].correct, seed=3)
@@ -193,7 +195,7 @@ def test_gates_apply_to_the_top_ranked_candidate_and_fail_with_5(tmp_path, data)
 
 def test_resume_reads_back_finished_runs_and_continues_the_interrupted_one(tmp_path, data,
                                                                           monkeypatch):
-    arms = candidates(["carelu"], ["energy", "l1"])
+    arms = candidates({"carelu": CompetitiveReLUConfig()}, ["energy", "l1"])
     straight = compare_file(request(tmp_path, data, candidates=arms, epochs=2,
                                     out_dir=tmp_path / "straight"))
     real = retrofit.training.loop.finetune
@@ -281,7 +283,7 @@ def test_to_and_measures_narrow_the_arms_to_the_control_and_one_candidate(tmp_pa
 
 
 def test_candidates_take_the_activation_options_each_belongs_to():
-    found = candidates(["carelu", "mrepu"], ["count"], {"k": 3.0, "p": 3.0})
+    found = candidates(activation_configs(["carelu", "mrepu"], {"k": 3.0, "p": 3.0}), ["count"])
     assert [(c.name, c.config.name) for c in found] == [("carelu-count", "carelu"),
                                                          ("mrepu", "mrepu")]
     assert (found[0].config.k, found[0].config.measure, found[1].config.p) == (3.0, "count", 3.0)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
-from retrofit.errors import OutputError, UsageError
-from retrofit.pipeline.job import DataOptions, Gates, RetrofitRequest, evaluate_file, retrofit_file
+from retrofit.errors import GateError, OutputError, UsageError
+from retrofit.pipeline.job import evaluate_file, retrofit_file
+from retrofit.pipeline.request import DataOptions, Gates, RetrofitRequest
 from retrofit.torch_path.formats import ModelFormat
 from retrofit.pipeline.report import report_to_dict, report_to_markdown
 from tests.conftest import SAMPLES
@@ -49,6 +50,9 @@ def test_mrepu_swap_reports_the_drop_and_fails_a_max_drop_gate(cnn):
     assert [(gate.name, gate.passed) for gate in report.gates] == [("max_drop", False)]
     assert not report.gates_passed
     assert report.output.exists()
+    with pytest.raises(GateError, match="^gate failed: max_drop$") as failed:
+        report.raise_for_outcome()
+    assert failed.value.exit_code == 5
 
 
 def test_json_report_has_exactly_the_documented_keys(cnn):
@@ -205,7 +209,7 @@ def test_sample_inputs_taken_from_the_data_are_the_data_as_the_model_is_fed_it(n
     import numpy as np
     import torch
 
-    from retrofit.pipeline.job import open_model
+    from retrofit.pipeline.swap import open_model
 
     data = np.load(VAL)
     pixels = tmp_path / "pixels.npz"
@@ -216,3 +220,49 @@ def test_sample_inputs_taken_from_the_data_are_the_data_as_the_model_is_fed_it(n
     want = torch.stack([opened.val[i][0] for i in range(sample.shape[0])])
     assert sample.dtype == torch.float32 and float(sample.max()) <= 1.0
     torch.testing.assert_close(sample, want, rtol=0, atol=0)
+
+
+def _counted(monkeypatch, function) -> list[int]:
+    """Count the calls of ``function`` wherever it was imported (every module that holds it)."""
+    import sys
+
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, function.__name__, None) is function:
+            monkeypatch.setattr(module, function.__name__, counted)
+    return calls
+
+
+@pytest.mark.parametrize("name, config", [
+    ("digits_cnn.onnx", CompetitiveReLUConfig()), ("digits_cnn.onnx", MRePUConfig()),
+    ("digits_cnn.pt2", MRePUConfig()),
+], ids=["onnx-carelu", "onnx-mrepu", "pt2-mrepu"])
+def test_a_finetune_with_control_rewrites_and_translates_once(name, config, tmp_path,
+                                                               monkeypatch):
+    """The swap's rewrite, its torch form and the original's torch form are each made once and
+    passed on: the calibration, the fine-tune, the write-back of its values and the control
+    reuse them (an ONNX CAReLU job made 2 ONNX rewrites, 3 translations and 2 torch rewrites;
+    an MRePU one 3, 4 and 3; a .pt2 MRePU one 4 torch rewrites)."""
+    from retrofit.onnx_path.rewrite import rewrite_onnx_relus
+    from retrofit.onnx_path.to_torch.builder import onnx_to_torch
+    from retrofit.torch_path.rewrite import retrofit_torch_model
+
+    counts = {label: _counted(monkeypatch, function) for label, function in (
+        ("onnx rewrite", rewrite_onnx_relus), ("onnx to torch", onnx_to_torch),
+        ("torch rewrite", retrofit_torch_model))}
+    source = tmp_path / name
+    source.write_bytes((SAMPLES / "models" / name).read_bytes())
+    report = retrofit_file(RetrofitRequest(
+        source, config, data=DataOptions(val=VAL, train=TRAIN), device="cpu",
+        finetune=_finetune_config(), control=True))
+    assert report.failure is None and report.control is not None
+    onnx = name.endswith(".onnx")
+    if onnx:
+        assert report.trained_parity is not None and report.trained_parity.relative <= 1e-4
+    assert {label: len(calls) for label, calls in counts.items()} == {
+        "onnx rewrite": int(onnx), "onnx to torch": int(onnx), "torch rewrite": 1}

@@ -18,7 +18,8 @@ from torch import nn
 from retrofit.onnx_path import io as onnx_io
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig
 from retrofit.errors import BadInputError, OutputError, ParityError
-from retrofit.pipeline.job import RetrofitRequest, retrofit_file
+from retrofit.pipeline.job import retrofit_file
+from retrofit.pipeline.request import RetrofitRequest
 from retrofit.torch_path.formats import TorchModel
 from retrofit.torch_path.io import load_torch_model
 from retrofit.torch_path.export import export_onnx
@@ -317,3 +318,30 @@ def test_sample_batch_of_one_that_the_code_fixes_stays_one(tmp_path):
     assert not result.dynamic_batch and "fixed batch of 1 (input)" in result.note
     assert batch_axes(result.path) == [1]
     assert_matches(run_file(result.path, x), module(x))
+
+
+@pytest.mark.parametrize("to", ["carelu", "mrepu"])
+def test_cli_export_onnx_computes_what_the_written_pt2_computes(tmp_path, to):
+    """The success path end to end: the .pt2 and the ONNX export that one command writes are
+    the same function (MRePU, calibrated on the data, is not the original's: only the two
+    written files can be compared), on real samples, in torch.export.load and onnxruntime."""
+    import json
+
+    val = SAMPLES / "data" / "digits_val.npz"
+    model, export = tmp_path / "out.pt2", tmp_path / "out.onnx"
+    result = run_cli("retrofit", SAMPLES / "models" / "digits_cnn.pt2", "--to", to, "--data",
+                     val, "--device", "cpu", "-o", model, "--export-onnx", export, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["written"] == [str(export), str(model)] and report["onnx_export"] == str(export)
+    assert report["onnx_export_parity"]["relative"] <= 1e-5
+    program = torch.export.load(str(model))
+    batch = program.example_inputs[0][0].shape[0]
+    x = torch.from_numpy(np.load(val)["x"][:batch])
+    with torch.no_grad():
+        expected = program.module()(x)
+    assert_matches(run_file(export, x), expected, tol=1e-4)
+    if to == "mrepu":  # a different function from the original's: the comparison means something
+        with torch.no_grad():
+            original = load_torch_model(SAMPLES / "models" / "digits_cnn.pt2").module(x)
+        assert not torch.allclose(original, expected, atol=1e-3)

@@ -20,8 +20,9 @@ from torch import fx, nn
 transformers = pytest.importorskip("transformers")
 
 from retrofit.activations.modules import CompetitiveReLU  # noqa: E402
-from retrofit.pipeline.job import RetrofitRequest, retrofit_file  # noqa: E402
-from retrofit.torch_path.formats import ModelFormat
+from retrofit.pipeline.job import retrofit_file  # noqa: E402
+from retrofit.pipeline.request import RetrofitRequest  # noqa: E402
+from retrofit.torch_path.formats import ModelFormat  # noqa: E402
 from retrofit.torch_path.io import load_torch_model  # noqa: E402
 from retrofit.verify import flatten_outputs, torch_parity  # noqa: E402
 from tests.conftest import REPO, one_line, run_cli  # noqa: E402

@@ -422,8 +422,7 @@ def test_training_plot_is_a_png_written_atomically(tmp_path):
     from retrofit.pipeline.plots import save_training_plot
 
     result = finetune(conv_net(), TRAIN, VAL, config())
-    path = save_training_plot(result.history, tmp_path / "curves.png",
-                              start_val_top1=result.start_val_top1)
+    path = save_training_plot(result.history, tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert no_partial_files(tmp_path)
 
