@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from retrofit.activations.modules import CompetitiveReLU
-from retrofit.evaluation.data import TensorClassificationData
+from retrofit.evaluation.datasets.base import TensorClassificationData
 
 BATCH_PER_PROCESS = 8
 TRAIN_SIZE = 97

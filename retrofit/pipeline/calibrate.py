@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from retrofit.activations.modules import MRePU, mrepu
-from retrofit.evaluation.data import MODEL_CALL_ERRORS, model_input_error
+from retrofit.evaluation.datasets.checks import MODEL_CALL_ERRORS, model_input_error
 from retrofit.sites import RetrofitResult
 
 ELEMENTS_PER_SITE = 1 << 16

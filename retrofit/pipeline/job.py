@@ -19,10 +19,11 @@ from retrofit.atomic import check_output_path
 from retrofit.pipeline.options import flag, require_finite
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig, RePUConfig
 from retrofit.evaluation.batching import exact_batches_note
-from retrofit.evaluation.data import (
-    ClassificationData, as_float_inputs, as_token_ids, check_same_classes, load_dataset,
-    split_train_val,
-)
+from retrofit.evaluation.datasets.base import ClassificationData
+from retrofit.evaluation.datasets.checks import check_same_classes
+from retrofit.evaluation.datasets.feeding import as_float_inputs, as_token_ids
+from retrofit.evaluation.datasets.load import load_dataset
+from retrofit.evaluation.datasets.splits import split_train_val
 from retrofit.training.distributed import is_main_process, world_size
 from retrofit.errors import OutputError, RetrofitError, UnsupportedModelError, UsageError
 from retrofit.evaluation.evaluate import EvalResult, evaluate, resolve_device

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from retrofit.evaluation.data import shown_name
+from retrofit.evaluation.datasets.names import shown_name
 from retrofit.pipeline.job import GateResult, RetrofitReport
 from retrofit.evaluation.metrics import PairedDelta
 from retrofit.sites import ReluSite

@@ -60,7 +60,7 @@ from retrofit.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from retrofit.evaluation.data import MODEL_CALL_ERRORS, check_labels_fit, model_input_error
+from retrofit.evaluation.datasets.checks import MODEL_CALL_ERRORS, check_labels_fit, model_input_error
 from retrofit.training.distributed import (
     DistContext,
     PlannedBatch,

@@ -280,7 +280,7 @@ class OnlyBatchOf(nn.Module):
 
 
 def _tensors(n: int, seed: int):
-    from retrofit.evaluation.data import TensorClassificationData
+    from retrofit.evaluation.datasets.base import TensorClassificationData
 
     generator = torch.Generator().manual_seed(seed)
     return TensorClassificationData(torch.randn(n, 6, generator=generator),

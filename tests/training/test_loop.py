@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from retrofit.activations.modules import CompetitiveReLU, MRePU
 from retrofit.training.checkpoint import CHECKPOINT_FORMAT
 from retrofit.config import CompetitiveReLUConfig
-from retrofit.evaluation.data import TensorClassificationData
+from retrofit.evaluation.datasets.base import TensorClassificationData
 from retrofit.training.distributed import epoch_batches
 from retrofit.errors import BadInputError, ExitCode, RetrofitError, UsageError
 from retrofit.evaluation.evaluate import evaluate, torch_predictor
