@@ -36,7 +36,9 @@ from retrofit.activations.modules import CompetitiveReLU  # noqa: E402
 from retrofit.config import CompetitiveReLUConfig  # noqa: E402
 from retrofit.evaluation.datasets.load import load_dataset  # noqa: E402
 from retrofit.torch_path.rewrite import retrofit_torch_model  # noqa: E402
-from retrofit.training.loop import FinetuneConfig, TrainingDiverged, finetune  # noqa: E402
+from retrofit.training.config import FinetuneConfig  # noqa: E402
+from retrofit.training.loop import finetune  # noqa: E402
+from retrofit.training.results import TrainingDiverged  # noqa: E402
 from samples.architectures import DigitsCNN  # noqa: E402
 
 

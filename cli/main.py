@@ -45,7 +45,7 @@ from retrofit.pipeline.report import (
     append_step_summary, classes_line, print_report, report_to_json, report_to_markdown,
 )
 from retrofit.sites import SiteSelector
-from retrofit.training.loop import AmpMode, FinetuneConfig, OptimizerName
+from retrofit.training.config import AmpMode, FinetuneConfig, OptimizerName
 from retrofit.atomic import write_text_atomic
 
 try:  # Typer 0.2x vendors Click, and raises its own copy's exceptions

@@ -51,7 +51,8 @@ def tiny_problem() -> tuple[nn.Module, TensorClassificationData, TensorClassific
 
 def main(out: Path) -> None:
     import retrofit.training.checkpoint
-    from retrofit.training.loop import FinetuneConfig, finetune
+    from retrofit.training.config import FinetuneConfig
+    from retrofit.training.loop import finetune
 
     rank = int(os.environ["RANK"])
     original = retrofit.training.checkpoint.write_bytes_atomic

@@ -21,7 +21,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from retrofit.evaluation.batching import run_in_batches
-from retrofit.evaluation.datasets.checks import MODEL_CALL_ERRORS, check_labels_fit, model_input_error
+from retrofit.evaluation.datasets.checks import (
+    MODEL_CALL_ERRORS,
+    check_labels_fit,
+    model_input_error,
+)
 from retrofit.errors import BadInputError, UnsupportedModelError, UsageError, first_line
 from retrofit.evaluation.metrics import accuracy, topk_correct
 from retrofit.evaluation.progress import progress_bar

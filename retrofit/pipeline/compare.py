@@ -482,7 +482,7 @@ def _run_or_recall(ctx: DistContext, state: _State, opened: OpenedModel, request
 def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path,
                    resume: bool, before: Stage, run: ArmRun) -> None:
     """Swap, fine-tune from the swap, check and score: the retrofit job's steps, into ``run``."""
-    from retrofit.training.loop import TrainingDiverged, TrainingInterrupted
+    from retrofit.training.results import TrainingDiverged, TrainingInterrupted
 
     try:
         swapped = swap(opened, request, before=before)
@@ -515,7 +515,7 @@ def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Pa
 def _run_control(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path, resume: bool,
                  run: ArmRun) -> None:
     """The untouched ReLU model fine-tuned with the same budget and seed, into ``run``."""
-    from retrofit.training.loop import TrainingDiverged
+    from retrofit.training.results import TrainingDiverged
 
     report = RetrofitReport(request.model, opened.subject.format, CONTROL, request.config, [])
     config = replace(finetune_config(opened, request, checkpoint, report), resume=resume)

@@ -470,7 +470,7 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
     final = swapped.model
     checkpoints: list[Path] = []  # the fine-tune's, kept until the outputs are written
     if opened.train is not None and opened.val is not None:
-        from retrofit.training.loop import TrainingDiverged
+        from retrofit.training.results import TrainingDiverged
 
         try:
             final, checkpoints = _finetune(opened, request, swapped)
@@ -564,7 +564,7 @@ def _write_outputs(subject: Subject, final: Any, request: RetrofitRequest,
     written (those the user named stay), so an interrupt or a full disk before that loses no
     training (``--resume``). An output that cannot be written is ``report.failure``; the export
     is checked before it is written, so a failed check writes nothing at all."""
-    from retrofit.training.loop import TrainingInterrupted
+    from retrofit.training.results import TrainingInterrupted
 
     try:
         if request.export_onnx is not None:
@@ -609,7 +609,7 @@ def _finetune(opened: OpenedModel, request: RetrofitRequest,
     model in the subject's format and the runs' checkpoints. A final model that computes
     NaN/inf is ``report.failure``. Ctrl-C after the fine-tune finished says which checkpoint
     keeps it."""
-    from retrofit.training.loop import TrainingInterrupted
+    from retrofit.training.results import TrainingInterrupted
 
     report = swapped.report
     assert report.output is not None and opened.train is not None and opened.val is not None

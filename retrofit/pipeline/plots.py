@@ -15,7 +15,7 @@ from retrofit.atomic import atomic_output
 from retrofit.errors import UsageError
 
 if TYPE_CHECKING:
-    from retrofit.training.loop import EpochRecord
+    from retrofit.training.state import EpochRecord
 
 _LABELLED_SITES = 6
 """With more activation sites than this the legend names only the parameters, not each site."""

@@ -18,7 +18,7 @@ from retrofit.errors import ParityError
 from retrofit.pipeline.job import DataOptions, RetrofitRequest, retrofit_file
 from retrofit.onnx_path.io import run_onnx
 from retrofit.torch_path.rewrite import retrofit_torch_model
-from retrofit.training.loop import FinetuneConfig
+from retrofit.training.config import FinetuneConfig
 from tests.conftest import SAMPLES
 
 VAL = SAMPLES / "data" / "digits_val.npz"

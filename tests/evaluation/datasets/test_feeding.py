@@ -40,7 +40,8 @@ def test_uint8_pixels_are_scaled_before_mean_and_std_as_image_folders_are(tmp_pa
     for name in ("a", "b"):
         (tmp_path / "folder" / name).mkdir(parents=True)
         Image.fromarray(values.reshape(16, 16), mode="L").save(tmp_path / "folder" / name / "0.png")
-    arrays = save_arrays(tmp_path / "u8.npz", values.reshape(1, 1, 16, 16).repeat(2, 0), np.array([0, 1]))
+    arrays = save_arrays(tmp_path / "u8.npz", values.reshape(1, 1, 16, 16).repeat(2, 0),
+                         np.array([0, 1]))
     folder = load_dataset(tmp_path / "folder", mean=[0.25], std=[0.5])
     pixels = as_float_inputs(load_dataset(arrays, mean=[0.25], std=[0.5]))
     assert pixels[0][0].dtype == torch.float32
@@ -85,7 +86,7 @@ def test_mean_and_std_in_0_to_255_units_for_pixels_are_a_usage_error(
         tmp_path: Path, image_folder: Path, mean: list[float], std: list[float]) -> None:
     with pytest.raises(UsageError, match=r"scaled to \[0, 1\] first: divide 0\.\.255 values"):
         load_dataset(image_folder, mean=mean, std=std)
-    pixels = load_dataset(save_arrays(tmp_path / "u8.npz", np.zeros((2, 3), np.uint8), np.array([0, 1])),
-                          mean=mean, std=std)
+    stored = save_arrays(tmp_path / "u8.npz", np.zeros((2, 3), np.uint8), np.array([0, 1]))
+    pixels = load_dataset(stored, mean=mean, std=std)
     with pytest.raises(UsageError, match=r"u8\.npz's pixels, which are scaled to \[0, 1\] first"):
         as_float_inputs(pixels)
