@@ -34,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.repro_common import RESULTS, ROOT, Timer, set_threads, write_results  # noqa: E402
 from retrofit.activations.modules import CompetitiveReLU  # noqa: E402
 from retrofit.config import CompetitiveReLUConfig  # noqa: E402
-from retrofit.evaluation.data import load_dataset  # noqa: E402
+from retrofit.evaluation.datasets.load import load_dataset  # noqa: E402
 from retrofit.torch_path.rewrite import retrofit_torch_model  # noqa: E402
-from retrofit.training.loop import FinetuneConfig, TrainingDiverged, finetune  # noqa: E402
+from retrofit.training.config import FinetuneConfig  # noqa: E402
+from retrofit.training.loop import finetune  # noqa: E402
+from retrofit.training.results import TrainingDiverged  # noqa: E402
 from samples.architectures import DigitsCNN  # noqa: E402
 
 

@@ -44,7 +44,8 @@ from retrofit.config import CompetitiveReLUConfig, MRePUConfig  # noqa: E402
 from retrofit.errors import ParityError  # noqa: E402
 from retrofit.pipeline.job import retrofit_file  # noqa: E402
 from retrofit.pipeline.request import DataOptions, RetrofitRequest  # noqa: E402
-from retrofit.training.loop import FinetuneConfig, TrainingDiverged  # noqa: E402
+from retrofit.training.config import FinetuneConfig  # noqa: E402
+from retrofit.training.results import TrainingDiverged  # noqa: E402
 
 MODELS = {"cnn": "samples/models/digits_cnn.pt2", "mlp": "samples/models/digits_mlp.pt2"}
 VARIANTS = {

@@ -35,7 +35,8 @@ from retrofit.pipeline.report import (
 from retrofit.torch_path.arch import parse_arch_kwargs
 from retrofit.training.distributed import is_main_process
 from retrofit.training.launch import launch, prints_errors, record_failure, worker_argv
-from retrofit.training.loop import AmpMode, FinetuneConfig, OptimizerName
+from retrofit.training.config import AmpMode, OptimizerName
+from retrofit.training.config import FinetuneConfig
 
 try:  # Typer 0.2x vendors Click, and raises its own copy's exceptions
     from typer._click import exceptions as click_errors

@@ -20,7 +20,8 @@ from retrofit.config import ActivationConfig, CompetitiveReLUConfig, MRePUConfig
 from retrofit.evaluation.evaluate import EvalResult
 from retrofit.pipeline.compare import CompareReport, CompareRequest
 from retrofit.sites import RetrofitResult, SiteSelector
-from retrofit.training.loop import FinetuneConfig, FinetuneResult
+from retrofit.training.config import FinetuneConfig
+from retrofit.training.results import FinetuneResult
 
 if TYPE_CHECKING:  # onnx takes a second to import: only for ONNX models
     import onnx
@@ -113,7 +114,7 @@ def finetune(model: nn.Module, config: FinetuneConfig, train: Dataset | PathLike
     ``train``/``val`` are datasets of ``(x, y)`` samples, or data files as the command line
     reads them (image folders, ``.npz``/``.pt`` with ``x`` and ``y``, CSV) fed to a model with
     float inputs; for token ids pass a dataset. Raises
-    :class:`~retrofit.training.loop.TrainingDiverged` on a NaN/inf loss.
+    :class:`~retrofit.training.results.TrainingDiverged` on a NaN/inf loss.
     """
     from retrofit.training.loop import finetune as train_model
 
@@ -182,6 +183,7 @@ def _dataset(data: Dataset | PathLike) -> Dataset:
     """A dataset as it is, or a data file read as the command line reads it for float inputs."""
     if not isinstance(data, (str, os.PathLike)):
         return data
-    from retrofit.evaluation.data import as_float_inputs, load_dataset
+    from retrofit.evaluation.datasets.feeding import as_float_inputs
+    from retrofit.evaluation.datasets.load import load_dataset
 
     return as_float_inputs(load_dataset(data))

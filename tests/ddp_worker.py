@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from retrofit.activations.modules import CompetitiveReLU
-from retrofit.evaluation.data import TensorClassificationData
+from retrofit.evaluation.datasets.base import TensorClassificationData
 
 BATCH_PER_PROCESS = 8
 TRAIN_SIZE = 97
@@ -51,7 +51,8 @@ def tiny_problem() -> tuple[nn.Module, TensorClassificationData, TensorClassific
 
 def main(out: Path) -> None:
     import retrofit.training.checkpoint
-    from retrofit.training.loop import FinetuneConfig, finetune
+    from retrofit.training.config import FinetuneConfig
+    from retrofit.training.loop import finetune
 
     rank = int(os.environ["RANK"])
     original = retrofit.training.checkpoint.write_bytes_atomic

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -22,9 +21,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from retrofit.evaluation.batching import run_in_batches
-from retrofit.evaluation.data import MODEL_CALL_ERRORS, check_labels_fit, model_input_error
-from retrofit.errors import BadInputError, RetrofitError, UnsupportedModelError, UsageError, first_line
+from retrofit.evaluation.datasets.checks import (
+    MODEL_CALL_ERRORS,
+    check_labels_fit,
+    model_input_error,
+)
+from retrofit.errors import BadInputError, UnsupportedModelError, UsageError, first_line
 from retrofit.evaluation.metrics import accuracy, topk_correct
+from retrofit.evaluation.progress import progress_bar
 
 
 class Predictor(Protocol):
@@ -312,29 +316,20 @@ def evaluate(
     )
     correct1: list[Tensor] = []
     correct5: list[Tensor] = []
-    num_outputs: int | None = None
+    batch_logits = BatchLogits(predictor, dataset)
     start = time.perf_counter()
-    with _progress_bar(total, description, progress) as advance, contextlib.closing(
+    with progress_bar(description, total, enabled=progress) as advance, contextlib.closing(
         loader_batches(loader)
     ) as batches:
         for x, y in batches:
-            y = torch.as_tensor(y).to(torch.int64).view(-1)
-            logits = _predict(predictor, x)
-            if num_outputs is None:
-                num_outputs = logits.shape[1]
-                if hasattr(dataset, "targets") and hasattr(dataset, "source"):
-                    check_labels_fit(dataset, num_outputs)  # type: ignore[arg-type]
-            elif logits.shape[1] != num_outputs:
-                raise BadInputError(
-                    f"the model gave {logits.shape[1]} outputs for one batch and {num_outputs} "
-                    "for an earlier one"
-                )
-            check_batch_labels(y, num_outputs)
+            logits, y = batch_logits(x, y)
+            logits = logits.float().cpu()
             correct1.append(topk_correct(logits, y, 1))
-            if num_outputs > 5:
+            if logits.shape[1] > 5:
                 correct5.append(topk_correct(logits, y, 5))
             advance(y.shape[0])
     seconds = time.perf_counter() - start
+    num_outputs = batch_logits.num_outputs
     assert num_outputs is not None
     all1 = torch.cat(correct1)
     all5 = torch.cat(correct5) if correct5 else None
@@ -349,26 +344,52 @@ def evaluate(
     )
 
 
-def _predict(predictor: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    try:
-        logits = predictor(x)
-    except torch.OutOfMemoryError as error:
-        raise UsageError(
-            f"out of device memory at batch size {x.shape[0]}; use a smaller batch size"
-        ) from error
-    except RetrofitError:
-        raise
-    except MODEL_CALL_ERRORS as error:
-        raise model_input_error(error, x.shape[1:]) from error
-    logits = logits_of(logits)
-    if logits.ndim > 2 and all(d == 1 for d in logits.shape[2:]):
-        logits = logits.reshape(logits.shape[0], logits.shape[1])
-    if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
-        raise BadInputError(
-            f"the model's output has shape {tuple(logits.shape)} for a batch of {x.shape[0]}; "
-            "expected (batch, classes) logits"
-        )
-    return logits.float().cpu()
+class BatchLogits:
+    """One model's logits on the batches of one labelled dataset, checked the same way wherever
+    a batch meets the model (:func:`evaluate`, each fine-tuning step).
+
+    ``batch_logits(x, y)`` returns ``(logits, labels)``: logits of shape (batch, classes) as the
+    model gave them (device, dtype and autograd kept), labels as int64. Out of memory is a usage
+    error; a batch the model refuses, an output that is not (batch, classes), a number of
+    outputs that changes, or labels beyond the outputs are one-line BadInputErrors. The first
+    batch fixes ``num_outputs`` and checks the dataset's labels against it (all of them at once
+    when the dataset has ``targets``).
+    """
+
+    def __init__(self, forward: Callable[[Tensor], Any], dataset: Dataset) -> None:
+        self.forward = forward
+        self.dataset = dataset
+        self.num_outputs: int | None = None
+
+    def __call__(self, x: Tensor, y: Any) -> tuple[Tensor, Tensor]:
+        y = torch.as_tensor(y).to(torch.int64).view(-1)
+        try:
+            output = self.forward(x)
+        except torch.OutOfMemoryError as error:
+            raise UsageError(
+                f"out of device memory at batch size {x.shape[0]}; use a smaller batch size"
+            ) from error
+        except MODEL_CALL_ERRORS as error:
+            raise model_input_error(error, x.shape[1:]) from error
+        logits = logits_of(output)
+        if logits.ndim > 2 and all(d == 1 for d in logits.shape[2:]):
+            logits = logits.reshape(logits.shape[0], logits.shape[1])
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise BadInputError(
+                f"the model's output has shape {tuple(logits.shape)} for a batch of "
+                f"{x.shape[0]}; expected (batch, classes) logits"
+            )
+        if self.num_outputs is None:
+            self.num_outputs = logits.shape[1]
+            if hasattr(self.dataset, "targets") and hasattr(self.dataset, "source"):
+                check_labels_fit(self.dataset, self.num_outputs)  # type: ignore[arg-type]
+        elif logits.shape[1] != self.num_outputs:
+            raise BadInputError(
+                f"the model gave {logits.shape[1]} outputs for one batch and {self.num_outputs} "
+                "for an earlier one"
+            )
+        check_batch_labels(y, self.num_outputs)
+        return logits, y
 
 
 def check_batch_labels(y: Tensor, num_outputs: int) -> None:
@@ -412,42 +433,3 @@ def _worker_message(text: str) -> str:
         if marker in line:
             return line.split(marker, 1)[1]
     return text.strip().splitlines()[-1]
-
-
-@contextlib.contextmanager
-def _progress_bar(
-    total: int, description: str, enabled: bool | None
-) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(count)``; a rich bar on stderr (samples/s, ETA) when enabled."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        yield lambda _count: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class SamplesPerSecond(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            shown = "" if speed is None else f"{speed:,.0f} samples/s"
-            return Text(shown, style="progress.data.speed")
-
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        SamplesPerSecond(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda count: bar.advance(task, count)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from retrofit.activations.functional import mrepu
 from retrofit.activations.modules import MRePU
-from retrofit.evaluation.data import MODEL_CALL_ERRORS, model_input_error
+from retrofit.evaluation.datasets.checks import MODEL_CALL_ERRORS, model_input_error
 from retrofit.sites import RetrofitResult
 
 ELEMENTS_PER_SITE = 1 << 16

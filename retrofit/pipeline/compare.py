@@ -16,7 +16,7 @@ What a caller may rely on:
 * Arms run seed by seed, the control first, then the candidates in their order. Under torchrun
   every process runs them in that order (each fine-tune is one DDP run) and ends with rank 0's
   numbers; rank 0 alone writes files.
-* An arm that fails on its own (its fine-tune diverged, :class:`~retrofit.training.loop.TrainingDiverged`;
+* An arm that fails on its own (its fine-tune diverged, :class:`~retrofit.training.results.TrainingDiverged`;
   its model computes NaN/inf or an identity swap changed the outputs,
   :class:`~retrofit.errors.ParityError`) is recorded as failed with its reason and is not
   ranked; the other arms go on. A candidate that fails on any seed is failed. Any other error
@@ -61,7 +61,7 @@ from retrofit.pipeline.report import RetrofitReport, Stage
 from retrofit.pipeline.request import GateResult, RetrofitRequest, gate_error, gate_results
 from retrofit.pipeline.swap import OpenedModel, dataset_summary, open_model, score_stage, swap
 from retrofit.torch_path.formats import ModelFormat
-from retrofit.training.loop import FinetuneConfig
+from retrofit.training.config import FinetuneConfig
 
 CONTROL = "control"
 """The ReLU control's arm name."""
@@ -328,7 +328,7 @@ def compare_file(request: CompareRequest) -> CompareReport:
     """Run the control and every candidate with every seed (see the module docstring), rank the
     candidates and apply the gates; write the plot when asked.
 
-    Raises :class:`~retrofit.training.loop.TrainingInterrupted` (a KeyboardInterrupt) on Ctrl-C during
+    Raises :class:`~retrofit.training.results.TrainingInterrupted` (a KeyboardInterrupt) on Ctrl-C during
     a fine-tune, after its checkpoint was written, and any :class:`RetrofitError` that is not
     one arm's own failure. When nothing could be ranked, ``report.failure`` says why.
     """
@@ -501,7 +501,7 @@ def _run_or_recall(ctx: DistContext, state: _State, opened: OpenedModel, request
 def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path,
                    resume: bool, before: Stage, run: ArmRun) -> None:
     """Swap, fine-tune from the swap, check and score: the retrofit job's steps, into ``run``."""
-    from retrofit.training.loop import TrainingDiverged
+    from retrofit.training.results import TrainingDiverged
 
     try:
         swapped = swap(opened, request, before=before)
@@ -530,7 +530,7 @@ def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Pa
 def _run_control(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path, resume: bool,
                  run: ArmRun) -> None:
     """The untouched ReLU model fine-tuned with the same budget and seed, into ``run``."""
-    from retrofit.training.loop import TrainingDiverged
+    from retrofit.training.results import TrainingDiverged
 
     report = RetrofitReport(request.model, opened.subject.format, CONTROL, request.config, [])
     config = replace(finetune_config(opened, request, checkpoint, report), resume=resume)

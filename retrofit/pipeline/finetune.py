@@ -17,14 +17,15 @@ from torch import nn
 
 from retrofit.errors import ParityError
 from retrofit.evaluation.batching import exact_batches_note
-from retrofit.evaluation.data import ClassificationData
+from retrofit.evaluation.datasets.base import ClassificationData
 from retrofit.evaluation.evaluate import EvalResult, evaluate
 from retrofit.pipeline.report import RetrofitReport, Stage
 from retrofit.pipeline.request import RetrofitRequest
 from retrofit.pipeline.subjects import Model, final_config
 from retrofit.pipeline.swap import OpenedModel, Swapped, score_stage, torch_form
 from retrofit.training.distributed import world_size
-from retrofit.training.loop import FinetuneConfig, FinetuneResult
+from retrofit.training.config import FinetuneConfig
+from retrofit.training.results import FinetuneResult
 
 
 def checkpoint_path(request: RetrofitRequest, output: Path) -> Path:
@@ -41,7 +42,7 @@ def control_checkpoint(checkpoint: Path) -> Path:
 def keeps_finished(trained: FinetuneResult, checkpoint: Path) -> Iterator[None]:
     """Ctrl-C after a fine-tune finished, while its result is checked and scored, says which
     checkpoint keeps that fine-tune: ``--resume`` then loads it instead of training again."""
-    from retrofit.training.loop import TrainingInterrupted
+    from retrofit.training.results import TrainingInterrupted
 
     try:
         yield

@@ -112,7 +112,7 @@ def retrofit_file(request: RetrofitRequest) -> RetrofitReport:
     final = swapped.model
     checkpoints: list[Path] = []  # the fine-tune's, kept until the outputs are written
     if opened.train is not None and opened.val is not None:
-        from retrofit.training.loop import TrainingDiverged
+        from retrofit.training.results import TrainingDiverged
 
         try:
             final, checkpoints = finetune_job(opened, request, swapped)
@@ -153,7 +153,7 @@ def _write_outputs(subject: Subject, final: Model, request: RetrofitRequest,
     written (those the user named stay), so an interrupt or a full disk before that loses no
     training (``--resume``). An output that cannot be written is ``report.failure``; the export
     is checked before it is written, so a failed check writes nothing at all."""
-    from retrofit.training.loop import TrainingInterrupted
+    from retrofit.training.results import TrainingInterrupted
 
     try:
         if request.export_onnx is not None:

@@ -22,7 +22,7 @@ from retrofit.pipeline.compare import COMPARED, CompareRequest, candidates, comp
 from retrofit.pipeline.request import DataOptions, Gates, RetrofitRequest, flag
 from retrofit.sites import SiteSelector
 from retrofit.torch_path.arch import parse_arch_kwargs
-from retrofit.training.loop import FinetuneConfig
+from retrofit.training.config import FinetuneConfig
 
 _ACTIVATION_FIELDS: dict[str, dict[str, str]] = {
     # activation: {option: its config field}

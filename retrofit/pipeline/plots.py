@@ -16,14 +16,14 @@ from retrofit.errors import UsageError
 
 if TYPE_CHECKING:
     from retrofit.evaluation.metrics import SeedPairedDelta
-    from retrofit.training.loop import EpochRecord
+    from retrofit.training.state import EpochRecord
 
 _LABELLED_SITES = 6
 """With more activation sites than this the legend names only the parameters, not each site."""
 
 
 def save_training_plot(history: Sequence["EpochRecord"], path: str | os.PathLike[str]) -> Path:
-    """Write the curves of ``history`` (from :class:`~retrofit.training.loop.FinetuneResult`) to ``path``
+    """Write the curves of ``history`` (from :class:`~retrofit.training.results.FinetuneResult`) to ``path``
     as a PNG, atomically.
 
     Panels: training loss; training and validation top-1; and, when the model has new

@@ -21,7 +21,7 @@ from rich.text import Text
 from retrofit.atomic import write_text_atomic
 from retrofit.config import ActivationConfig
 from retrofit.errors import RetrofitError
-from retrofit.evaluation.data import shown_name
+from retrofit.evaluation.datasets.names import shown_name
 from retrofit.evaluation.evaluate import EvalResult
 from retrofit.evaluation.metrics import PairedDelta
 from retrofit.pipeline.request import GateResult, gate_error
@@ -32,7 +32,7 @@ from retrofit.verify import OutputParity
 
 if TYPE_CHECKING:
     from retrofit.pipeline.calibrate import Calibration
-    from retrofit.training.loop import FinetuneResult
+    from retrofit.training.results import FinetuneResult
 
 REPORT_VERSION = 1
 EVALUATE_REPORT_VERSION = 1

@@ -17,7 +17,7 @@ from retrofit.errors import GateError, UsageError
 from retrofit.evaluation.evaluate import resolve_device
 from retrofit.inputs import InputShape
 from retrofit.sites import SiteSelector
-from retrofit.training.loop import FinetuneConfig
+from retrofit.training.config import FinetuneConfig
 
 
 def flag(option: str) -> str:
@@ -33,7 +33,7 @@ def require_finite(option: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Where the data is and how images are prepared (see :func:`retrofit.evaluation.data.load_dataset`)."""
+    """Where the data is and how images are prepared (see :func:`retrofit.evaluation.datasets.load.load_dataset`)."""
 
     val: Path | None = None
     train: Path | None = None

@@ -25,7 +25,7 @@ from retrofit.evaluation.batching import (
 )
 from retrofit.torch_path.census import take_census
 from retrofit.config import ActivationConfig, MRePUConfig
-from retrofit.evaluation.data import MODEL_CALL_ERRORS
+from retrofit.evaluation.datasets.checks import MODEL_CALL_ERRORS
 from retrofit.errors import BadInputError, UsageError, first_line
 from retrofit.evaluation.evaluate import Predictor, onnx_predictor, torch_predictor
 from retrofit.inputs import (

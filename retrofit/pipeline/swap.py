@@ -16,10 +16,11 @@ from torch import nn
 
 from retrofit.config import ActivationConfig, MRePUConfig
 from retrofit.errors import UnsupportedModelError
-from retrofit.evaluation.data import (
-    ClassificationData, as_float_inputs, as_token_ids, check_same_classes, load_dataset,
-    split_train_val,
-)
+from retrofit.evaluation.datasets.base import ClassificationData
+from retrofit.evaluation.datasets.feeding import as_float_inputs, as_token_ids
+from retrofit.evaluation.datasets.checks import check_same_classes
+from retrofit.evaluation.datasets.load import load_dataset
+from retrofit.evaluation.datasets.splits import split_train_val
 from retrofit.evaluation.evaluate import evaluate, resolve_device
 from retrofit.pipeline.calibrate import Calibration
 from retrofit.pipeline.report import RetrofitReport, Stage

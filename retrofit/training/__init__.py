@@ -1,1 +1,2 @@
-"""Fine-tuning: the training loop, its schedule, checkpoints, and distributed (torchrun) workers."""
+"""Fine-tuning: the training loop, its settings, schedules, optimizer and resumable state,
+checkpoints, and distributed (torchrun) workers."""

@@ -3,8 +3,8 @@ for a step boundary so that what is written is a consistent state.
 
 A checkpoint is a plain ``dict`` of tensors, numbers, strings, lists, tuples and dicts, so
 ``torch.load(path, weights_only=True)`` reads it and a checkpoint file cannot run code. What it
-holds is the training loop's business (:mod:`retrofit.training.loop`); this module writes, reads and
-checks the envelope, and captures the random number generators.
+holds is the run's state (:mod:`retrofit.training.state`); this module writes, reads and checks
+the envelope, and captures the random number generators.
 """
 
 from __future__ import annotations

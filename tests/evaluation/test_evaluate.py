@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from retrofit.evaluation.data import load_dataset
+from retrofit.evaluation.datasets.load import load_dataset
 from retrofit.errors import BadInputError, UnsupportedModelError
-from retrofit.evaluation.evaluate import evaluate, onnx_predictor, torch_predictor
+from retrofit.evaluation.datasets.base import TensorClassificationData
+from retrofit.evaluation.evaluate import BatchLogits, evaluate, onnx_predictor, torch_predictor
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX")
 
@@ -164,3 +165,24 @@ def test_progress_bar_is_silent_off_a_terminal_and_shown_when_forced(ranked_data
     assert capsys.readouterr().err == ""
     result = evaluate(torch_predictor(_scaled_identity()), ranked_data, progress=True)
     assert result.top1 == pytest.approx(40.0)
+
+
+def test_batch_logits_keep_the_model_output_and_turn_what_does_not_fit_into_one_line() -> None:
+    """The one call that evaluation and every fine-tuning step make: (batch, classes, 1, 1)
+    logits are squeezed with autograd kept, and every later batch is checked like the first."""
+    data = TensorClassificationData(torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 2, 4]),
+                                    source="d.npz", preprocessing={})
+    conv = nn.Conv2d(3, 5, 8)
+    batch_logits = BatchLogits(conv, data)
+    logits, labels = batch_logits(data.x[:2], [0, 1])
+    assert logits.shape == (2, 5) and logits.requires_grad and labels.dtype == torch.int64
+    with pytest.raises(BadInputError, match=r"samples of shape \(1, 8, 8\) do not fit") as info:
+        batch_logits(torch.zeros(2, 1, 8, 8), [0, 1])  # not the first batch: still one line
+    assert "\n" not in str(info.value)
+    widths = iter([5, 6])
+    growing = BatchLogits(lambda x: torch.zeros(x.shape[0], next(widths)), data)
+    growing(data.x[:2], [0, 1])
+    with pytest.raises(BadInputError, match="gave 6 outputs for one batch and 5 for an earlier"):
+        growing(data.x[2:], [2, 4])
+    with pytest.raises(BadInputError, match="labels in d.npz go up to 4 but the model has 4"):
+        BatchLogits(nn.Conv2d(3, 4, 8), data)(data.x[:2], [0, 1])

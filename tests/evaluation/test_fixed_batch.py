@@ -280,7 +280,7 @@ class OnlyBatchOf(nn.Module):
 
 
 def _tensors(n: int, seed: int):
-    from retrofit.evaluation.data import TensorClassificationData
+    from retrofit.evaluation.datasets.base import TensorClassificationData
 
     generator = torch.Generator().manual_seed(seed)
     return TensorClassificationData(torch.randn(n, 6, generator=generator),
@@ -289,7 +289,8 @@ def _tensors(n: int, seed: int):
 
 
 def test_exact_batches_train_and_validate_a_model_that_takes_one_batch_size(tmp_path) -> None:
-    from retrofit.training.loop import FinetuneConfig, finetune
+    from retrofit.training.config import FinetuneConfig
+    from retrofit.training.loop import finetune
 
     config = FinetuneConfig(epochs=2, batch_size=5, exact_batches=True, device="cpu",
                             checkpoint=tmp_path / "a.ckpt")
@@ -299,7 +300,8 @@ def test_exact_batches_train_and_validate_a_model_that_takes_one_batch_size(tmp_
 
 def test_a_checkpoint_from_before_exact_batches_still_resumes(tmp_path) -> None:
     from retrofit.training.checkpoint import load_checkpoint, save_checkpoint
-    from retrofit.training.loop import FinetuneConfig, finetune
+    from retrofit.training.config import FinetuneConfig
+    from retrofit.training.loop import finetune
 
     path = tmp_path / "old.ckpt"
     config = FinetuneConfig(epochs=1, batch_size=4, device="cpu", checkpoint=path)

@@ -20,7 +20,7 @@ from retrofit.pipeline.job import retrofit_file
 from retrofit.pipeline.request import DataOptions, RetrofitRequest
 from retrofit.onnx_path.io import run_onnx
 from retrofit.torch_path.rewrite import retrofit_torch_model
-from retrofit.training.loop import FinetuneConfig
+from retrofit.training.config import FinetuneConfig
 from tests.conftest import SAMPLES
 
 VAL = SAMPLES / "data" / "digits_val.npz"

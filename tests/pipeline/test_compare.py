@@ -24,7 +24,8 @@ from retrofit.errors import ExitCode, UsageError
 from retrofit.pipeline.options import activation_configs
 from retrofit.pipeline.request import DataOptions, RetrofitRequest
 from retrofit.evaluation.metrics import paired_delta_ci
-from retrofit.training.loop import FinetuneConfig, TrainingDiverged
+from retrofit.training.config import FinetuneConfig
+from retrofit.training.results import TrainingDiverged, TrainingInterrupted
 from tests.conftest import REPO, SAMPLES, one_line, run_cli
 
 MODEL = SAMPLES / "models" / "digits_mlp.pt2"
@@ -212,7 +213,7 @@ def test_resume_reads_back_finished_runs_and_continues_the_interrupted_one(tmp_p
 
     monkeypatch.setattr(retrofit.training.loop, "finetune", finetune)
     interrupted = request(tmp_path, data, candidates=arms, epochs=2)
-    with pytest.raises(retrofit.training.loop.TrainingInterrupted) as caught:
+    with pytest.raises(TrainingInterrupted) as caught:
         compare_file(interrupted)
     folder = tmp_path / "out"
     assert caught.value.checkpoint == folder / "carelu-l1-seed0.ckpt"

@@ -119,7 +119,7 @@ def test_readme_documents_every_json_key():
 
 
 def _finetune_config(**fields):
-    from retrofit.training.loop import FinetuneConfig
+    from retrofit.training.config import FinetuneConfig
 
     return FinetuneConfig(**{"epochs": 1, "batch_size": 64, "lr": 1e-3, "activation_lr": 1e-2,
                              "device": "cpu", **fields})

@@ -1,9 +1,8 @@
-"""retrofit.training.loop: fine-tuning learns, schedules hit their values, NaN and Ctrl-C leave a usable
-state, resume is exact, torch.export modules train, N processes equal one with N x the batch."""
+"""retrofit.training.loop: fine-tuning learns, NaN and Ctrl-C leave a usable state, resume is
+exact, torch.export modules train, N processes equal one with N x the batch."""
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -14,59 +13,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from retrofit.activations.modules import CompetitiveReLU, MRePU
-from retrofit.training.checkpoint import CHECKPOINT_FORMAT
+from retrofit.activations.modules import CompetitiveReLU
 from retrofit.config import CompetitiveReLUConfig
-from retrofit.evaluation.data import TensorClassificationData
-from retrofit.training.distributed import epoch_batches
 from retrofit.errors import BadInputError, ExitCode, RetrofitError, UsageError
+from retrofit.evaluation.datasets.base import TensorClassificationData
 from retrofit.evaluation.evaluate import evaluate, torch_predictor
-from retrofit.training.loop import (
-    FinetuneConfig,
-    TrainingDiverged,
-    TrainingInterrupted,
-    blend_at,
-    finetune,
-    parameter_groups,
-    warmup_cosine,
-)
+from retrofit.training.checkpoint import CHECKPOINT_FORMAT
+from retrofit.training.config import FinetuneConfig
+from retrofit.training.loop import finetune
+from retrofit.training.results import TrainingDiverged, TrainingInterrupted
 from tests.conftest import REPO, no_partial_files
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
-
-
-def separable(n: int, seed: int = 0) -> TensorClassificationData:
-    """Two classes of 1x6x6 images: is the left half brighter than the right half?"""
-    x = torch.randn(n, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
-    y = (x[..., :3].mean((1, 2, 3)) > x[..., 3:].mean((1, 2, 3))).long()
-    return TensorClassificationData(x, y, source=f"synthetic-{seed}", preprocessing={})
-
-
-TRAIN = separable(192, seed=1)
-VAL = separable(64, seed=2)
-
-
-def conv_net(activation: nn.Module | None = None, *, dropout: float = 0.0) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        activation if activation is not None else CompetitiveReLU(),
-        nn.Dropout(dropout),
-        nn.Flatten(),
-        nn.Linear(144, 2),
-    )
-
-
-def config(**changes) -> FinetuneConfig:
-    settings = dict(epochs=2, batch_size=32, lr=1e-2, activation_lr=2e-2, device="cpu")
-    return FinetuneConfig(**{**settings, **changes})
-
-
-def assert_same_weights(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
+from tests.training.conftest import TRAIN, VAL, assert_same_weights, config, conv_net
 
 
 # --------------------------------------------------------------------------- learning
@@ -109,31 +66,27 @@ def test_labels_or_samples_that_do_not_fit_the_model_are_one_clear_error():
         finetune(conv_net(), flat, None, config())
 
 
-# --------------------------------------------------------------------------- parameters
+class FailsAtTheSecondStep(nn.Module):
+    """Takes the first batch, then refuses one as an embedding refuses an id beyond its table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(36, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            raise IndexError("index out of range in self")
+        return self.linear(x.flatten(1))
 
 
-def test_activation_parameters_form_their_own_group_at_their_own_lr_without_weight_decay():
-    model = conv_net()
-    groups = {g["name"]: g for g in parameter_groups(model, config(weight_decay=0.1))}
-    assert {id(p) for p in groups["activation"]["params"]} == {
-        id(model[1].alpha), id(model[1].beta)
-    }
-    assert (groups["activation"]["lr"], groups["activation"]["weight_decay"]) == (2e-2, 0.0)
-    assert groups["weights"]["weight_decay"] == 0.1 and groups["weights"]["lr"] == 1e-2
-    assert all(p.ndim >= 2 for p in groups["weights"]["params"])
-    assert groups["no_decay"]["weight_decay"] == 0.0  # biases
-    assert all(p.ndim <= 1 for p in groups["no_decay"]["params"])
-
-
-def test_alpha_and_beta_move_at_the_activation_lr_and_stay_put_at_zero():
-    start = conv_net()[1]
-    moved = finetune(conv_net(), TRAIN, None, config()).model[1]
-    assert abs(moved.alpha.item() - start.alpha.item()) > 1e-3
-    assert abs(moved.beta.item() - start.beta.item()) > 1e-3
-    frozen = finetune(conv_net(), TRAIN, None, config(activation_lr=0.0, weight_decay=0.5)).model
-    assert frozen[1].alpha.item() == start.alpha.item()  # lr 0 and no decay: exactly unchanged
-    assert frozen[1].beta.item() == start.beta.item()
-    assert not torch.equal(frozen[0].weight, conv_net()[0].weight)
+def test_a_batch_the_model_refuses_after_the_first_is_one_clear_error_too():
+    """Training calls the model as evaluation does (BatchLogits): every batch, not only the
+    first, that the model refuses is a one-line BadInputError rather than a traceback."""
+    with pytest.raises(BadInputError, match=r"samples of shape \(1, 6, 6\) do not fit the model: "
+                                            "index out of range in self"):
+        finetune(FailsAtTheSecondStep(), TRAIN, None, config(epochs=1))
 
 
 def test_activation_values_are_recorded_per_site_every_epoch():
@@ -142,77 +95,6 @@ def test_activation_values_are_recorded_per_site_every_epoch():
     assert alphas[result.best_epoch - 1] == result.model[1].alpha.item()
     assert len(set(alphas)) == len(alphas)  # moved every epoch
     assert set(result.history[0].activations["1"]) == {"alpha", "beta"}
-
-
-# --------------------------------------------------------------------------- schedules
-
-
-def test_warmup_then_cosine_lr_at_chosen_steps():
-    assert warmup_cosine(0, 10, 2) == pytest.approx(0.5)
-    assert warmup_cosine(1, 10, 2) == pytest.approx(1.0)
-    assert warmup_cosine(2, 10, 2) == pytest.approx(1.0)
-    assert warmup_cosine(6, 10, 2) == pytest.approx(0.5)
-    assert warmup_cosine(9, 10, 2) == pytest.approx(0.5 * (1 + math.cos(7 / 8 * math.pi)))
-    assert warmup_cosine(0, 10, 0) == pytest.approx(1.0)
-
-
-def test_optimizer_uses_the_scheduled_lr_in_every_group(monkeypatch):
-    used: list[dict[str, float]] = []
-    step = torch.optim.AdamW.step
-
-    def spy(self, *args, **kwargs):
-        used.append({g["name"]: (g["lr"], g["weight_decay"]) for g in self.param_groups})
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
-    # One step per epoch: 5 steps, 2 of warm-up.
-    result = finetune(conv_net(), TRAIN, None, config(epochs=5, batch_size=256,
-                                                       warmup_fraction=0.4, weight_decay=0.1))
-    factors = [0.5, 1.0, 1.0, 0.75, 0.25]
-    assert [u["weights"][0] for u in used] == pytest.approx([1e-2 * f for f in factors])
-    assert [u["activation"][0] for u in used] == pytest.approx([2e-2 * f for f in factors])
-    assert {u["weights"][1] for u in used} == {0.1}
-    assert {u["activation"][1] for u in used} == {0.0}
-    assert [r.lr for r in result.history] == pytest.approx([1e-2 * f for f in factors])
-
-
-def test_mrepu_blend_ramps_from_relu_to_mrepu_and_ends_at_one(monkeypatch):
-    seen: list[float] = []
-    forward = MRePU.forward
-
-    def spy(self, x):
-        if torch.is_grad_enabled():  # training steps, not validation
-            seen.append(self.blend)
-        return forward(self, x)
-
-    monkeypatch.setattr(MRePU, "forward", spy)
-    result = finetune(conv_net(MRePU()), TRAIN, VAL,
-                      config(epochs=8, batch_size=256, blend_ramp_fraction=0.5, lr=1e-3))
-    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0])
-    assert [r.blend for r in result.history] == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 5)
-    assert result.model[1].blend == 1.0 and result.ramp_finished
-    assert result.best_epoch >= 4  # epochs validated at lam < 1 cannot be the best
-
-
-def test_mrepu_ramp_defaults_to_the_activation_config_and_an_early_stop_says_so():
-    blends = []
-
-    def stop_after_first(record):
-        blends.append(record.blend)
-        raise KeyboardInterrupt
-
-    with pytest.raises(TrainingInterrupted) as caught:
-        finetune(conv_net(MRePU(ramp_fraction=0.25)), TRAIN, VAL,
-                 config(epochs=8, batch_size=256, lr=1e-3), on_epoch=stop_after_first)
-    assert blends == [0.5]  # 8 steps, ramp 2 steps: lam 1/2 after the first
-    result = caught.value.result
-    assert not result.ramp_finished and result.model[1].blend == 1.0
-    assert any("ramp" in note for note in result.notes)
-
-
-def test_blend_at_is_zero_first_then_linear_then_one():
-    assert [blend_at(s, 4) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
-    assert blend_at(0, 0) == 1.0  # no ramp: MRePU from the start
 
 
 # --------------------------------------------------------------------------- divergence
@@ -317,19 +199,6 @@ def test_sigterm_mid_epoch_checkpoints_the_last_step_and_resume_is_exact(tmp_pat
     assert no_partial_files(tmp_path)
 
 
-def test_an_existing_checkpoint_needs_resume_and_resume_needs_the_same_settings(tmp_path):
-    path = tmp_path / "run.ckpt"
-    finetune(conv_net(), TRAIN, None, config(epochs=1, checkpoint=path))
-    with pytest.raises(UsageError, match="already exists"):
-        finetune(conv_net(), TRAIN, None, config(epochs=1, checkpoint=path))
-    with pytest.raises(UsageError, match="lr 0.01 -> 0.02"):
-        finetune(conv_net(), TRAIN, None, config(epochs=1, lr=2e-2, checkpoint=path, resume=True))
-    with pytest.raises(UsageError, match="no checkpoint"):
-        finetune(conv_net(), TRAIN, None, config(checkpoint=tmp_path / "x.ckpt", resume=True))
-    done = finetune(conv_net(), TRAIN, None, config(epochs=1, checkpoint=path, resume=True))
-    assert done.steps == done.total_steps and len(done.history) == 1  # finished: nothing to do
-
-
 # --------------------------------------------------------------------------- torch.export
 
 
@@ -367,19 +236,6 @@ def test_validation_leaves_the_batchnorm_statistics_of_a_training_mode_export_al
 
 
 # --------------------------------------------------------------------------- several processes
-
-
-def test_each_process_takes_a_contiguous_slice_of_the_single_process_batch():
-    for n in (32, 33, 37):  # full batches, a short last one, one smaller than the process count
-        single = epoch_batches(n, 8, seed=4, epoch=2)
-        ranks = [epoch_batches(n, 2, seed=4, epoch=2, rank=r, world_size=4) for r in range(4)]
-        assert len(single) == len(ranks[0])
-        for k, whole in enumerate(single):
-            parts = [ranks[r][k] for r in range(4)]
-            assert [i for p in parts for i in p.indices[: p.real]] == whole.indices
-            assert {p.global_size for p in parts} == {whole.global_size}
-    assert epoch_batches(10, 4, seed=0, epoch=1)[0].indices != epoch_batches(
-        10, 4, seed=0, epoch=2)[0].indices
 
 
 @pytest.mark.slow
