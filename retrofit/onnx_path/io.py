@@ -32,8 +32,7 @@ from retrofit.errors import (
 from retrofit.inputs import affordable
 
 _SAFE_PROTO_SIZE = 2**31 - 2**26
-"""A serialized protobuf cannot exceed 2 GiB: above this (less 64 MiB of headroom) a model is
-saved with external data and checked or run through a light copy or a file."""
+"""A serialized protobuf cannot exceed 2 GiB: this is the limit less 64 MiB of headroom."""
 
 _SKELETON_BYTES = 4096
 """Initializers up to this size stay in :func:`shape_inference_view` (shapes, axes, scalars)."""
@@ -102,6 +101,12 @@ def iter_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
 def _initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:
     for graph in iter_graphs(model.graph):
         yield from graph.initializer
+
+
+def fits_one_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` serializes as one protobuf (with headroom); above, it is saved with
+    external data and checked or run through a light copy or a file."""
+    return model.ByteSize() <= _SAFE_PROTO_SIZE
 
 
 def _uses_external_data(tensor: TensorProto) -> bool:
@@ -334,7 +339,7 @@ def save_onnx(
             "the model still refers to external data that is not loaded; read it with load_onnx"
         )
     if external_data is None:
-        external_data = len(protected) > 1 or model.ByteSize() > _SAFE_PROTO_SIZE
+        external_data = len(protected) > 1 or not fits_one_protobuf(model)
     if not external_data:
         with atomic_output(path) as temp:
             temp.write_bytes(model.SerializeToString())
@@ -455,7 +460,7 @@ def check_onnx_model(model: onnx.ModelProto, *, is_input: bool = False) -> None:
     """
     what = "the input model" if is_input else "the rewritten model"
     error_type = BadInputError if is_input else ParityError
-    target = model if model.ByteSize() <= _SAFE_PROTO_SIZE else shape_inference_view(model)
+    target = model if fits_one_protobuf(model) else shape_inference_view(model)
     try:
         onnx.checker.check_model(target, full_check=True)
         onnx.shape_inference.infer_shapes(target, check_type=True, strict_mode=True, data_prop=True)
@@ -624,37 +629,14 @@ def _random_array(
     raise UsageError(f"input {name!r} has element type {dtype}, which cadrelu cannot feed")
 
 
-def _session(model: onnx.ModelProto) -> "onnxruntime.InferenceSession":  # noqa: F821
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        if model.ByteSize() <= _SAFE_PROTO_SIZE:
-            return onnxruntime.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="cadrelu-ort-") as folder:
-            target = Path(folder) / "model.onnx"
-            save_onnx(model, target, external_data=True)
-            return onnxruntime.InferenceSession(
-                os.fspath(target), options, providers=["CPUExecutionProvider"]
-            )
-    except Exception as error:  # onnxruntime raises its own pybind exception types
-        if "NOT_IMPLEMENTED" in str(error) or type(error).__name__ == "NotImplemented":
-            raise UnsupportedModelError(
-                f"onnxruntime cannot run the model: {_one_line(error)}"
-            ) from error
-        raise BadInputError(f"onnxruntime cannot load the model: {_one_line(error)}") from error
-
-
 def onnx_runner(model: onnx.ModelProto) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
     """:func:`run_onnx` for several runs of one model: the onnxruntime session is built once."""
-    session = _session(model)
-    expected = {value.name for value in session.get_inputs()}
     import onnxruntime
+
+    from retrofit.onnx_path.session import inference_session  # imported here: it uses save_onnx
+
+    session = inference_session(model)
+    expected = {value.name for value in session.get_inputs()}
 
     options = onnxruntime.RunOptions()
     options.log_severity_level = 3  # the error below says it once, in one line
