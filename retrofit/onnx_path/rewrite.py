@@ -57,7 +57,7 @@ from retrofit.onnx_path.emission import (
     parameter_values,
     type_name,
 )
-from retrofit.onnx_path.io import ensure_rewritable, iter_nodes
+from retrofit.onnx_path.io import iter_nodes, subgraphs
 from retrofit.onnx_path.site_names import DEFAULT_DOMAINS, is_relu, node_label
 from retrofit.sites import (
     ReluSite, RetrofitResult, SiteSelector, no_site_message, unique_site_names,
@@ -75,21 +75,57 @@ Types = Mapping[str, onnx.TypeProto]
 Signature = tuple[Optional[SitePlan], ...]
 """What one call of a function needs from its body: a plan per site, None where it stays ReLU."""
 
+_QUANTIZED_PREFIXES = ("QLinear", "QGemm", "QAttention", "QOrdered", "QEmbed", "MatMulNBits")
+_QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "ConvInteger",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "DynamicQuantizeLSTM",
+    "MatMulBnb4",
+    "GatherBlockQuantized",
+}
+# onnxruntime contrib ops that carry a fused activation attribute.
+_FUSED_ACTIVATION_OPS = {"FusedConv", "NhwcFusedConv", "FusedGemm"}
+
+
+def ensure_rewritable(model: onnx.ModelProto) -> None:
+    """Raise :class:`UnsupportedModelError` for a quantized graph (QLinear*, Q/DQ, *Integer)
+    or for ReLUs already fused into other ops (onnxruntime's FusedConv/FusedGemm), naming them.
+
+    A quantized model's scales were calibrated for ReLU outputs, and a fused ReLU cannot be
+    reached by a graph rewrite: both must be converted from the float, unfused model.
+    """
+    quantized: dict[str, int] = {}
+    fused: list[str] = []
+    for node in iter_nodes(model):
+        op = node.op_type
+        if op in _QUANTIZED_OPS or op.startswith(_QUANTIZED_PREFIXES):
+            quantized[op] = quantized.get(op, 0) + 1
+        elif op in _FUSED_ACTIVATION_OPS:
+            activation = next((a.s for a in node.attribute if a.name == "activation"), b"")
+            if activation == b"Relu":
+                fused.append(f"{op} {node.name or node.output[0]!r}")
+    if quantized:
+        listed = ", ".join(f"{op} x{count}" for op, count in sorted(quantized.items()))
+        raise UnsupportedModelError(
+            f"the model is quantized ({listed}); rewrite the float model, then quantize it again"
+        )
+    if fused:
+        listed = ", ".join(fused[:5]) + (f" and {len(fused) - 5} more" if len(fused) > 5 else "")
+        raise UnsupportedModelError(
+            f"the model has ReLUs fused into other ops ({listed}) that cannot be rewritten; "
+            "export it without onnxruntime graph optimizations"
+        )
+
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
 
 
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
-    found = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            found.append((attr.name, attr.g))
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            found.extend((f"{attr.name}[{k}]", sub) for k, sub in enumerate(attr.graphs))
-    return found
 
 
 def _function_key(function: onnx.FunctionProto) -> FunctionKey:
@@ -165,7 +201,7 @@ def _node_names(node: onnx.NodeProto, names: set[str]) -> None:
     names.add(node.name)
     names.update(node.input)
     names.update(node.output)
-    for _, sub in _subgraphs(node):
+    for _, sub in subgraphs(node):
         _graph_names(sub, names)
 
 
@@ -190,7 +226,7 @@ def _free_names(
         for name in node.input:
             if name and name not in defined:
                 free.setdefault(name)
-        for _, sub in _subgraphs(node):
+        for _, sub in subgraphs(node):
             inner = {v.name for v in sub.input} | {t.name for t in sub.initializer}
             for name in _free_names(sub.node, inner, [o.name for o in sub.output]):
                 if name not in defined:
@@ -396,7 +432,7 @@ class _Discovery:
                     sink.append(found)
                 continue
             self._note_hidden_relu(node, label)
-            for attr_label, sub in _subgraphs(node):
+            for attr_label, sub in subgraphs(node):
                 local = _infer(
                     sub.node, sub.input, sub.initializer, sub.value_info, types, opsets,
                     self.model.functions,
@@ -472,7 +508,7 @@ class _Discovery:
                 layout.labels.append(label)
                 layout.count += 1
                 continue
-            for attr_label, sub in _subgraphs(node):
+            for attr_label, sub in subgraphs(node):
                 self._layout_scope(sub.node, f"{label}/{attr_label}/", layout)
             callee = _call_key(node)
             if callee in self.functions:
@@ -659,7 +695,7 @@ class _Rewriter:
     def _callees(self, node: onnx.NodeProto) -> Iterable[FunctionKey]:
         if _call_key(node) in self.discovery.functions:
             yield _call_key(node)
-        for _, sub in _subgraphs(node):
+        for _, sub in subgraphs(node):
             for inner in sub.node:
                 yield from self._callees(inner)
 
@@ -709,7 +745,7 @@ class _Rewriter:
                     fresh = names.under(PARAMETER_PREFIX + _sanitize(label))
                     replacements[index] = self.emit(plan, node, slot_params[slot], fresh, opset)
                 continue
-            for attr_label, sub in _subgraphs(node):
+            for attr_label, sub in subgraphs(node):
                 self._rewrite_body(
                     sub.node, signature, slot_params, counter, names, opset,
                     f"{label}/{attr_label}/",

@@ -1043,6 +1043,41 @@ def test_quantized_and_old_opset_models_are_refused():
         rewrite_onnx_relus(single_relu_model([1, 4], opset=7), CompetitiveReLUConfig())
 
 
+def test_a_quantized_graph_is_refused_naming_the_quantized_ops():
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+        helper.make_node("QLinearMatMul", ["xq", "s", "zp", "wq", "s", "zp", "s", "zp"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "s", "zp"], ["y0"]),
+        helper.make_node("Relu", ["y0"], ["y"]),
+    ]
+    inits = [_init("s", np.array(0.1, np.float32)), _init("zp", np.array(0, np.uint8)),
+             _init("wq", np.ones((4, 4), np.uint8))]
+    graph = helper.make_graph(nodes, "q", [_vi("x", [1, 4])], [_vi("y", [1, 4])], inits)
+    with pytest.raises(UnsupportedModelError, match="QLinearMatMul.*QuantizeLinear") as error:
+        rewrite_onnx_relus(_model(graph, 13), CompetitiveReLUConfig())
+    assert "\n" not in str(error.value)
+
+
+def test_relus_fused_into_other_ops_are_refused_naming_them():
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("FusedConv", ["r", "w"], ["c"], name="conv_fused",
+                         domain="com.microsoft", activation="Relu"),
+        helper.make_node("FusedGemm", ["c", "g"], ["y"], name="gemm_fused",
+                         domain="com.microsoft", activation="Relu"),
+    ]  # fmt: skip
+    graph = helper.make_graph(nodes, "fused", [_vi("x", [1, 1, 4, 4])], [_vi("y", [1, 1])])
+    model = _model(graph, 13, extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(UnsupportedModelError, match="FusedConv 'conv_fused'.*FusedGemm") as error:
+        rewrite_onnx_relus(model, CompetitiveReLUConfig())
+    assert "\n" not in str(error.value)
+    nodes[1].attribute[0].s = b"Sigmoid"  # a fused activation other than ReLU is no site
+    nodes[2].attribute[0].s = b"Sigmoid"
+    graph = helper.make_graph(nodes, "fused", [_vi("x", [1, 1, 4, 4])], [_vi("y", [1, 1])])
+    model = _model(graph, 13, extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+    assert [s.name for s in rewrite_onnx_relus(model, CompetitiveReLUConfig()).sites] == ["relu"]
+
+
 def test_rnn_with_relu_activation_is_noted():
     model = single_relu_model([1, 4])
     model.graph.node.append(helper.make_node("RNN", ["x", "W", "R"], ["yr"], name="rnn",
