@@ -80,19 +80,15 @@ def _tensor_info(types: Mapping[str, onnx.TypeProto], name: str) -> tuple[int, i
     return tensor_type.elem_type, rank
 
 
-def _bound_body(
-    function: onnx.FunctionProto, call_attributes: Iterable[onnx.AttributeProto]
-) -> list[onnx.NodeProto]:
-    """Copies of a function body with attribute references replaced by the call's values (or
-    the function's defaults; unset ones dropped), so inference sees what this call computes."""
-    nodes = [onnx.NodeProto() for _ in function.node]
-    for copy, node in zip(nodes, function.node):
-        copy.CopyFrom(node)
+def _bind_attributes(nodes: Iterable[onnx.NodeProto], function: onnx.FunctionProto,
+                     call_attributes: Iterable[onnx.AttributeProto]) -> None:
+    """Replace the attribute references in ``nodes``, a copy of ``function``'s body, by the
+    call's values or the function's defaults (unset ones are dropped), so that inference sees
+    what this call computes."""
     if function.attribute or function.attribute_proto:
         values = {attr.name: attr for attr in (*function.attribute_proto, *call_attributes)}
         for node in nodes:
             _bind(node, values)
-    return nodes
 
 
 def _bind(node: onnx.NodeProto, values: Mapping[str, onnx.AttributeProto]) -> None:
@@ -255,8 +251,8 @@ class Discovery:
             if position < len(call.input) and call.input[position] in types:
                 value.type.CopyFrom(types[call.input[position]])
             inputs.append(value)
-        body = onnx.GraphProto(name="cadrelu_types", input=inputs,
-                               node=_bound_body(function, call.attribute))
+        body = onnx.GraphProto(name="cadrelu_types", input=inputs, node=function.node)
+        _bind_attributes(body.node, function, call.attribute)
         typed = _inferred(onnx.ModelProto(
             ir_version=onnx.IR_VERSION, graph=body, functions=self.model.functions,
             opset_import=function.opset_import or self.model.opset_import)).graph
