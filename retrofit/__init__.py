@@ -54,17 +54,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
-    from retrofit.activations.modules import CompetitiveReLU, MRePU, RePU
-    from retrofit.api import compare, evaluate, finetune, retrofit_model
-    from retrofit.config import CompetitiveReLUConfig, MRePUConfig, RePUConfig
-    from retrofit.errors import (
+    from retrofit.activations.modules import CompetitiveReLU, MRePU, RePU  # noqa: F401
+    from retrofit.api import compare, evaluate, finetune, retrofit_model  # noqa: F401
+    from retrofit.config import CompetitiveReLUConfig, MRePUConfig, RePUConfig  # noqa: F401
+    from retrofit.errors import (  # noqa: F401
         BadInputError, ExitCode, GateError, OutputError, ParityError, RetrofitError,
         SelectionError, UnsupportedModelError, UntrustedPickleError, UsageError,
     )
-    from retrofit.evaluation.evaluate import EvalResult
-    from retrofit.pipeline.compare import CompareReport, CompareRequest, ComparisonFailed, candidates
-    from retrofit.pipeline.request import DataOptions, Gates, RetrofitRequest
-    from retrofit.sites import ReluSite, RetrofitResult, SiteSelector
-    from retrofit.torch_path.io import load_model
-    from retrofit.training.config import FinetuneConfig
-    from retrofit.training.results import FinetuneResult, TrainingDiverged, TrainingInterrupted
+    from retrofit.evaluation.evaluate import EvalResult  # noqa: F401
+    from retrofit.pipeline.compare import CompareReport, CompareRequest, ComparisonFailed, candidates  # noqa: F401
+    from retrofit.pipeline.request import DataOptions, Gates, RetrofitRequest  # noqa: F401
+    from retrofit.sites import ReluSite, RetrofitResult, SiteSelector  # noqa: F401
+    from retrofit.torch_path.io import load_model  # noqa: F401
+    from retrofit.training.config import FinetuneConfig  # noqa: F401
+    from retrofit.training.results import FinetuneResult, TrainingDiverged, TrainingInterrupted  # noqa: F401

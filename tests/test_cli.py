@@ -131,3 +131,67 @@ def test_errors_are_one_line_without_traceback_from_the_real_command(tmp_path):
 @pytest.mark.parametrize("args", [["retrofit"], ["retrofit", "x.pt2", "--to", "sigmoid"]])
 def test_usage_errors_exit_2(args):
     assert _cli(*args).exit_code == ExitCode.USAGE
+
+
+def _quantized_onnx(folder: Path) -> Path:
+    """A Q/DQ classifier: int8 weights through DequantizeLinear -> MatMul, its activation
+    quantized and dequantized around the Relu, then Gemm to 10 classes. Evaluation runs it as
+    it is; only a rewrite must refuse it (its scales were calibrated for the ReLU)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(array, name) for name, array in (
+        ("w1_q", rng.integers(-127, 128, (64, 16)).astype(np.int8)),
+        ("w1_scale", np.array(0.01, np.float32)),
+        ("act_scale", np.array(0.05, np.float32)), ("act_zero", np.array(0, np.int8)),
+        ("w2", rng.standard_normal((16, 10)).astype(np.float32)),
+        ("b2", np.zeros(10, np.float32)))]
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+        helper.make_node("DequantizeLinear", ["w1_q", "w1_scale"], ["w1"]),
+        helper.make_node("MatMul", ["flat", "w1"], ["h"]),
+        helper.make_node("QuantizeLinear", ["h", "act_scale", "act_zero"], ["h_q"]),
+        helper.make_node("DequantizeLinear", ["h_q", "act_scale", "act_zero"], ["h_dq"]),
+        helper.make_node("Relu", ["h_dq"], ["a"], name="relu"),
+        helper.make_node("Gemm", ["a", "w2", "b2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    path = folder / "qdq.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _digits_npz(folder: Path) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    path = folder / "d.npz"
+    np.savez(path, x=rng.random((12, 1, 8, 8), dtype=np.float32),
+             y=np.arange(12, dtype=np.int64) % 10)
+    return path
+
+
+def test_evaluate_scores_a_quantized_onnx_model(tmp_path):
+    result = _cli("evaluate", _quantized_onnx(tmp_path), "--data", _digits_npz(tmp_path),
+                  "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["n"] == 12 and 0.0 <= report["top1"] <= 100.0
+
+
+@pytest.mark.parametrize("command", ["retrofit", "inspect"])
+def test_a_quantized_onnx_model_is_refused_by_the_rewrite(tmp_path, command):
+    source = _quantized_onnx(tmp_path)
+    digest = sha256(source)
+    result = _cli(command, source)
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "the model is quantized (DequantizeLinear x2, QuantizeLinear x1)" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qdq.onnx"] and sha256(source) == digest

@@ -9,7 +9,6 @@ dataset order, which is what the paired before/after comparison in :mod:`retrofi
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -154,17 +153,6 @@ _ORT_INPUT_TYPES = {
 }
 
 
-def _onnxruntime_errors() -> tuple[type[BaseException], ...]:
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    found = [
-        value
-        for value in vars(state).values()
-        if isinstance(value, type) and issubclass(value, Exception)
-    ]
-    return tuple(found) + (RuntimeError,)
-
-
 class OnnxPredictor:
     """Runs an ONNX model with onnxruntime; one graph input, the first output as logits.
 
@@ -176,28 +164,10 @@ class OnnxPredictor:
 
     def __init__(self, model: Any, *, providers: list[str] | None = None,
                  fixed_batch: int | None = None) -> None:
-        import onnx
-        import onnxruntime as ort
+        from retrofit.onnx_path.session import inference_session, onnxruntime_errors
 
-        self._errors = _onnxruntime_errors()
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider",) if p in available]
-            providers.append("CPUExecutionProvider")
-        if isinstance(model, onnx.ModelProto):
-            source: Any = model.SerializeToString()
-        elif isinstance(model, (str, os.PathLike)):
-            source = os.fspath(model)
-        else:
-            source = bytes(model)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(source, options, providers=providers)
-        except self._errors as error:
-            raise UnsupportedModelError(
-                f"onnxruntime cannot load the model: {first_line(error)}"
-            ) from error
+        self._errors = onnxruntime_errors()
+        self.session = inference_session(model, cuda=True, providers=providers)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             names = ", ".join(i.name for i in inputs)

@@ -45,6 +45,11 @@ MIN_OPSET = 9
 MAX_OPSET = onnx.defs.onnx_opset_version()
 """Newest default-domain opset the installed onnx knows."""
 
+DEFAULT_OPSET = 20
+"""Default-domain opset of the ONNX files cadrelu writes from torch models: torch 2.13's default
+for ``torch.onnx.export(dynamo=True)`` (onnxscript's torchlib writes opset 18 and converts up);
+onnxruntime runs opset 20 from 1.17 on."""
+
 FUNCTION_DOMAIN = "cadrelu"
 """Domain of the model-local functions emitted with ``as_functions=True``."""
 

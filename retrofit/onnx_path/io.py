@@ -3,9 +3,9 @@
 Parity of outputs is :func:`retrofit.verify.compare_outputs`, shared with the torch path.
 
 Everything a caller needs around an ONNX rewrite, with the project's error contract: a file that
-is not a usable ONNX model raises :class:`BadInputError` (or :class:`UnsupportedModelError` for a
-model the tool cannot rewrite) with a one-line message; a rewritten model that fails the checker
-raises :class:`ParityError`; nothing is ever written half-way or over an input.
+is not a usable ONNX model raises :class:`BadInputError` with a one-line message; a rewritten
+model that fails the checker raises :class:`ParityError`; nothing is ever written half-way or
+over an input. Its runs take their onnxruntime session from :mod:`retrofit.onnx_path.session`.
 """
 
 from __future__ import annotations
@@ -26,33 +26,15 @@ from retrofit.errors import (
     BadInputError,
     OutputError,
     ParityError,
-    UnsupportedModelError,
     UsageError,
 )
 from retrofit.inputs import affordable
 
 _SAFE_PROTO_SIZE = 2**31 - 2**26
-"""A serialized protobuf cannot exceed 2 GiB: above this (less 64 MiB of headroom) a model is
-saved with external data and checked or run through a light copy or a file."""
+"""A serialized protobuf cannot exceed 2 GiB: this is the limit less 64 MiB of headroom."""
 
 _SKELETON_BYTES = 4096
 """Initializers up to this size stay in :func:`shape_inference_view` (shapes, axes, scalars)."""
-
-_QUANTIZED_PREFIXES = ("QLinear", "QGemm", "QAttention", "QOrdered", "QEmbed", "MatMulNBits")
-_QUANTIZED_OPS = {
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "DynamicQuantizeLinear",
-    "ConvInteger",
-    "MatMulInteger",
-    "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul",
-    "DynamicQuantizeLSTM",
-    "MatMulBnb4",
-    "GatherBlockQuantized",
-}
-# onnxruntime contrib ops that carry a fused activation attribute.
-_FUSED_ACTIVATION_OPS = {"FusedConv", "NhwcFusedConv", "FusedGemm"}
 
 # Inputs of these element types get small non-negative integers (indices stay in range).
 _INTEGER_TYPES = {
@@ -73,16 +55,24 @@ def _one_line(error: BaseException | str, limit: int = 300) -> str:
 # Walking a model
 
 
+def subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """The graphs a node holds (If branches, Loop and Scan bodies), each with the name of its
+    attribute, ``name[k]`` for the k-th of a list of graphs."""
+    found = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append((attr.name, attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend((f"{attr.name}[{k}]", sub) for k, sub in enumerate(attr.graphs))
+    return found
+
+
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and every subgraph nested in it (If/Loop/Scan bodies), parents first."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_graphs(sub)
+        for _, sub in subgraphs(node):
+            yield from iter_graphs(sub)
 
 
 def iter_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
@@ -92,11 +82,9 @@ def iter_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
     for function in model.functions:
         for node in function.node:
             yield node
-            for attr in node.attribute:
-                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
-                for sub in subs:
-                    for inner in iter_graphs(sub):
-                        yield from inner.node
+            for _, sub in subgraphs(node):
+                for inner in iter_graphs(sub):
+                    yield from inner.node
 
 
 def _initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:
@@ -104,42 +92,14 @@ def _initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:
         yield from graph.initializer
 
 
+def fits_one_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` serializes as one protobuf (with headroom); above, it is saved with
+    external data and checked or run through a light copy or a file."""
+    return model.ByteSize() <= _SAFE_PROTO_SIZE
+
+
 def _uses_external_data(tensor: TensorProto) -> bool:
     return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
-
-
-# --------------------------------------------------------------------------------------------
-# What the rewrite cannot handle
-
-
-def ensure_rewritable(model: onnx.ModelProto) -> None:
-    """Raise :class:`UnsupportedModelError` for a quantized graph (QLinear*, Q/DQ, *Integer)
-    or for ReLUs already fused into other ops (onnxruntime's FusedConv/FusedGemm), naming them.
-
-    A quantized model's scales were calibrated for ReLU outputs, and a fused ReLU cannot be
-    reached by a graph rewrite: both must be converted from the float, unfused model.
-    """
-    quantized: dict[str, int] = {}
-    fused: list[str] = []
-    for node in iter_nodes(model):
-        op = node.op_type
-        if op in _QUANTIZED_OPS or op.startswith(_QUANTIZED_PREFIXES):
-            quantized[op] = quantized.get(op, 0) + 1
-        elif op in _FUSED_ACTIVATION_OPS:
-            activation = next((a.s for a in node.attribute if a.name == "activation"), b"")
-            if activation == b"Relu":
-                fused.append(f"{op} {node.name or node.output[0]!r}")
-    if quantized:
-        listed = ", ".join(f"{op} x{count}" for op, count in sorted(quantized.items()))
-        raise UnsupportedModelError(
-            f"the model is quantized ({listed}); rewrite the float model, then quantize it again"
-        )
-    if fused:
-        listed = ", ".join(fused[:5]) + (f" and {len(fused) - 5} more" if len(fused) > 5 else "")
-        raise UnsupportedModelError(
-            f"the model has ReLUs fused into other ops ({listed}) that cannot be rewritten; "
-            "export it without onnxruntime graph optimizations"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,12 +194,12 @@ def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
     return list(files)
 
 
-def load_onnx(path: str | os.PathLike[str], *, check_rewritable: bool = True) -> onnx.ModelProto:
+def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read an ONNX model with its external data, or raise a one-line project error.
 
     Raises :class:`BadInputError` for a missing, empty, truncated or non-ONNX file and for
-    missing or short external data; :class:`UnsupportedModelError` for quantized graphs and fused
-    ReLUs (see :func:`ensure_rewritable`; pass ``check_rewritable=False`` to only run the model).
+    missing or short external data. What the rewrite cannot handle (a quantized graph, say) is
+    the rewrite's to refuse: such a model still loads, so it can be scored.
     The returned model holds all tensor data in memory; :func:`save_onnx` with ``source=path``
     keeps the data external when this file had it external.
     """
@@ -266,8 +226,6 @@ def load_onnx(path: str | os.PathLike[str], *, check_rewritable: bool = True) ->
         _stamp(path),
         tuple(path.parent / location for location in locations),
     )
-    if check_rewritable:
-        ensure_rewritable(model)
     return model
 
 
@@ -334,7 +292,7 @@ def save_onnx(
             "the model still refers to external data that is not loaded; read it with load_onnx"
         )
     if external_data is None:
-        external_data = len(protected) > 1 or model.ByteSize() > _SAFE_PROTO_SIZE
+        external_data = len(protected) > 1 or not fits_one_protobuf(model)
     if not external_data:
         with atomic_output(path) as temp:
             temp.write_bytes(model.SerializeToString())
@@ -455,7 +413,7 @@ def check_onnx_model(model: onnx.ModelProto, *, is_input: bool = False) -> None:
     """
     what = "the input model" if is_input else "the rewritten model"
     error_type = BadInputError if is_input else ParityError
-    target = model if model.ByteSize() <= _SAFE_PROTO_SIZE else shape_inference_view(model)
+    target = model if fits_one_protobuf(model) else shape_inference_view(model)
     try:
         onnx.checker.check_model(target, full_check=True)
         onnx.shape_inference.infer_shapes(target, check_type=True, strict_mode=True, data_prop=True)
@@ -624,37 +582,14 @@ def _random_array(
     raise UsageError(f"input {name!r} has element type {dtype}, which cadrelu cannot feed")
 
 
-def _session(model: onnx.ModelProto) -> "onnxruntime.InferenceSession":  # noqa: F821
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        if model.ByteSize() <= _SAFE_PROTO_SIZE:
-            return onnxruntime.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="cadrelu-ort-") as folder:
-            target = Path(folder) / "model.onnx"
-            save_onnx(model, target, external_data=True)
-            return onnxruntime.InferenceSession(
-                os.fspath(target), options, providers=["CPUExecutionProvider"]
-            )
-    except Exception as error:  # onnxruntime raises its own pybind exception types
-        if "NOT_IMPLEMENTED" in str(error) or type(error).__name__ == "NotImplemented":
-            raise UnsupportedModelError(
-                f"onnxruntime cannot run the model: {_one_line(error)}"
-            ) from error
-        raise BadInputError(f"onnxruntime cannot load the model: {_one_line(error)}") from error
-
-
 def onnx_runner(model: onnx.ModelProto) -> Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]:
     """:func:`run_onnx` for several runs of one model: the onnxruntime session is built once."""
-    session = _session(model)
-    expected = {value.name for value in session.get_inputs()}
     import onnxruntime
+
+    from retrofit.onnx_path.session import inference_session  # imported here: it uses save_onnx
+
+    session = inference_session(model)
+    expected = {value.name for value in session.get_inputs()}
 
     options = onnxruntime.RunOptions()
     options.log_severity_level = 3  # the error below says it once, in one line

@@ -30,13 +30,10 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from retrofit.onnx_path import io as onnx_io
 from retrofit.evaluation.batching import first_row_repeated, outputs_when_grown
 from retrofit.errors import BadInputError, ParityError, first_line
+from retrofit.onnx_path.emission import DEFAULT_OPSET
 from retrofit.torch_path.exported import torch_export_logs
 from retrofit.onnx_path.io import check_onnx_model, iter_nodes, run_onnx, save_onnx
 from retrofit.verify import OutputParity, compare_outputs, copy_module, eval_mode, torch_outputs
-
-DEFAULT_OPSET = 20
-"""torch 2.13's default for ``torch.onnx.export(dynamo=True)``: onnxscript's torchlib writes
-opset 18 and converts up; onnxruntime runs opset 20 from 1.17 on."""
 
 _EXTRA = 2
 """Rows added to the sample batch for the second batch size checked: the sample and two copies

@@ -16,7 +16,6 @@ from retrofit.errors import (
     BadInputError,
     OutputError,
     ParityError,
-    UnsupportedModelError,
     UsageError,
 )
 from retrofit.onnx_path.io import (
@@ -105,62 +104,22 @@ def test_loading_text_a_folder_or_a_missing_file_is_a_bad_input(tmp_path):
         assert_one_line(error)
 
 
-def test_loading_a_quantized_graph_names_the_quantized_ops(tmp_path):
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
-        helper.make_node("QLinearMatMul", ["xq", "s", "zp", "wq", "s", "zp", "s", "zp"], ["yq"]),
-        helper.make_node("DequantizeLinear", ["yq", "s", "zp"], ["y0"]),
-        helper.make_node("Relu", ["y0"], ["y"]),
-    ]
-    inits = [
-        numpy_helper.from_array(np.array(0.1, np.float32), "s"),
-        numpy_helper.from_array(np.array(0, np.uint8), "zp"),
-        numpy_helper.from_array(np.ones((4, 4), np.uint8), "wq"),
-    ]
-    graph = helper.make_graph(
-        nodes, "q", [helper.make_tensor_value_info("x", F32, [1, 4])],
-        [helper.make_tensor_value_info("y", F32, [1, 4])], inits,
-    )  # fmt: skip
-    path = tmp_path / "q.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-    with pytest.raises(UnsupportedModelError, match="QLinearMatMul.*QuantizeLinear") as error:
-        load_onnx(path)
-    assert_one_line(error)
-    assert load_onnx(path, check_rewritable=False).graph.name == "q"
-
-
-def test_loading_a_graph_with_fused_relus_names_them(tmp_path):
-    nodes = [
-        helper.make_node("FusedConv", ["x", "w"], ["c"], name="conv_fused",
-                         domain="com.microsoft", activation="Relu"),
-        helper.make_node("FusedGemm", ["f", "g"], ["y"], name="gemm_fused",
-                         domain="com.microsoft", activation="Relu"),
-    ]  # fmt: skip
-    graph = helper.make_graph(
-        nodes, "fused", [helper.make_tensor_value_info("x", F32, [1, 1, 4, 4])],
-        [helper.make_tensor_value_info("y", F32, [1, 1])],
-    )  # fmt: skip
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)],
-    )
-    path = tmp_path / "fused.onnx"
-    onnx.save(model, path)
-    with pytest.raises(UnsupportedModelError, match="FusedConv 'conv_fused'.*FusedGemm") as error:
-        load_onnx(path)
-    assert_one_line(error)
-
-
-def test_a_fused_activation_other_than_relu_is_accepted(tmp_path):
-    node = helper.make_node("FusedConv", ["x", "w"], ["y"], domain="com.microsoft",
-                            activation="Sigmoid")  # fmt: skip
-    graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", F32, [1, 1, 4, 4])],
-        [helper.make_tensor_value_info("y", F32, None)],
-    )  # fmt: skip
-    path = tmp_path / "sigmoid.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-    assert load_onnx(path).graph.node[0].op_type == "FusedConv"
+def test_a_quantized_graph_or_fused_relus_load_as_they_are(tmp_path):
+    """Loading refuses only what cannot be read: a model the rewrite refuses can be scored."""
+    qdq = [helper.make_node("QuantizeLinear", ["x", "s"], ["xq"]),
+           helper.make_node("DequantizeLinear", ["xq", "s"], ["y"])]
+    fused = [helper.make_node("FusedConv", ["x", "w"], ["y"], domain="com.microsoft",
+                              activation="Relu")]  # fmt: skip
+    for name, nodes in (("qdq", qdq), ("fused", fused)):
+        graph = helper.make_graph(
+            nodes, name, [helper.make_tensor_value_info("x", F32, [1, 4])],
+            [helper.make_tensor_value_info("y", F32, [1, 4])],
+            [numpy_helper.from_array(np.array(0.1, np.float32), "s")],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(model, path)
+        assert load_onnx(path) == model
 
 
 # --------------------------------------------------------------------------------------------

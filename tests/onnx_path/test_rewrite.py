@@ -9,13 +9,13 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig, RePUConfig
 from retrofit.errors import SelectionError, UnsupportedModelError, UsageError
 from retrofit.onnx_path.emission import FUNCTION_DOMAIN, competition_axes
 from retrofit.onnx_path.io import check_onnx_model, iter_nodes, make_onnx_inputs, run_onnx
-from retrofit.onnx_path.rewrite import find_onnx_relu_sites, rewrite_onnx_relus
+from retrofit.onnx_path.rewrite import rewrite_onnx_relus
 from retrofit.sites import SiteSelector
 
 OPSETS = [9, 11, 13, 17, 21, 28]
@@ -434,7 +434,7 @@ def test_identity_retrofit_of_torch_exports_reproduces_them(name):
             result = rewrite_and_check(
                 model, CompetitiveReLUConfig(measure=measure), as_functions=as_functions
             )
-            assert len(result.replaced) == len(find_onnx_relu_sites(model)) >= 1
+            assert len(result.replaced) == len(result.sites) >= 1
             for got, want in zip(run_onnx(result.model, inputs), expected):
                 assert_close_to_scale(got, want)
 
@@ -822,13 +822,13 @@ def test_sites_in_loop_bodies_are_rewritten():
 def test_unnamed_relu_is_named_by_its_output_and_duplicates_are_numbered():
     model = mlp_model(13)
     model.graph.node[1].name = "a2"  # now two sites share the base name "a2"
-    names = [site.name for site in find_onnx_relu_sites(model)]
+    names = [site.name for site in rewrite_onnx_relus(model, MRePUConfig()).sites]
     assert names == ["a2#1", "a2#2"]
 
 
 def test_each_call_of_a_function_is_its_own_site_with_its_own_parameters():
     model = function_model(17)
-    sites = find_onnx_relu_sites(model)
+    sites = rewrite_onnx_relus(model, MRePUConfig()).sites
     assert [s.name for s in sites] == ["block1/Block/act", "block2/Block/act"]
     values = {"block1/Block/act": {"alpha": 1.2, "beta": -0.2},
               "block2/Block/act": {"alpha": -0.7, "beta": 0.9}}  # fmt: skip
@@ -864,7 +864,7 @@ def test_excluding_one_call_keeps_relu_there_through_a_function_variant():
 
 def test_relu_in_a_nested_function_is_a_site_per_outer_call():
     model = function_model(17, nested=True)
-    sites = find_onnx_relu_sites(model)
+    sites = rewrite_onnx_relus(model, MRePUConfig()).sites
     assert [s.name for s in sites] == [
         "block1/Outer/inner/Block/act", "block2/Outer/inner/Block/act",
     ]  # fmt: skip
@@ -902,6 +902,72 @@ def test_calls_that_see_different_ranks_get_their_own_function_variants():
     w1, w2 = (numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer)
     h1 = carelu_reference(x @ w1, 1.0, 0.1, axes=(1, 2)).reshape(6, 6)
     assert_close_to_scale(got, carelu_reference(h1 @ w2, 0.5, -0.3, axes=(1,)))
+
+
+def test_function_attributes_are_bound_per_call_so_each_call_knows_its_rank():
+    """``Pool(x) = Relu(ReduceMax(x, axes=[1], keepdims=@keep))``: the rank at the Relu is
+    what the call's attribute (or the function's default, 1) makes it."""
+    keep = helper.make_attribute_ref("keepdims", AttributeProto.INT, ref_attr_name="keep")
+    reduce = helper.make_node("ReduceMax", ["x"], ["m"], name="max", axes=[1])
+    reduce.attribute.append(keep)
+    pool = helper.make_function(
+        "local", "Pool", ["x"], ["y"], [reduce, helper.make_node("Relu", ["m"], ["y"], name="act")],
+        opset_imports=[helper.make_opsetid("", 17)], attributes=[],
+    )  # fmt: skip
+    pool.attribute_proto.append(helper.make_attribute("keep", 1))
+    nodes = [helper.make_node("Pool", ["x"], ["kept"], name="kept", domain="local"),
+             helper.make_node("Pool", ["x"], ["dropped"], name="dropped", domain="local", keep=0)]
+    graph = helper.make_graph(nodes, "pools", [_vi("x", [2, 3, 4])],
+                              [_vi("kept", [2, 1, 4]), _vi("dropped", [2, 4])])  # fmt: skip
+    model = _model(graph, 17, ir=9, functions=[pool],
+                   extra_opsets=[helper.make_opsetid("local", 1)])
+    inputs = make_onnx_inputs(model)
+    expected = run_onnx(model, inputs)
+    result = rewrite_and_check(model, CompetitiveReLUConfig(reduce="auto"))  # needs the ranks
+    assert sorted(f.name for f in result.model.functions) == ["Pool", "Pool_cadrelu2"]
+    for got, want in zip(run_onnx(result.model, inputs), expected):
+        assert_close_to_scale(got, want)
+
+
+def test_sites_in_scan_bodies_and_in_subgraphs_of_functions_are_typed_and_rewritten():
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc", "row"], ["sum"], name="add"),
+         helper.make_node("Relu", ["sum"], ["acc_out"], name="scan_relu"),
+         helper.make_node("Identity", ["acc_out"], ["row_out"], name="emit")],
+        "scan_body", [_vi("acc", [4]), _vi("row", [4])], [_vi("acc_out", [4]), _vi("row_out", [4])],
+    )  # fmt: skip
+    branch = helper.make_graph(  # reads the function's value "h" from the enclosing scope
+        [helper.make_node("Relu", ["h"], ["b"], name="branch_relu")], "then", [], [_vi("b", None)])
+    other = helper.make_graph([helper.make_node("Neg", ["h"], ["b2"], name="neg")], "else", [],
+                              [_vi("b2", None)])  # fmt: skip
+    gate = helper.make_function(
+        "local", "Gate", ["x", "c"], ["y"],
+        [helper.make_node("Identity", ["x"], ["h"], name="copy"),
+         helper.make_node("If", ["c"], ["y"], name="choose", then_branch=branch,
+                          else_branch=other)],
+        opset_imports=[helper.make_opsetid("", 17)],
+    )  # fmt: skip
+    nodes = [
+        helper.make_node("Scan", ["zero", "x"], ["acc", "rows"], name="scan", body=body,
+                         num_scan_inputs=1),
+        helper.make_node("Gate", ["rows", "c"], ["y"], name="gate", domain="local"),
+    ]
+    graph = helper.make_graph(
+        nodes, "scans", [_vi("x", [3, 4]), _vi("c", [], TensorProto.BOOL)], [_vi("y", [3, 4])],
+        [_init("zero", np.zeros(4, np.float32))],
+    )  # fmt: skip
+    model = _model(graph, 17, ir=9, functions=[gate],
+                   extra_opsets=[helper.make_opsetid("local", 1)])
+    for as_functions in (False, True):
+        result = rewrite_and_check(model, CompetitiveReLUConfig(reduce="auto"),
+                                   as_functions=as_functions)
+        assert [s.name for s in result.sites] == [
+            "scan/body/scan_relu", "gate/Gate/choose/then_branch/branch_relu"]
+        assert not relu_ops_left(result.model)
+        for flag in (True, False):
+            inputs = {"x": _rng(7).standard_normal((3, 4)).astype(np.float32),
+                      "c": np.array(flag)}
+            assert_close_to_scale(run_onnx(result.model, inputs)[0], run_onnx(model, inputs)[0])
 
 
 def test_a_function_with_relu_that_is_never_called_is_noted_and_left_alone():
@@ -1041,6 +1107,41 @@ def test_quantized_and_old_opset_models_are_refused():
         rewrite_onnx_relus(model, CompetitiveReLUConfig())
     with pytest.raises(UnsupportedModelError, match="opset 7"):
         rewrite_onnx_relus(single_relu_model([1, 4], opset=7), CompetitiveReLUConfig())
+
+
+def test_a_quantized_graph_is_refused_naming_the_quantized_ops():
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+        helper.make_node("QLinearMatMul", ["xq", "s", "zp", "wq", "s", "zp", "s", "zp"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "s", "zp"], ["y0"]),
+        helper.make_node("Relu", ["y0"], ["y"]),
+    ]
+    inits = [_init("s", np.array(0.1, np.float32)), _init("zp", np.array(0, np.uint8)),
+             _init("wq", np.ones((4, 4), np.uint8))]
+    graph = helper.make_graph(nodes, "q", [_vi("x", [1, 4])], [_vi("y", [1, 4])], inits)
+    with pytest.raises(UnsupportedModelError, match="QLinearMatMul.*QuantizeLinear") as error:
+        rewrite_onnx_relus(_model(graph, 13), CompetitiveReLUConfig())
+    assert "\n" not in str(error.value)
+
+
+def test_relus_fused_into_other_ops_are_refused_naming_them():
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("FusedConv", ["r", "w"], ["c"], name="conv_fused",
+                         domain="com.microsoft", activation="Relu"),
+        helper.make_node("FusedGemm", ["c", "g"], ["y"], name="gemm_fused",
+                         domain="com.microsoft", activation="Relu"),
+    ]  # fmt: skip
+    graph = helper.make_graph(nodes, "fused", [_vi("x", [1, 1, 4, 4])], [_vi("y", [1, 1])])
+    model = _model(graph, 13, extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(UnsupportedModelError, match="FusedConv 'conv_fused'.*FusedGemm") as error:
+        rewrite_onnx_relus(model, CompetitiveReLUConfig())
+    assert "\n" not in str(error.value)
+    nodes[1].attribute[0].s = b"Sigmoid"  # a fused activation other than ReLU is no site
+    nodes[2].attribute[0].s = b"Sigmoid"
+    graph = helper.make_graph(nodes, "fused", [_vi("x", [1, 1, 4, 4])], [_vi("y", [1, 1])])
+    model = _model(graph, 13, extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+    assert [s.name for s in rewrite_onnx_relus(model, CompetitiveReLUConfig()).sites] == ["relu"]
 
 
 def test_rnn_with_relu_activation_is_noted():
