@@ -26,7 +26,7 @@ from onnx import helper
 
 from retrofit.errors import UnsupportedModelError
 from retrofit.onnx_path.io import shape_inference_view, subgraphs
-from retrofit.onnx_path.site_names import DEFAULT_DOMAINS, is_relu, node_label
+from retrofit.onnx_path.site_names import DEFAULT_DOMAINS, default_opset, is_relu, node_label
 
 FunctionKey = tuple[str, str, str]
 """A model-local function's identity: (domain, name, overload)."""
@@ -42,12 +42,6 @@ def function_key(function: onnx.FunctionProto) -> FunctionKey:
 
 def call_key(node: onnx.NodeProto) -> FunctionKey:
     return (node.domain, node.op_type, node.overload)
-
-
-def default_opset(opset_imports: Iterable[onnx.OperatorSetIdProto]) -> int | None:
-    """The default-domain version among ``opset_imports`` (None when they import none)."""
-    versions = [o.version for o in opset_imports if o.domain in DEFAULT_DOMAINS]
-    return max(versions) if versions else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,15 +33,8 @@ from onnx import helper
 
 from retrofit.config import ActivationConfig, CompetitiveReLUConfig
 from retrofit.errors import UnsupportedModelError, UsageError
-from retrofit.onnx_path.discovery import (
-    Discovery,
-    FoundSite,
-    FunctionCall,
-    FunctionKey,
-    call_key,
-    default_opset,
-    function_key,
-)
+from retrofit.onnx_path.discovery import Discovery, FoundSite, FunctionCall, FunctionKey, call_key, function_key
+from retrofit.onnx_path.site_names import default_opset
 from retrofit.onnx_path.emission import (
     FUNCTION_DOMAIN,
     FUNCTION_MIN_IR_VERSION,

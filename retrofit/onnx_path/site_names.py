@@ -1,4 +1,5 @@
-"""What an ONNX ReLU site is and what it is called, for every ONNX module that looks for one.
+"""What an ONNX ReLU site is and what it is called, and which opset it is read at, for every
+ONNX module that looks for one.
 
 The rewrite names each site it replaces, the ONNX->torch builder tags each ``torch.relu`` it
 makes with the same name, and the fine-tune writes the trained parameters back into the rewritten
@@ -7,7 +8,7 @@ graph by that name: the three agree because they all ask this module.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import onnx
 
@@ -19,6 +20,13 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 
 def is_default_domain(domain: str) -> bool:
     return domain in DEFAULT_DOMAINS
+
+
+def default_opset(opset_imports: Iterable[onnx.OperatorSetIdProto]) -> int | None:
+    """The default-domain version among ``opset_imports`` (None when they import none): what
+    an op's meaning, and so every site's emission and translation, depends on."""
+    versions = [o.version for o in opset_imports if is_default_domain(o.domain)]
+    return max(versions) if versions else None
 
 
 def is_relu(node: onnx.NodeProto) -> bool:

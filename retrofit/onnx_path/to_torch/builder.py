@@ -17,7 +17,7 @@ from onnx import TensorProto
 from torch import fx, nn
 
 from retrofit.errors import BadInputError, RetrofitError, UnsupportedModelError, first_line
-from retrofit.onnx_path.site_names import DEFAULT_DOMAINS, graph_site_names, is_relu
+from retrofit.onnx_path.site_names import DEFAULT_DOMAINS, default_opset, graph_site_names, is_relu
 from retrofit.onnx_path.to_torch.context import (
     FLOAT_TYPES,
     INT_DTYPES,
@@ -50,10 +50,10 @@ def _contains_node(obj: Any) -> bool:
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in DEFAULT_DOMAINS:
-            return entry.version
-    raise BadInputError("the ONNX model does not import the default operator set")
+    opset = default_opset(model.opset_import)
+    if opset is None:
+        raise BadInputError("the ONNX model does not import the default operator set")
+    return opset
 
 
 def _op_label(node: onnx.NodeProto) -> str:
