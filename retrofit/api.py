@@ -134,7 +134,7 @@ def evaluate(model_or_path: Retrofittable | PathLike, dataset: Dataset | PathLik
     ``device`` (moved there in place; its mode is restored afterwards).
     """
     from retrofit.evaluation.evaluate import evaluate as score
-    from retrofit.evaluation.evaluate import onnx_predictor, torch_predictor
+    from retrofit.evaluation.evaluate import device_kept, onnx_predictor, torch_predictor
     from retrofit.verify import eval_mode
 
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -154,7 +154,7 @@ def evaluate(model_or_path: Retrofittable | PathLike, dataset: Dataset | PathLik
     if not isinstance(module, nn.Module):
         raise TypeError(f"evaluate takes a model (nn.Module, ExportedProgram, ModelProto) or a "
                         f"model file, got {type(model_or_path).__name__}")
-    with eval_mode(module):
+    with eval_mode(module), device_kept(module):
         return score(torch_predictor(module, device=device), data, batch_size=batch_size)
 
 

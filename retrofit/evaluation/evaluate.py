@@ -102,6 +102,20 @@ class TorchPredictor:
                                       self.fixed_batch).float().cpu()
 
 
+@contextlib.contextmanager
+def device_kept(model: object) -> Iterator[None]:
+    """Give a torch module back on the device it was on once it is scored: a predictor moves it
+    to the scoring device in place (a GPU), and what runs after (the overflow probe, saving,
+    export) feeds it CPU sample inputs. Anything else (an ONNX model) passes through."""
+    tensors = [*model.parameters(), *model.buffers()] if isinstance(model, nn.Module) else []
+    home = tensors[0].device if tensors else None
+    try:
+        yield
+    finally:
+        if home is not None:
+            model.to(home)  # type: ignore[union-attr]
+
+
 def input_dtype(module: nn.Module) -> torch.dtype | None:
     """The dtype floating inputs are cast to for ``module``: its first floating parameter's (a
     float64 or half model takes its own type), None when it has none (inputs go as they are)."""

@@ -164,7 +164,8 @@ def _finetune_once(model: nn.Module, train: ClassificationData, val: Classificat
 
 def _score_torch(module: nn.Module, val: ClassificationData, request: RetrofitRequest,
                  fixed_batch: int | None) -> EvalResult:
-    from retrofit.evaluation.evaluate import torch_predictor
+    from retrofit.evaluation.evaluate import device_kept, torch_predictor
 
-    return evaluate(torch_predictor(module, device=request.device, fixed_batch=fixed_batch), val,
-                    batch_size=request.data.batch_size, description="scoring control")
+    with device_kept(module):
+        return evaluate(torch_predictor(module, device=request.device, fixed_batch=fixed_batch),
+                        val, batch_size=request.data.batch_size, description="scoring control")

@@ -21,7 +21,7 @@ from retrofit.evaluation.datasets.feeding import as_float_inputs, as_token_ids
 from retrofit.evaluation.datasets.checks import check_same_classes
 from retrofit.evaluation.datasets.load import load_dataset
 from retrofit.evaluation.datasets.splits import split_train_val
-from retrofit.evaluation.evaluate import evaluate, resolve_device
+from retrofit.evaluation.evaluate import device_kept, evaluate, resolve_device
 from retrofit.pipeline.calibrate import Calibration
 from retrofit.pipeline.report import RetrofitReport, Stage
 from retrofit.pipeline.request import DataOptions, RetrofitRequest
@@ -72,9 +72,10 @@ def dataset_summary(val: ClassificationData, train: ClassificationData | None) -
 def score_stage(subject: Subject, model: Model, val: ClassificationData,
                 request: RetrofitRequest, name: str) -> Stage:
     """``model`` (in the subject's format) scored on ``val``, as the stage ``name``."""
-    predictor = subject.predictor(model, request.device)
-    return Stage(name, evaluate(predictor, val, batch_size=request.data.batch_size,
-                                description=f"scoring {name}"))
+    with device_kept(model):
+        predictor = subject.predictor(model, request.device)
+        return Stage(name, evaluate(predictor, val, batch_size=request.data.batch_size,
+                                    description=f"scoring {name}"))
 
 
 def open_subject_for(request: RetrofitRequest, val: ClassificationData | None) -> Subject:

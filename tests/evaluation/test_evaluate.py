@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from torch import nn
 from retrofit.evaluation.datasets.load import load_dataset
 from retrofit.errors import BadInputError, UnsupportedModelError
 from retrofit.evaluation.datasets.base import TensorClassificationData
-from retrofit.evaluation.evaluate import BatchLogits, evaluate, onnx_predictor, torch_predictor
+from retrofit.evaluation.evaluate import (
+    BatchLogits, device_kept, evaluate, onnx_predictor, torch_predictor,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX")
 
@@ -186,3 +189,37 @@ def test_batch_logits_keep_the_model_output_and_turn_what_does_not_fit_into_one_
         growing(data.x[2:], [2, 4])
     with pytest.raises(BadInputError, match="labels in d.npz go up to 4 but the model has 4"):
         BatchLogits(nn.Conv2d(3, 4, 8), data)(data.x[:2], [0, 1])
+
+
+class _MovesRecorded(nn.Linear):
+    """Records where it is moved: the only device here is the CPU, so a move to a GPU is seen
+    as the call, not as tensors on another device."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 3)
+        self.moves: list[object] = []
+
+    def to(self, *args, **kwargs):  # type: ignore[override]
+        self.moves.append(args[0] if args else kwargs.get("device"))
+        return super().to(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_scored_module_goes_back_to_its_device(fails) -> None:
+    """Scoring on a GPU moves the module there in place; what runs next (the overflow probe,
+    saving, export) feeds it CPU inputs, so scoring must give it back where it was."""
+    module = _MovesRecorded()
+    data = TensorClassificationData(torch.randn(8, 4), torch.randint(0, 3, (8,)), source="d.npz",
+                                    preprocessing={})
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+        with device_kept(module):
+            evaluate(torch_predictor(module, device="cpu"), data, batch_size=4)
+            if fails:
+                raise RuntimeError("scoring failed")
+    assert module.moves[-1] == torch.device("cpu")
+    assert len(module.moves) == 2  # onto the scoring device, and back
+
+
+def test_device_kept_passes_other_models_through() -> None:
+    with device_kept(onnx.ModelProto()):
+        pass
