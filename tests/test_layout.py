@@ -39,15 +39,31 @@ def _module_name(path: Path) -> str:
 
 
 def _imported(path: Path) -> set[str]:
-    """Every module ``path`` imports, wherever the import statement is (lazy imports count)."""
+    """Every module ``path`` imports, wherever the import statement is (lazy imports count);
+    a relative import shows as ``"."``, which no rule allows."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            names.add(".")
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {name for name in names if name.split(".")[0] == "retrofit"}
+    return {name for name in names if name == "." or name.split(".")[0] == "retrofit"}
+
+
+def _loaded_by(part: str) -> set[str]:
+    """The project modules a fresh interpreter holds after importing every module of ``part``:
+    what the part pulls in at run time, through other modules too."""
+    root = REPO / Path(*part.split("."))
+    names = sorted(_module_name(path) for path in root.rglob("*.py"))
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}: importlib.import_module(name)\n"
+            "print(' '.join(n for n in sys.modules if n.startswith('retrofit')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    return set(done.stdout.split())
 
 
 def _within(name: str, prefix: str) -> bool:
@@ -70,6 +86,28 @@ def test_imports_point_one_way(part):
             if bad:
                 wrong[str(path.relative_to(REPO))] = sorted(bad)
     assert not wrong, f"{part} imports what it must not: {wrong}"
+
+
+@pytest.mark.parametrize("part", sorted(FORBIDDEN_IMPORTS))
+def test_a_part_does_not_load_what_it_must_not_import(part):
+    loaded = _loaded_by(part)
+    assert not {name for name in loaded
+                if any(_within(name, banned) for banned in FORBIDDEN_IMPORTS[part])}
+
+
+def test_activations_load_nothing_but_the_config():
+    assert _loaded_by("retrofit.activations") <= {
+        "retrofit", "retrofit.activations", "retrofit.activations.functional",
+        "retrofit.activations.kernels", "retrofit.activations.modules",
+        "retrofit.activations.registry", "retrofit.config", "retrofit.errors"}
+
+
+def test_the_import_reader_sees_every_spelling(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import retrofit.errors\nfrom retrofit import sites\nfrom . import kernels\n"
+                      "def f():\n    from retrofit.verify import x\nimport torch\n")
+    assert _imported(source) == {"retrofit.errors", "retrofit", "retrofit.sites", ".",
+                                 "retrofit.verify", "retrofit.verify.x"}
 
 
 def test_the_torch_path_reaches_the_onnx_path_only_to_export():
