@@ -54,10 +54,10 @@ def parse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
 
 def library_fingerprint() -> dict[str, Any]:
     """Which code produced the numbers: git HEAD, whether ``retrofit/`` differs from it, and a
-    hash of the ``retrofit/*.py`` files as they are on disk."""
+    hash of every ``.py`` file under ``retrofit/`` (subpackages included) as it is on disk."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "retrofit").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted((ROOT / "retrofit").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
 
     def git(*args: str) -> str | None:
         try:
