@@ -196,6 +196,29 @@ def ratio_summary(times: dict[str, list[float]], reference: str = "relu") -> dic
     return out
 
 
+def timed_summary(calls: dict[str, Callable[[], Any]], device: str, args: argparse.Namespace, *,
+                  rounds: int, quick_rounds: int) -> dict[str, dict]:
+    """:func:`ratio_summary` of the interleaved times, as the command line asks: ``--quick`` is
+    one warm-up round and ``quick_rounds`` rounds, else three warm-up rounds and ``rounds``
+    rounds or the ``--seconds`` budget, whichever ends first."""
+    times = interleaved_times(calls, device, warmup=1 if args.quick else 3,
+                              rounds=quick_rounds if args.quick else rounds,
+                              min_seconds=0 if args.quick else args.seconds)
+    return ratio_summary(times)
+
+
+def add_peak_memory(summary: dict[str, dict], calls: dict[str, Callable[[], Any]],
+                    device: str, reference: str = "relu") -> None:
+    """Each variant's ``peak_bytes`` (:func:`peak_memory_bytes` of its call, in the order of
+    ``calls``) and ``memory_ratio`` to the reference's (None when the reference allocated
+    nothing), into ``summary``."""
+    for name, call in calls.items():
+        summary[name]["peak_bytes"] = peak_memory_bytes(call, device)
+    base = summary[reference]["peak_bytes"]
+    for name in calls:
+        summary[name]["memory_ratio"] = summary[name]["peak_bytes"] / base if base else None
+
+
 def peak_memory_bytes(call: Callable[[], Any], device: str) -> int:
     """Peak bytes of tensor memory allocated during ``call()`` above what was allocated before
     it (see the module docstring for the CPU method)."""
@@ -224,11 +247,15 @@ def peak_memory_bytes(call: Callable[[], Any], device: str) -> int:
 # --- command line and results ------------------------------------------------------------------
 
 
-def common_arguments(parser: argparse.ArgumentParser) -> None:
+def common_arguments(parser: argparse.ArgumentParser, *, seconds: float, per: str) -> None:
+    """The options every timing script takes; ``--quick`` and ``--seconds`` are what
+    :func:`timed_summary` reads, ``seconds`` the budget's default per ``per``."""
     parser.add_argument("--threads", type=int, default=2,
                         help="torch.set_num_threads (and onnxruntime threads); 2 mimics CI")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run")
+    parser.add_argument("--seconds", type=float, default=seconds,
+                        help=f"time budget per {per} (at least 5 interleaved rounds)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON + Markdown")
     parser.add_argument("--tag", default="",
                         help="suffix of the result files (bench_inference_<tag>.json)")

@@ -31,30 +31,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     SUBJECTS,
+    add_peak_memory,
     batch,
     common_arguments,
     first_line,
-    interleaved_times,
-    peak_memory_bytes,
-    ratio_summary,
     setup,
     subject_models,
+    timed_summary,
     write_results,
 )
 
 VARIANTS = ("relu", "carelu", "mrepu")
+ROUNDS, QUICK_ROUNDS = 40, 4
 
 
-def measure(calls: dict[str, Any], device: str, quick: bool, budget_s: float) -> dict[str, Any]:
+def measure(calls: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Interleaved timing plus peak memory of each variant's call."""
-    times = interleaved_times(calls, device, warmup=1 if quick else 3,
-                              rounds=4 if quick else 40, min_seconds=0 if quick else budget_s)
-    summary = ratio_summary(times)
-    for name, call in calls.items():
-        summary[name]["peak_bytes"] = peak_memory_bytes(call, device)
-    base = summary["relu"]["peak_bytes"]
-    for name in calls:
-        summary[name]["memory_ratio"] = summary[name]["peak_bytes"] / base if base else None
+    summary = timed_summary(calls, args.device, args, rounds=ROUNDS, quick_rounds=QUICK_ROUNDS)
+    add_peak_memory(summary, calls, args.device)
     return summary
 
 
@@ -103,14 +97,12 @@ def onnx_sessions(models: dict[str, torch.nn.Module], example: torch.Tensor, thr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common_arguments(parser)
+    common_arguments(parser, seconds=6.0, per="measurement")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--compile-batches", type=int, nargs="+", default=[64],
                         help="batch sizes for torch.compile (each costs a compile per variant)")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--skip-onnx", action="store_true")
-    parser.add_argument("--seconds", type=float, default=6.0,
-                        help="time budget per measurement (at least 5 interleaved rounds)")
     args = parser.parse_args()
     setup(args)
 
@@ -138,16 +130,14 @@ def main() -> None:
                 with torch.no_grad():
                     finite = {n: bool(torch.isfinite(m(x)).all()) for n, m in models.items()}
                 record(subject.name, size, "eager",
-                       {"summary": measure(eager_calls(models, x), args.device, args.quick,
-                                           args.seconds), "finite_outputs": finite})
+                       {"summary": measure(eager_calls(models, x), args),
+                        "finite_outputs": finite})
             if not args.skip_compile:
                 for size in args.compile_batches:
                     x = batch(subject, size, args.device)
                     try:
                         calls, seconds = compiled_calls(models, x)
-                        outcome = {"summary": measure(calls, args.device, args.quick,
-                                                      args.seconds),
-                                   "compile_seconds": seconds}
+                        outcome = {"summary": measure(calls, args), "compile_seconds": seconds}
                     except Exception as error:  # noqa: BLE001 - record any compile failure
                         outcome = {"error": first_line(error)}
                     record(subject.name, size, "compile", outcome)
@@ -162,10 +152,9 @@ def main() -> None:
                 for size in args.batches if sessions else ():
                     feed = {"input": batch(subject, size, "cpu").numpy()}
                     calls = {n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()}
-                    times = interleaved_times(calls, "cpu", warmup=1 if args.quick else 3,
-                                              rounds=4 if args.quick else 40,
-                                              min_seconds=0 if args.quick else args.seconds)
-                    record(subject.name, size, "onnxruntime", {"summary": ratio_summary(times)})
+                    summary = timed_summary(calls, "cpu", args, rounds=ROUNDS,
+                                            quick_rounds=QUICK_ROUNDS)
+                    record(subject.name, size, "onnxruntime", {"summary": summary})
 
     columns = ["model", "batch", "backend", "relu ms", "carelu ×relu", "mrepu ×relu",
                "carelu peak mem ×relu", "mrepu peak mem ×relu", "note"]

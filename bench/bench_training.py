@@ -34,13 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     SUBJECTS,
+    add_peak_memory,
     batch,
     common_arguments,
-    interleaved_times,
-    peak_memory_bytes,
-    ratio_summary,
     setup,
     subject_models,
+    timed_summary,
     write_results,
 )
 
@@ -74,12 +73,10 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plain: boo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common_arguments(parser)
+    common_arguments(parser, seconds=10.0, per="model")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--no-plain", action="store_true",
                         help="leave out the carelu_plain variant")
-    parser.add_argument("--seconds", type=float, default=10.0,
-                        help="time budget per model (at least 5 interleaved rounds)")
     args = parser.parse_args()
     setup(args)
 
@@ -94,17 +91,11 @@ def main() -> None:
                           ).to(args.device)
         steps = {name: training_step(model, x, y, name == "carelu_plain")
                  for name, model in models.items()}
-        times = interleaved_times(steps, args.device, warmup=1 if args.quick else 3,
-                                  rounds=3 if args.quick else 30,
-                                  min_seconds=0 if args.quick else args.seconds)
-        summary = ratio_summary(times)
-        for name, step in steps.items():
+        summary = timed_summary(steps, args.device, args, rounds=30, quick_rounds=3)
+        for name in steps:
             summary[name]["samples_per_s"] = args.batch / summary[name]["median_s"]
             summary[name]["throughput_ratio"] = 1.0 / summary[name]["ratio"]
-            summary[name]["peak_bytes"] = peak_memory_bytes(step, args.device)
-        base = summary["relu"]["peak_bytes"]
-        for name in steps:
-            summary[name]["memory_ratio"] = summary[name]["peak_bytes"] / base
+        add_peak_memory(summary, steps, args.device)
         results.append({"model": subject.name, "batch": args.batch, "summary": summary})
         for name in steps:
             s = summary[name]

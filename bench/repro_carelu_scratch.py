@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.repro_common import RESULTS, ROOT, Timer, set_threads, write_results  # noqa: E402
+from bench.repro_common import Timer, digits_arguments, parse_arguments, write_results  # noqa: E402
 from retrofit.activations.modules import CompetitiveReLU  # noqa: E402
 from retrofit.config import CompetitiveReLUConfig  # noqa: E402
 from retrofit.evaluation.datasets.load import load_dataset  # noqa: E402
@@ -104,12 +104,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--activation-lr", type=float, default=1e-2)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--train", type=Path, default=ROOT / "samples/data/digits_train.npz")
-    parser.add_argument("--val", type=Path, default=ROOT / "samples/data/digits_val.npz")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    set_threads(args.threads)
+    digits_arguments(parser)
+    args = parse_arguments(parser)
 
     train, val = load_dataset(args.train), load_dataset(args.val)
     variants = ["relu", *args.measures] + ([] if args.no_ablation else [ABLATION])

@@ -6,6 +6,7 @@ the command) and ``bench/results/repro_<name>.md`` (the table, the command, a sh
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -35,16 +36,28 @@ def command_line() -> str:
     return " ".join(["python", shlex.quote(script_text), *map(shlex.quote, sys.argv[1:])])
 
 
-def set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
+def digits_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a reproduction on the sample digits: the data, threads and the output
+    folder (added last, so the recorded settings keep that order)."""
+    parser.add_argument("--train", type=Path, default=ROOT / "samples/data/digits_train.npz")
+    parser.add_argument("--val", type=Path, default=ROOT / "samples/data/digits_val.npz")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+def parse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line, with torch's thread count set to ``--threads`` before anything runs."""
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def library_fingerprint() -> dict[str, Any]:
     """Which code produced the numbers: git HEAD, whether ``retrofit/`` differs from it, and a
-    hash of the ``retrofit/*.py`` files as they are on disk."""
+    hash of every ``.py`` file under ``retrofit/`` (subpackages included) as it is on disk."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "retrofit").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted((ROOT / "retrofit").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
 
     def git(*args: str) -> str | None:
         try:

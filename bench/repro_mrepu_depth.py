@@ -58,7 +58,7 @@ from bench.repro_common import (  # noqa: E402
     RESULTS,
     Timer,
     finite_or_none,
-    set_threads,
+    parse_arguments,
     write_results,
 )
 from retrofit.activations.functional import mrepu, repu  # noqa: E402
@@ -336,8 +336,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="", help="results go to repro_mrepu_depth_TAG.*")
-    args = parser.parse_args()
-    set_threads(args.threads)
+    args = parse_arguments(parser)
 
     data = polynomial_data(args.n_train, args.n_test, args.noise)
     var = data[1][1].var(unbiased=False).item()

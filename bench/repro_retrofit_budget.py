@@ -32,12 +32,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.repro_common import (  # noqa: E402
-    RESULTS,
     ROOT,
     Timer,
+    digits_arguments,
     finite_or_none,
     markdown_table,
-    set_threads,
+    parse_arguments,
     write_results,
 )
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig  # noqa: E402
@@ -189,12 +189,8 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 3, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--train", type=Path, default=ROOT / "samples/data/digits_train.npz")
-    parser.add_argument("--val", type=Path, default=ROOT / "samples/data/digits_val.npz")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    set_threads(args.threads)
+    digits_arguments(parser)
+    args = parse_arguments(parser)
     # Deep-copying an ExportedProgram module (the job's ReLU control) warns about torch's own
     # pytree classes; nothing here can act on it.
     warnings.filterwarnings("ignore", ".*LeafSpec", FutureWarning)

@@ -45,8 +45,9 @@ def retrofit_model(model_or_onnx: Retrofittable, config: ActivationConfig,
       (:func:`retrofit.torch_path.rewrite.retrofit_torch_model`), in the mode it was in;
     - a ``torch.export.ExportedProgram``'s module is rewritten and exported again with the
       program's example inputs and dynamic axes (it keeps the mode it was exported in);
-    - an ``onnx.ModelProto``'s ``Relu`` nodes are rewritten (:func:`retrofit.onnx_path.rewrite.
-      rewrite_onnx_relus`), its inputs, outputs, opset and other nodes kept.
+    - an ``onnx.ModelProto``'s ``Relu`` nodes are rewritten
+      (:func:`retrofit.onnx_path.rewrite.rewrite_onnx_relus`), its inputs, outputs, opset and
+      other nodes kept.
 
     ``select`` picks sites by name (:class:`SiteSelector`, all by default; a rule that matches
     nothing is a :class:`~retrofit.errors.SelectionError`). ``filter_fn(site_name) -> bool``

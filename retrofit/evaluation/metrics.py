@@ -98,27 +98,20 @@ def paired_delta_ci(
             f"correct_before has {before.shape[0]} samples but correct_after has {after.shape[0]}"
         )
     n = before.shape[0]
-    if n == 0:
-        raise ValueError("no samples to compare")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    _check_bootstrap(n, confidence, n_boot)
 
     gained = int(np.count_nonzero(after & ~before))
     lost = int(np.count_nonzero(before & ~after))
     rng = np.random.default_rng(seed)
     draws = rng.multinomial(n, [gained / n, lost / n, (n - gained - lost) / n], size=n_boot)
-    deltas = 100.0 * (draws[:, 0] - draws[:, 1]) / n
-    tail = (1.0 - confidence) / 2.0
-    ci_low, ci_high = np.quantile(deltas, [tail, 1.0 - tail])
+    ci_low, ci_high = _percentile_interval(100.0 * (draws[:, 0] - draws[:, 1]) / n, confidence)
     return PairedDelta(
         n=n,
         before=100.0 * float(before.mean()),
         after=100.0 * float(after.mean()),
         delta=100.0 * (gained - lost) / n,
-        ci_low=float(ci_low),
-        ci_high=float(ci_high),
+        ci_low=ci_low,
+        ci_high=ci_high,
         confidence=confidence,
         gained=gained,
         lost=lost,
@@ -187,12 +180,7 @@ def paired_delta_over_seeds(
         raise ValueError(f"correct_before has {before.shape[1]} samples per seed but "
                          f"correct_after has {after.shape[1]}")
     seeds, n = before.shape
-    if n == 0:
-        raise ValueError("no samples to compare")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    _check_bootstrap(n, confidence, n_boot)
 
     differences = after.astype(np.int64) - before.astype(np.int64)  # seeds x n
     profiles, counts = _difference_profiles(differences)
@@ -200,21 +188,37 @@ def paired_delta_over_seeds(
     sample_draws = rng.multinomial(n, counts / n, size=n_boot)  # n_boot x profiles
     seed_draws = rng.multinomial(seeds, np.full(seeds, 1.0 / seeds), size=n_boot)
     totals = ((sample_draws @ profiles) * seed_draws).sum(axis=1)
-    deltas = 100.0 * totals / (seeds * n)
-    tail = (1.0 - confidence) / 2.0
-    ci_low, ci_high = np.quantile(deltas, [tail, 1.0 - tail])
+    ci_low, ci_high = _percentile_interval(100.0 * totals / (seeds * n), confidence)
     return SeedPairedDelta(
         n=n,
         seeds=seeds,
         before=100.0 * float(before.mean()),
         after=100.0 * float(after.mean()),
         delta=100.0 * int(differences.sum()) / (seeds * n),
-        ci_low=float(ci_low),
-        ci_high=float(ci_high),
+        ci_low=ci_low,
+        ci_high=ci_high,
         confidence=confidence,
         n_boot=n_boot,
         per_seed=tuple(100.0 * int(row.sum()) / n for row in differences),
     )
+
+
+def _check_bootstrap(n: int, confidence: float, n_boot: int) -> None:
+    """Refuse what both intervals cannot be computed from: no samples, a confidence outside
+    (0, 1), no bootstrap replicates."""
+    if n == 0:
+        raise ValueError("no samples to compare")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+
+
+def _percentile_interval(deltas: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of the bootstrap ``deltas`` (equal tails)."""
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(deltas, [tail, 1.0 - tail])
+    return float(low), float(high)
 
 
 def _same_lengths(values: Sequence[Tensor]) -> Sequence[Tensor]:

@@ -501,8 +501,6 @@ def _run_or_recall(ctx: DistContext, state: _State, opened: OpenedModel, request
 def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path,
                    resume: bool, before: Stage, run: ArmRun) -> None:
     """Swap, fine-tune from the swap, check and score: the retrofit job's steps, into ``run``."""
-    from retrofit.training.results import TrainingDiverged
-
     try:
         swapped = swap(opened, request, before=before)
     except ParityError as error:
@@ -511,10 +509,9 @@ def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Pa
     report = swapped.report
     run.top1_after_swap = report.stages[-1].result.top1
     config = replace(finetune_config(opened, request, checkpoint, report), resume=resume)
-    try:
-        trained = finetune_swapped(opened, request, swapped, config)
-    except TrainingDiverged as diverged:
-        _failed(run, diverged, report)
+    trained = _unless_diverged(run, report,
+                               lambda: finetune_swapped(opened, request, swapped, config))
+    if trained is None:
         return
     try:
         with keeps_finished(trained, checkpoint):
@@ -530,16 +527,24 @@ def _run_candidate(opened: OpenedModel, request: RetrofitRequest, checkpoint: Pa
 def _run_control(opened: OpenedModel, request: RetrofitRequest, checkpoint: Path, resume: bool,
                  run: ArmRun) -> None:
     """The untouched ReLU model fine-tuned with the same budget and seed, into ``run``."""
-    from retrofit.training.results import TrainingDiverged
-
     report = RetrofitReport(request.model, opened.subject.format, CONTROL, request.config, [])
     config = replace(finetune_config(opened, request, checkpoint, report), resume=resume)
+    stage = _unless_diverged(run, report,
+                             lambda: finetune_control(opened, request, report, config))
+    if stage is not None:
+        _scored(run, stage.result, report, None)
+
+
+def _unless_diverged(run: ArmRun, report: RetrofitReport, fine_tune: Callable[[], T]) -> T | None:
+    """``fine_tune()``; None, with ``run`` failed, when its loss diverged: an arm that fails on
+    its own, while the other arms go on."""
+    from retrofit.training.results import TrainingDiverged
+
     try:
-        stage = finetune_control(opened, request, report, config)
+        return fine_tune()
     except TrainingDiverged as diverged:
         _failed(run, diverged, report)
-        return
-    _scored(run, stage.result, report, None)
+        return None
 
 
 def _scored(run: ArmRun, result: EvalResult, report: RetrofitReport,

@@ -3,9 +3,10 @@
 Formats: ``torch.export`` programs (``.pt2``), state dicts (``torch.save`` or safetensors) with
 an architecture factory (``--arch package.module:factory``), pickled ``nn.Module`` files, and
 ONNX. Loading never unpickles arbitrary objects unless the caller passes ``trust_pickle=True``:
-unpickling runs code from the file. That includes ``.pt2`` archives: ``torch.export.load`` unpickles
-some members without ``weights_only``, so an archive is checked first (:func:`check_exported_archive`).
-Saving never touches the input and is atomic.
+unpickling runs code from the file. That includes ``.pt2`` archives: ``torch.export.load``
+unpickles some members without ``weights_only``, so an archive is checked first
+(:func:`~retrofit.torch_path.exported.check_exported_archive`). Saving never touches the input
+and is atomic.
 """
 
 from __future__ import annotations

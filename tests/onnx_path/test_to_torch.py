@@ -323,6 +323,20 @@ def test_an_unsupported_op_feature_is_an_unsupported_model() -> None:
         onnx_to_torch(model)
 
 
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_a_convolution_torch_has_no_function_for_is_refused_by_its_op_name(op: str) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2, 2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(np.ones((1, 1, 1, 1, 1, 1), np.float32), "w")
+    model = helper.make_model(
+        helper.make_graph([helper.make_node(op, ["x", "w"], ["y"])], "g", [x], [y],
+                          initializer=[w]),
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
+    with pytest.raises(UnsupportedModelError, match=f"{op} with 4 spatial dimensions"):
+        onnx_to_torch(model)
+
+
 # --------------------------------------------------------------------------- op coverage
 
 _NP_TO_ONNX = {

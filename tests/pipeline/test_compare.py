@@ -178,6 +178,18 @@ def test_when_every_candidate_fails_the_first_failure_gives_the_exit_code(tmp_pa
     assert result.stdout.startswith("FAILED: carelu-l1 with seed 0")
 
 
+def test_a_diverged_control_is_recorded_and_leaves_nothing_to_rank(tmp_path, data, monkeypatch):
+    def finetune_control(opened, request, report, config):
+        raise TrainingDiverged("the training loss became nan at epoch 1, step 2", None)
+
+    monkeypatch.setattr(retrofit.pipeline.compare, "finetune_control", finetune_control)
+    result = cli(tmp_path, data, "--to", "carelu", "--measures", "l1")
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
+    assert one_line(result) == ("error: the ReLU control failed with seed 0 (the training loss "
+                                "became nan at epoch 1, step 2): no candidate can be compared "
+                                "with it")
+
+
 def test_gates_apply_to_the_top_ranked_candidate_and_fail_with_5(tmp_path, data):
     result = cli(tmp_path, data, "--to", "carelu", "--measures", "l1", "--min-gain", 1000,
                  "--max-drop", 100, "--json")

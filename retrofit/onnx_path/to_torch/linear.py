@@ -47,20 +47,22 @@ def _einsum(b: Builder, node: onnx.NodeProto) -> Any:
 
 
 def _spatial_count(b: Builder, node: onnx.NodeProto, attrs: dict[str, Any]) -> int:
+    """How many spatial dimensions a (transposed) convolution has: from its kernel shape, its
+    weight or its input; torch has them for 1, 2 and 3 only, so any other count is refused."""
     if "kernel_shape" in attrs:
-        return len(attrs["kernel_shape"])
-    weight_rank = b.rank(node.input[1]) if len(node.input) > 1 else None
-    if weight_rank is not None:
-        return weight_rank - 2
-    return b.rank(node.input[0], node.op_type) - 2
+        n = len(attrs["kernel_shape"])
+    else:
+        weight_rank = b.rank(node.input[1]) if len(node.input) > 1 else None
+        n = (weight_rank if weight_rank is not None else b.rank(node.input[0], node.op_type)) - 2
+    if n not in (1, 2, 3):
+        raise b.unsupported(f"{node.op_type} with {n} spatial dimensions")
+    return n
 
 
 @register("Conv", since=(1, 11, 22))
 def _conv(b: Builder, node: onnx.NodeProto) -> Any:
     attrs = attributes(node)
     n = _spatial_count(b, node, attrs)
-    if n not in (1, 2, 3):
-        raise b.unsupported(f"Conv with {n} spatial dimensions")
     x, w = b.tensor(node.input[0]), b.tensor(node.input[1])
     bias = b.tensor(node.input[2]) if b.has(node, 2) else None
     kernel = attrs.get("kernel_shape") or list(b.shape(node.input[1])[2:])
@@ -80,8 +82,6 @@ def _conv(b: Builder, node: onnx.NodeProto) -> Any:
 def _conv_transpose(b: Builder, node: onnx.NodeProto) -> Any:
     attrs = attributes(node)
     n = _spatial_count(b, node, attrs)
-    if n not in (1, 2, 3):
-        raise b.unsupported(f"ConvTranspose with {n} spatial dimensions")
     auto_pad = attrs.get("auto_pad", "NOTSET") or "NOTSET"
     if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         raise b.unsupported(f"ConvTranspose with auto_pad={auto_pad}")
