@@ -52,10 +52,6 @@ class CompetitiveReLU(nn.Module):
         self.beta = nn.Parameter(torch.empty((), **factory))
         self.reset_parameters()
 
-    @classmethod
-    def from_config(cls, config: CompetitiveReLUConfig, **kwargs: Any) -> "CompetitiveReLU":
-        return cls(config, **kwargs)
-
     def reset_parameters(self) -> None:
         """Set alpha and beta to the config's start values, rounded once in their own dtype."""
         with torch.no_grad():
@@ -94,10 +90,6 @@ class MRePU(nn.Module):
         self.gain_in = nn.Parameter(torch.ones((), device=device, dtype=dtype))
         self.gain_out = nn.Parameter(torch.ones((), device=device, dtype=dtype))
 
-    @classmethod
-    def from_config(cls, config: MRePUConfig, **kwargs: Any) -> "MRePU":
-        return cls(config, **kwargs)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gained_mrepu(x, self.gain_in, self.gain_out, self.blend, self.p, self.c)
 
@@ -113,10 +105,6 @@ class RePU(nn.Module):
         config = config_with(RePUConfig, config, overrides)
         self.config = config
         self.p: float = float(config.p)
-
-    @classmethod
-    def from_config(cls, config: RePUConfig, **kwargs: Any) -> "RePU":
-        return cls(config, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return repu(x, self.p)
