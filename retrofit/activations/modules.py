@@ -5,7 +5,7 @@ functional form of :mod:`retrofit.activations.functional` with its parameters.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ class CompetitiveReLU(nn.Module):
     The rewriters set it where the replaced ReLU was in-place.
     """
 
+    config_type: ClassVar[type] = CompetitiveReLUConfig
+    """The config this module is built from; its ``name`` is the activation's."""
+
     def __init__(
         self,
         config: Optional[CompetitiveReLUConfig] = None,
@@ -40,7 +43,7 @@ class CompetitiveReLU(nn.Module):
         **overrides: Any,
     ) -> None:
         super().__init__()
-        config = config_with(CompetitiveReLUConfig, config, overrides)
+        config = config_with(self.config_type, config, overrides)
         self.config = config
         self.measure: str = config.measure
         self.reduce: str = config.reduce
@@ -78,11 +81,14 @@ class MRePU(nn.Module):
     was built from (its ``blend`` is the start value).
     """
 
+    config_type: ClassVar[type] = MRePUConfig
+    """The config this module is built from; its ``name`` is the activation's."""
+
     def __init__(self, config: Optional[MRePUConfig] = None, *,
                  device: Optional[torch.device | str] = None,
                  dtype: Optional[torch.dtype] = None, **overrides: Any) -> None:
         super().__init__()
-        config = config_with(MRePUConfig, config, overrides)
+        config = config_with(self.config_type, config, overrides)
         self.config = config
         self.p: float = float(config.p)
         self.c: float = float(config.c)
@@ -100,9 +106,12 @@ class MRePU(nn.Module):
 class RePU(nn.Module):
     """RePU ``max(0, x)^p``: for comparison experiments (deep RePU stacks do not train)."""
 
+    config_type: ClassVar[type] = RePUConfig
+    """The config this module is built from; its ``name`` is the activation's."""
+
     def __init__(self, config: Optional[RePUConfig] = None, **overrides: Any) -> None:
         super().__init__()
-        config = config_with(RePUConfig, config, overrides)
+        config = config_with(self.config_type, config, overrides)
         self.config = config
         self.p: float = float(config.p)
 

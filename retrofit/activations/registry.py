@@ -8,20 +8,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from retrofit.activations.modules import CompetitiveReLU, MRePU, RePU
-from retrofit.config import (
-    ActivationConfig,
-    CompetitiveReLUConfig,
-    MRePUConfig,
-    RePUConfig,
-    resolve_config,
-)
+from retrofit.activations.modules import ACTIVATION_MODULES
+from retrofit.config import ActivationConfig, RePUConfig, resolve_config
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    CompetitiveReLUConfig.name: CompetitiveReLU,
-    MRePUConfig.name: MRePU,
-    RePUConfig.name: RePU,
-}
+ACTIVATIONS: dict[str, type[nn.Module]] = {kind.config_type.name: kind
+                                           for kind in ACTIVATION_MODULES}
 """Activation name (``config.name``, the CLI's ``--to``) -> module class."""
 
 
