@@ -126,6 +126,16 @@ def flatten_outputs(output: object) -> list[np.ndarray]:
     return []
 
 
+def set_training(model: nn.Module, mode: bool) -> bool:
+    """``model.train(mode)``; False for torch.export modules, which refuse to switch (their mode
+    was fixed when they were exported)."""
+    try:
+        model.train(mode)
+    except NotImplementedError:
+        return False
+    return True
+
+
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Run ``module`` in eval mode and restore its mode afterwards.
@@ -134,14 +144,11 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     exported, so they are used as they are.
     """
     was_training = module.training
-    try:
-        module.eval()
-    except NotImplementedError:
-        was_training = None
+    switched = set_training(module, False)  # every submodule too, whatever the top one says
     try:
         yield module
     finally:
-        if was_training:
+        if was_training and switched:
             module.train()
 
 

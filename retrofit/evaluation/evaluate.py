@@ -28,6 +28,7 @@ from retrofit.evaluation.datasets.checks import (
 from retrofit.errors import BadInputError, UnsupportedModelError, UsageError, first_line
 from retrofit.evaluation.metrics import accuracy, topk_correct
 from retrofit.evaluation.progress import progress_bar
+from retrofit.verify import set_training
 
 
 class Predictor(Protocol):
@@ -74,10 +75,7 @@ class TorchPredictor:
         self.device = resolve_device(device)
         self.autocast_dtype = autocast_dtype
         self.fixed_batch = fixed_batch
-        try:
-            module.eval()
-        except NotImplementedError:
-            pass  # torch.export modules refuse .eval(); they were exported in the mode they run in
+        set_training(module, False)  # torch.export modules refuse; they run in their own mode
         self.module = module.to(self.device)
         self.input_dtype = input_dtype(module)
         self.name = f"torch on {self.device}" + (

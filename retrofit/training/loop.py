@@ -77,7 +77,8 @@ from retrofit.training.distributed import (
     sum_ranks,
     teardown_distributed,
 )
-from retrofit.training.modes import buffers_kept, determinism, is_export_graph, set_training
+from retrofit.training.modes import buffers_kept, determinism, is_export_graph
+from retrofit.verify import set_training
 from retrofit.training.optimizer import make_optimizer, parameter_groups, scaled_rates, set_rates
 from retrofit.training.results import (
     FinetuneResult,

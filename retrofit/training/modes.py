@@ -11,15 +11,6 @@ import torch
 from torch import nn
 
 
-def set_training(model: nn.Module, mode: bool) -> bool:
-    """``model.train(mode)``; False for torch.export modules, which refuse to switch."""
-    try:
-        model.train(mode)
-    except NotImplementedError:
-        return False
-    return True
-
-
 def is_export_graph(model: nn.Module) -> bool:
     """A graph of ATen ops, as ``torch.export`` makes: its train/eval behaviour was fixed when it
     was exported, whatever ``.training`` says (a rewritten copy may accept ``.train()``)."""
