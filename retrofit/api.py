@@ -132,7 +132,7 @@ def evaluate(model_or_path: Retrofittable | PathLike, dataset: Dataset | PathLik
     A model file (any format the command line reads) is opened and its data fed as the command
     line feeds it; ``dataset`` is then a data file. A model in memory is scored on a dataset of
     ``(x, y)`` samples or a data file read for float inputs; a module runs in eval mode on
-    ``device`` (moved there in place; its mode is restored afterwards).
+    ``device`` (its mode and its device are restored afterwards).
     """
     from retrofit.evaluation.evaluate import evaluate as score
     from retrofit.evaluation.evaluate import device_kept, onnx_predictor, torch_predictor
