@@ -27,12 +27,11 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from retrofit.onnx_path import io as onnx_io
 from retrofit.evaluation.batching import first_row_repeated, outputs_when_grown
 from retrofit.errors import BadInputError, ParityError, first_line
 from retrofit.onnx_path.emission import DEFAULT_OPSET
 from retrofit.torch_path.exported import torch_export_logs
-from retrofit.onnx_path.io import check_onnx_model, iter_nodes, run_onnx, save_onnx
+from retrofit.onnx_path.io import check_onnx_model, fits_one_protobuf, iter_nodes, run_onnx, save_onnx
 from retrofit.verify import OutputParity, compare_outputs, copy_module, eval_mode, torch_outputs
 
 _EXTRA = 2
@@ -310,7 +309,7 @@ def _widened(dynamic: tuple[bool, ...], dynamic_dims: tuple[tuple[int, ...], ...
 def _save(model: onnx.ModelProto, path: Path, force: bool) -> None:
     """One file, or the file and its ``.data`` when over the protobuf limit; the weights file
     follows the same replace-only-with-force rule as the file itself."""
-    save_onnx(model, path, external_data=model.ByteSize() > onnx_io._SAFE_PROTO_SIZE, force=force)
+    save_onnx(model, path, external_data=not fits_one_protobuf(model), force=force)
 
 
 def _batch_note(path: Path, inputs: tuple[torch.Tensor, ...], names: list[str],
