@@ -14,10 +14,13 @@ What the rest of the project may rely on:
 
 Each activation has two implementations of one formula, which agree to rounding:
 
-* The plain tensor formulas here are what graph capture sees: TorchScript, ``torch.jit.trace``,
-  ``torch.export`` and the ONNX exporter record them as they are. Under ``torch.compile`` the
+* The plain tensor formulas here are what graph capture sees: TorchScript, ``torch.jit.trace``
+  and the TorchScript-based ONNX exporter record them as they are. Under ``torch.compile`` the
   competition is summed in float64 instead of rescaling by max|z| first, so Inductor needs one
-  reduction pass and one pointwise pass per site.
+  reduction pass and one pointwise pass per site. A program captured for ONNX (within
+  :func:`onnx_export_form`) takes the sums on ``z`` itself, and ``torch.cond`` runs the rescaled
+  measurement only where they left the safe range: the ONNX emission's form. Programs kept as
+  ``.pt2`` have no ``torch.cond``, which tools that watch the dispatcher cannot all run.
 * Eager calls take the fast kernels of :mod:`retrofit.activations.kernels`. Which one runs is
   decided here, from the mode (tracing, compiling, exporting) and tensor metadata, never from
   tensor values.
@@ -25,7 +28,9 @@ Each activation has two implementations of one formula, which agree to rounding:
 
 from __future__ import annotations
 
-from typing import Any, List
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, List
 
 import torch
 
@@ -205,6 +210,64 @@ def competition(
     return _competition(z, measure, eps, reduce)
 
 
+_ONNX_FORM: ContextVar[bool] = ContextVar("cadrelu_onnx_form", default=False)
+
+
+@contextmanager
+def onnx_export_form() -> Iterator[None]:
+    """Within it, ``torch.export`` records CompetitiveReLU in the form that onnxruntime runs in
+    the fewest passes (:func:`_competitive_relu_exported`), for a program that is translated
+    to ONNX and not kept."""
+    token = _ONNX_FORM.set(True)
+    try:
+        yield
+    finally:
+        _ONNX_FORM.reset(token)
+
+
+def _exporting_for_onnx() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return _ONNX_FORM.get() and exporting is not None and exporting()
+
+
+def _competitive_relu_exported(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                               k: float, eps: float, measure: str, reduce: str) -> torch.Tensor:
+    """The energy and L1 formula as ``torch.export`` records it within
+    :func:`onnx_export_form`, for the ONNX files written from torch: the pass structure of :mod:`retrofit.onnx_path.emission`, since onnxruntime
+    runs each op as its own pass over the tensor.
+
+    The two sums of ``z`` itself, then ``torch.cond`` (an ONNX ``If`` on one element) twice:
+    the max|z|-rescaled measurement only where a sum overflowed (float16 inputs cannot), and
+    ``max(z, 0) * s`` as the output when every ``s`` is >= 0, which with the sums in range equals
+    ``clamp(s * z, 0, big)`` without saturating.
+    """
+    dims = competition_axes(z.dim(), reduce)
+    big = _finite_max(z.dtype)
+    zc = _cast(z, _compute_dtype(z.dtype))
+    positive = zc.clamp_min(0.0)
+    if measure == "energy":
+        total = (zc * zc).sum(dims, keepdim=True)
+        part = (positive * positive).sum(dims, keepdim=True)
+    else:
+        total = zc.abs().sum(dims, keepdim=True)
+        part = positive.sum(dims, keepdim=True)
+    if z.dtype == torch.float16:
+        s = k * torch.tanh(alpha * (part / (total + eps)) + beta)
+        return _cast((s * zc).clamp(0.0, big), z.dtype)
+    # every sum below big / k: none overflowed and |s * z| < big (False for inf and NaN,
+    # which the rescaled form keeps)
+    in_range = total.sum() < big / k
+    p = torch.cond(in_range, lambda part, total, zc: part / (total + eps),
+                   lambda part, total, zc: _competition(zc, measure, eps, reduce),
+                   (part, total, zc))
+    s = k * torch.tanh(alpha * p + beta)
+    if zc.dtype != z.dtype:  # bfloat16: the cast back needs the saturation
+        return _cast((s * zc).clamp(0.0, big), z.dtype)
+    same_sign = in_range & (s.clamp_max(0.0).sum() == 0)  # every s >= 0; True when empty
+    return torch.cond(same_sign, lambda positive, zc, s: positive * s,
+                      lambda positive, zc, s: (s * zc).clamp(0.0, big), (positive, zc, s))
+
+
 def _competitive_relu(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, k: float,
                       eps: float, measure: str, reduce: str) -> torch.Tensor:
     """The plain CAReLU formula, what graph capture records."""
@@ -212,6 +275,8 @@ def _competitive_relu(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, 
         p = _competition(z, measure, eps, reduce)
     elif _compiling_not_exporting():
         p = _competition_wide(z, measure, eps, reduce)
+    elif _exporting_for_onnx() and measure != "count":
+        return _competitive_relu_exported(z, alpha, beta, k, eps, measure, reduce)
     else:
         p = _competition(z, measure, eps, reduce)
     s = k * torch.tanh(alpha * p + beta)

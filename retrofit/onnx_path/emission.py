@@ -5,12 +5,19 @@ its parameters live; this module only turns a config plus one site's :class:`Sit
 nodes, for every default-domain opset from :data:`MIN_OPSET` to the newest one onnx knows, either
 inline or as the body of one model-local function per variant.
 
-The math is activations.md's. CompetitiveReLU is emitted in the numerically safe form the torch
-module uses: the competition ``p`` is measured on ``u = z / m`` with
-``m = max(max|z|, 1)`` over the same axes, and eps is scaled to match (``eps / m^2`` for the energy
-measure, ``eps / m`` for L1), which is the paper's ``p`` exactly while ``z^2`` cannot overflow.
-The output is ``Max(s * z, 0)`` with ``s = K * tanh(alpha * p + beta)``: no ``Relu`` node is
-emitted, so a rewritten model has no ReLU site left. MRePU is ``b * MRePU(a * x)`` with the
+The math is activations.md's. CompetitiveReLU is emitted with the fewest passes over the
+tensor that keep it exact, because onnxruntime runs every node as its own pass (and its
+``ReduceSumSquare``/``ReduceL1`` are several times slower than ``Mul``/``Abs`` plus ``ReduceSum``):
+``pos = Max(z, 0)``, the two sums of the measure (``ReduceSum`` of ``z*z`` and ``pos*pos``, or of
+``|z|`` and ``pos``), and the output ``Mul(pos, s)``, which is ``max(s*z, 0)`` when every ``s`` of
+the batch is >= 0. Two ``If`` nodes, on one element each, keep the rest exact: where a sum
+is not below ``big / K`` (it may have overflowed, and ``s * z`` could: possible for float32,
+float64 and bfloat16 inputs, not for float16 ones) ``p`` is
+measured on ``u = z / m`` with ``m = max(max|z|, 1)`` and eps scaled to match (``eps / m^2`` for
+energy, ``eps / m`` for L1), which is the paper's ``p`` exactly while ``z^2`` cannot overflow; and
+where some ``s`` is negative, or the output is cast to a half type, the output is
+``Clip(s * z, 0, big)``. No ``Relu`` node is emitted, so a rewritten model has no ReLU site left.
+MRePU is ``b * MRePU(a * x)`` with the
 site's input gain ``a`` (``gain_in``) and output gain ``b`` (``gain_out``), blended with ReLU by
 ``blend`` (lam): ``(1 - lam) * max(x, 0) + lam * (b * MRePU(a * x))``. As in the torch
 modules, float16 and bfloat16 tensors are computed in float32 and cast back (MRePU overflows
@@ -76,8 +83,15 @@ _FINITE_MAX = {
     TensorProto.BFLOAT16: 3.3895313892515355e38,
 }
 
+# Element types whose CompetitiveReLU sums can overflow the compute type: squares of float16
+# values (<= 65504^2) summed in float32 stay finite for any tensor that fits in memory.
+_SUMS_CAN_OVERFLOW = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
 # Opset from which a reduction takes its axes as an input instead of an attribute.
-_AXES_INPUT_SINCE = {"ReduceSum": 13, "ReduceMax": 18, "ReduceMean": 18}
+_AXES_INPUT_SINCE = {"ReduceSum": 13, "ReduceMax": 18, "ReduceMin": 18, "ReduceMean": 18}
+
+# Opset from which Clip takes its bounds as inputs (of any float type) instead of float attributes.
+_CLIP_BOUNDS_AS_INPUTS = 11
 
 Fresh = Callable[[str], str]
 """Returns a name, derived from the hint it is given, that is unused in the target scope."""
@@ -219,6 +233,27 @@ class _Builder:
         self._constants: dict[tuple[int, float], str] = {}
         self._axes: dict[tuple[int, ...], str] = {}
 
+    def branch(self) -> "_Builder":
+        """A builder for an ``If`` branch: it sees this scope's constants (outer-scope names),
+        and what it adds stays in the branch."""
+        child = _Builder(self.fresh, self.opset, self.dtype)
+        child._constants = dict(self._constants)
+        child._axes = dict(self._axes)
+        return child
+
+    def if_(self, condition: str, then: Callable[["_Builder"], str],
+            otherwise: Callable[["_Builder"], str], hint: str) -> str:
+        """``If(condition)``: the value ``then`` or ``otherwise`` computes in its own branch."""
+        branches = {}
+        for key, body in (("then_branch", then), ("else_branch", otherwise)):
+            child = self.branch()
+            result = body(child)
+            if not child.nodes or child.nodes[-1].output[0] != result:  # an outer name
+                result = child.op("Identity", [result], hint)
+            output = helper.make_tensor_value_info(result, self.dtype, None)
+            branches[key] = helper.make_graph(child.nodes, self.fresh(key), [], [output])
+        return self.op("If", [condition], hint, **branches)
+
     def op(self, op_type: str, inputs: Sequence[str], hint: str = "", **attrs: object) -> str:
         output = self.fresh(hint or op_type.lower())
         node = helper.make_node(op_type, list(inputs), [output], name=self.fresh(op_type), **attrs)
@@ -282,7 +317,7 @@ def emit_activation(
     if isinstance(config, CompetitiveReLUConfig):
         if plan.axes is None:
             raise UsageError("a CompetitiveReLU site needs its competition axes")
-        result = _competitive_relu(b, config, plan.axes, z, big, *params)
+        result = _competitive_relu(b, config, plan, z, *params)
     elif isinstance(config, MRePUConfig):
         result = _mrepu(b, config, z, big, *params)
     elif isinstance(config, RePUConfig):
@@ -301,43 +336,103 @@ def _saturate(b: _Builder, y: str, big: float) -> str:
     return b.op("Max", [b.op("Min", [y, b.const(big)], "upper"), b.const(-big)], "saturated")
 
 
+def _scaled_relu(b: _Builder, s: str, z: str, big: float) -> str:
+    """``max(s * z, 0)`` saturated at ``big`` (torch: ``clamp(0, big)``), one ``Clip`` where the
+    opset lets its bounds be of the compute type."""
+    scaled = b.op("Mul", [s, z], "scaled")
+    if b.opset >= _CLIP_BOUNDS_AS_INPUTS:
+        return b.op("Clip", [scaled, b.const(0.0), b.const(big)], "carelu")
+    if b.dtype == TensorProto.FLOAT:  # Clip-6's bounds are float attributes
+        return b.op("Clip", [scaled], "carelu", min=0.0, max=big)
+    return b.op("Min", [b.op("Max", [scaled, b.const(0.0)], "positive"), b.const(big)], "carelu")
+
+
+def _rescaled_share(
+    b: _Builder, config: CompetitiveReLUConfig, axes: tuple[int, ...] | None, z: str
+) -> str:
+    """The competition measured on ``u = z / m``, ``m = max(max|z|, 1)``, with eps scaled to
+    match: the same ``p`` as the plain sums, and finite where those overflowed."""
+    m = b.op("Max", [b.reduce("ReduceMax", b.op("Abs", [z], "abs"), axes, "abs_max"),
+                     b.const(1.0)], "m")
+    u = b.op("Div", [z, m], "u")
+    pos = b.op("Max", [u, b.const(0.0)], "u_pos")
+    if config.measure == "energy":
+        part = b.reduce("ReduceSum", b.op("Mul", [pos, pos], "pos_sq"), axes, "pos_energy")
+        total = b.reduce("ReduceSum", b.op("Mul", [u, u], "u_sq"), axes, "energy")
+        eps = b.op("Div", [b.const(config.eps), b.op("Mul", [m, m], "m_sq")], "eps_scaled")
+    else:
+        part = b.reduce("ReduceSum", pos, axes, "pos_l1")
+        total = b.reduce("ReduceSum", b.op("Abs", [u], "u_abs"), axes, "l1")
+        eps = b.op("Div", [b.const(config.eps), m], "eps_scaled")
+    return b.op("Div", [part, b.op("Add", [total, eps], "denominator")], "p")
+
+
+def _measure_sums(
+    b: _Builder, measure: str, z: str, axes: tuple[int, ...] | None
+) -> tuple[str, str, str]:
+    """``max(z, 0)`` and the measure's two sums over ``axes``: the positive side's and the
+    total. ``ReduceSum`` of ``Mul``/``Abs``, not ``ReduceSumSquare``/``ReduceL1``, which
+    onnxruntime runs several times slower."""
+    pos = b.op("Max", [z, b.const(0.0)], "pos")
+    if measure == "energy":
+        total = b.reduce("ReduceSum", b.op("Mul", [z, z], "sq"), axes, "energy")
+        return pos, b.reduce("ReduceSum", b.op("Mul", [pos, pos], "pos_sq"), axes, "pos_energy"), total
+    if measure == "l1":
+        total = b.reduce("ReduceSum", b.op("Abs", [z], "abs"), axes, "l1")
+        return pos, b.reduce("ReduceSum", pos, axes, "pos_l1"), total
+    raise UsageError(f"unknown measure {measure!r}; choose energy, l1 or count")
+
+
+def _nonnegative(b: _Builder, s: str) -> str:
+    """One element: every ``s`` >= 0 (True for an empty batch, whose ReduceMin is +inf)."""
+    lowest = b.reduce("ReduceMin", s, None, "s_min")
+    if b.opset >= 12:
+        return b.op("GreaterOrEqual", [lowest, b.const(0.0)], "s_nonnegative")
+    return b.op("Not", [b.op("Less", [lowest, b.const(0.0)], "s_negative")], "s_nonnegative")
+
+
 def _competitive_relu(
     b: _Builder,
     config: CompetitiveReLUConfig,
-    where: CompetitionAxes,
+    plan: SitePlan,
     x: str,
-    big: float,
     alpha: str,
     beta: str,
 ) -> str:
-    zero = b.const(0.0)
+    """CompetitiveReLU in the fewest passes over the tensor (see the module docstring)."""
+    assert plan.axes is not None
+    where, big = plan.axes, _FINITE_MAX[plan.elem_type]
     z = b.op("Flatten", [x], "flat", axis=1) if where.flatten else x
     axes = where.axes
+    in_range = pos = None
     if config.measure == "count":
-        positive = b.op("Cast", [b.op("Greater", [z, zero], "is_pos")], "pos_count", to=b.dtype)
+        positive = b.op("Cast", [b.op("Greater", [z, b.const(0.0)], "is_pos")], "pos_count",
+                        to=b.dtype)
         p = b.reduce("ReduceMean", positive, axes, "p")
     else:
-        abs_z = b.op("Abs", [z], "abs")
-        m = b.op("Max", [b.reduce("ReduceMax", abs_z, axes, "abs_max"), b.const(1.0)], "m")
-        u = b.op("Div", [z, m], "u")
-        pos = b.op("Max", [u, zero], "u_pos")
-        eps = b.const(config.eps)
-        if config.measure == "energy":
-            numerator = b.reduce("ReduceSum", b.op("Mul", [pos, pos], "pos_sq"), axes, "pos_energy")
-            total = b.reduce("ReduceSum", b.op("Mul", [u, u], "u_sq"), axes, "energy")
-            eps_scaled = b.op("Div", [eps, b.op("Mul", [m, m], "m_sq")], "eps_scaled")
-        elif config.measure == "l1":
-            numerator = b.reduce("ReduceSum", pos, axes, "pos_l1")
-            total = b.reduce("ReduceSum", b.op("Abs", [u], "u_abs"), axes, "l1")
-            eps_scaled = b.op("Div", [eps, m], "eps_scaled")
+        pos, part, total = _measure_sums(b, config.measure, z, axes)
+
+        def share(scope: _Builder) -> str:
+            eps = scope.const(config.eps)
+            return scope.op("Div", [part, scope.op("Add", [total, eps], "denominator")], "p")
+
+        if plan.elem_type in _SUMS_CAN_OVERFLOW:
+            # One element: every sum is below big / k, so none overflowed and |s * z| < big
+            # (False for inf and NaN, which the rescaled form keeps as the torch module does).
+            every = b.reduce("ReduceSum", total, None, "all_sums")
+            in_range = b.op("Less", [every, b.const(big / config.k)], "sums_in_range")
+            p = b.if_(in_range, share, lambda exact: _rescaled_share(exact, config, axes, z), "p")
         else:
-            raise UsageError(f"unknown measure {config.measure!r}; choose energy, l1 or count")
-        p = b.op("Div", [numerator, b.op("Add", [total, eps_scaled], "denominator")], "p")
+            p = share(b)
     t = b.op("Add", [b.op("Mul", [alpha, p], "alpha_p"), beta], "t")
     s = b.op("Mul", [b.const(config.k), b.op("Tanh", [t], "tanh")], "s")
-    # max(s*z, 0), then at most the output type's largest finite value (torch: clamp(0, big))
-    y = b.op("Max", [b.op("Mul", [s, z], "scaled"), zero], "positive")
-    y = b.op("Min", [y, b.const(big)], "carelu")
+    if in_range is None or plan.compute_type != plan.elem_type:
+        y = _scaled_relu(b, s, z, big)
+    else:  # s * max(z, 0) = max(s * z, 0) where every s >= 0, unsaturated in range
+        same_sign = b.op("And", [in_range, _nonnegative(b, s)], "positive_side")
+        kept = pos
+        y = b.if_(same_sign, lambda fast: fast.op("Mul", [kept, s], "carelu"),
+                  lambda mixed: _scaled_relu(mixed, s, z, big), "carelu")
     if where.flatten:
         y = b.op("Reshape", [y, b.op("Shape", [x], "shape")], "carelu")
     return y

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from retrofit.activations.functional import onnx_export_form
 from retrofit.evaluation.batching import first_row_repeated, outputs_when_grown
 from retrofit.errors import BadInputError, ParityError, first_line
 from retrofit.onnx_path.emission import DEFAULT_OPSET
@@ -224,7 +225,7 @@ def _traceable_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ..
 
 def _capture(module: nn.Module, inputs: tuple[torch.Tensor, ...],
              dims: tuple[dict[int, Any], ...]) -> torch.export.ExportedProgram:
-    with eval_mode(module), _quiet():
+    with eval_mode(module), _quiet(), onnx_export_form():
         return torch.export.export(module, inputs, dynamic_shapes=dims if any(dims) else None)
 
 

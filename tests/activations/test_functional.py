@@ -211,3 +211,19 @@ def test_torch_jit_script_compiles_the_functional_forms():
     alpha, beta = torch.tensor(1.3, dtype=torch.float64), torch.tensor(-0.4, dtype=torch.float64)
     torch.testing.assert_close(scripted(x, alpha, beta, 2.0, 1e-6, "l1", "auto", False),
                                competitive_relu(x, alpha, beta, measure="l1"))
+
+
+def _conds(program: torch.export.ExportedProgram) -> int:
+    return sum(node.target is torch.ops.higher_order.cond for node in program.graph.nodes)
+
+
+def test_only_programs_captured_for_onnx_take_the_cond_form():
+    """.pt2 programs keep the plain formula (tools watching the dispatcher cannot all run
+    torch.cond); inside onnx_export_form the capture holds the emission's two conds."""
+    module = CompetitiveReLU().eval()
+    x = torch.randn(3, 4, 5)
+    assert _conds(torch.export.export(module, (x,))) == 0
+    with functional.onnx_export_form():
+        captured = torch.export.export(module, (x,))
+    assert _conds(captured) == 2
+    torch.testing.assert_close(captured.module()(x), module(x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,24 @@ def test_every_activation_config_exports_and_matches_onnxruntime(tmp_path, confi
     x = torch.randn(3, 2, 5, 5) * 3
     with torch.no_grad():
         assert_matches(run_file(result.path, x), module(x))
+
+
+@pytest.mark.parametrize("measure", ["energy", "l1"])
+def test_competitive_relu_exports_in_few_passes_and_each_branch_matches(tmp_path, measure):
+    """The exported sites are the ONNX emission's form: the two sums, one If for sums out of
+    range (the rescaled measurement), one for a negative s (the clamp), no rescaling pass on
+    the main path."""
+    torch.manual_seed(3)
+    config = CompetitiveReLUConfig(measure=measure, alpha_init=8.0, beta_init=-4.0)
+    module = retrofitted(ConvNet().eval(), config)  # s = 2 tanh(8 p - 4): either sign
+    result = export_onnx(module, (torch.randn(2, 2, 5, 5),), tmp_path / "few.onnx")
+    ops = Counter(node.op_type for node in onnx.load(str(result.path)).graph.node)
+    assert ops["If"] == 2 * 3 and not ops["ReduceMax"] and not ops["Div"], ops
+    x = torch.randn(4, 2, 5, 5)
+    x[1] *= -1.0  # a mostly negative sample
+    for batch in (x, x * 1e20):  # 1e20: the squares overflow float32, the rescaled branch runs
+        with torch.no_grad():  # ds/dp = 16 (1 - tanh^2) multiplies p's float32 rounding
+            assert_matches(run_file(result.path, batch), module(batch), tol=1e-4)
 
 
 def test_multiple_inputs_and_outputs_keep_the_source_axes_and_gain_the_batch(tmp_path):
