@@ -1,5 +1,6 @@
 """What the bench scripts share: the benchmark models, retrofitting, interleaved timing, peak
-memory, and writing ``bench/results/<name>.json`` plus a Markdown table.
+memory, the calls they time (no-grad forwards, eager, under autocast or compiled; fine-tuning
+steps), and writing ``bench/results/<name>.json`` plus a Markdown table.
 
 Timing: the original ReLU model and its retrofits run *interleaved* (A, B, C, A, B, C, ...) after a
 warm-up, so slow drifts of a shared machine (other jobs, thermal, turbo) hit every variant alike;
@@ -16,6 +17,7 @@ allocated, which is what an activation can change (weights and the process itsel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +34,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import retrofit.activations.functional as functional  # noqa: E402
 from retrofit.config import CompetitiveReLUConfig, MRePUConfig  # noqa: E402
 from retrofit.torch_path.rewrite import retrofit_torch_model  # noqa: E402
 
@@ -163,12 +166,22 @@ def sync(device: str) -> None:
 
 
 def interleaved_times(calls: dict[str, Callable[[], Any]], device: str, *, warmup: int,
-                      rounds: int, min_seconds: float = 0.0) -> dict[str, list[float]]:
+                      rounds: int, min_seconds: float = 0.0,
+                      prepare: Mapping[str, Callable[[], Any]] | None = None
+                      ) -> dict[str, list[float]]:
     """Seconds per call of each variant, measured in interleaved rounds after ``warmup``
     rounds; stops after ``rounds`` rounds or, when ``min_seconds`` is set, once that much time
-    has passed and at least 5 rounds ran."""
+    has passed and at least 5 rounds ran. ``prepare[name]``, where given, runs before each call
+    of ``name`` outside its timed region (to refill a buffer the call overwrites, say)."""
+    prepare = prepare or {}
+
+    def ready(name: str) -> None:
+        if name in prepare:
+            prepare[name]()
+
     for _ in range(warmup):
-        for call in calls.values():
+        for name, call in calls.items():
+            ready(name)
             call()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -176,6 +189,7 @@ def interleaved_times(calls: dict[str, Callable[[], Any]], device: str, *, warmu
     for index in range(rounds):
         order = list(calls) if index % 2 == 0 else list(reversed(calls))
         for name in order:
+            ready(name)
             sync(device)
             begin = time.perf_counter()
             calls[name]()
@@ -196,15 +210,32 @@ def ratio_summary(times: dict[str, list[float]], reference: str = "relu") -> dic
     return out
 
 
+def timed_rounds(calls: dict[str, Callable[[], Any]], device: str, args: argparse.Namespace, *,
+                 rounds: int, quick_rounds: int,
+                 prepare: Mapping[str, Callable[[], Any]] | None = None
+                 ) -> dict[str, list[float]]:
+    """:func:`interleaved_times` as the command line asks: ``--quick`` is one warm-up round and
+    ``quick_rounds`` rounds, else three warm-up rounds and ``rounds`` rounds or the
+    ``--seconds`` budget, whichever ends first."""
+    return interleaved_times(calls, device, warmup=1 if args.quick else 3,
+                             rounds=quick_rounds if args.quick else rounds,
+                             min_seconds=0 if args.quick else args.seconds, prepare=prepare)
+
+
 def timed_summary(calls: dict[str, Callable[[], Any]], device: str, args: argparse.Namespace, *,
                   rounds: int, quick_rounds: int) -> dict[str, dict]:
-    """:func:`ratio_summary` of the interleaved times, as the command line asks: ``--quick`` is
-    one warm-up round and ``quick_rounds`` rounds, else three warm-up rounds and ``rounds``
-    rounds or the ``--seconds`` budget, whichever ends first."""
-    times = interleaved_times(calls, device, warmup=1 if args.quick else 3,
-                              rounds=quick_rounds if args.quick else rounds,
-                              min_seconds=0 if args.quick else args.seconds)
-    return ratio_summary(times)
+    """:func:`ratio_summary` (to ``relu``) of :func:`timed_rounds`."""
+    return ratio_summary(timed_rounds(calls, device, args, rounds=rounds,
+                                      quick_rounds=quick_rounds))
+
+
+def timed_with_memory(calls: dict[str, Callable[[], Any]], device: str,
+                      args: argparse.Namespace, *, rounds: int, quick_rounds: int
+                      ) -> dict[str, dict]:
+    """:func:`timed_summary` plus each variant's peak memory (:func:`add_peak_memory`)."""
+    summary = timed_summary(calls, device, args, rounds=rounds, quick_rounds=quick_rounds)
+    add_peak_memory(summary, calls, device)
+    return summary
 
 
 def add_peak_memory(summary: dict[str, dict], calls: dict[str, Callable[[], Any]],
@@ -244,15 +275,112 @@ def peak_memory_bytes(call: Callable[[], Any], device: str) -> int:
     return peak
 
 
+# --- what is timed ------------------------------------------------------------------------------
+
+
+def autocast(device: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; None is full precision (nothing)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype)
+
+
+def eager_calls(models: dict[str, nn.Module], x: torch.Tensor, dtype: torch.dtype | None = None
+                ) -> dict[str, Callable[[], torch.Tensor]]:
+    """One no-grad forward of each model on ``x`` (under :func:`autocast` to ``dtype``)."""
+    def call(model: nn.Module) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.no_grad(), autocast(str(x.device), dtype):
+                return model(x)
+        return run
+    return {name: call(model) for name, model in models.items()}
+
+
+def finite_outputs(models: dict[str, nn.Module], x: torch.Tensor,
+                   dtype: torch.dtype | None = None) -> dict[str, bool]:
+    """Whether each model's output on ``x`` is finite: a ratio of a model that overflowed
+    would time inf arithmetic, not the model."""
+    return {name: bool(torch.isfinite(call()).all())
+            for name, call in eager_calls(models, x, dtype).items()}
+
+
+def compiled_calls(models: dict[str, nn.Module], x: torch.Tensor
+                   ) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, float]]:
+    """torch.compile each variant (fresh, static shapes) and run it once to compile; the calls
+    and the seconds each first call took."""
+    torch._dynamo.reset()
+    calls, seconds = {}, {}
+    for name, model in models.items():
+        compiled = torch.compile(model, dynamic=False)
+        start = time.perf_counter()
+        with torch.no_grad():
+            compiled(x)
+        sync(str(x.device))
+        seconds[name] = time.perf_counter() - start
+        calls.update(eager_calls({name: compiled}, x))
+    return calls, seconds
+
+
+@contextlib.contextmanager
+def plain_formula() -> Iterator[None]:
+    """Route CompetitiveReLU through the plain tensor formula (autograd records every op)."""
+    fast = functional._eager_carelu_applies
+    functional._eager_carelu_applies = lambda *args: False
+    try:
+        yield
+    finally:
+        functional._eager_carelu_applies = fast
+
+
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plain: bool,
+                  dtype: torch.dtype | None = None) -> Callable[[], None]:
+    """One fine-tuning step: forward (under :func:`autocast` to ``dtype``) + cross-entropy +
+    backward + ``AdamW.step``, in train mode; ``plain`` takes :func:`plain_formula`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        with plain_formula() if plain else contextlib.nullcontext():
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(str(x.device), dtype):
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+    return step
+
+
+def training_summary(subject: Subject, size: int, device: str, args: argparse.Namespace, *,
+                     plain: bool = True, dtype: torch.dtype | None = None, rounds: int = 30,
+                     quick_rounds: int = 3) -> dict[str, dict]:
+    """Interleaved :func:`training_step` s of the ReLU original and its retrofits (and, with
+    ``plain``, ``carelu_plain``: the CompetitiveReLU retrofit on the plain formula) at batch
+    ``size``: :func:`timed_with_memory` plus ``samples_per_s`` and ``throughput_ratio`` (ReLU
+    step time / this one's) per variant."""
+    models = subject_models(subject, device)
+    if plain:
+        models["carelu_plain"] = subject_models(subject, device, ("carelu",))["carelu"]
+    x = batch(subject, size, device)
+    y = torch.randint(0, 10, (size,), generator=torch.Generator().manual_seed(2)).to(device)
+    steps = {name: training_step(model, x, y, name == "carelu_plain", dtype)
+             for name, model in models.items()}
+    summary = timed_summary(steps, device, args, rounds=rounds, quick_rounds=quick_rounds)
+    for name in steps:
+        summary[name]["samples_per_s"] = size / summary[name]["median_s"]
+        summary[name]["throughput_ratio"] = 1.0 / summary[name]["ratio"]
+    add_peak_memory(summary, steps, device)
+    return summary
+
+
 # --- command line and results ------------------------------------------------------------------
 
 
-def common_arguments(parser: argparse.ArgumentParser, *, seconds: float, per: str) -> None:
+def common_arguments(parser: argparse.ArgumentParser, *, seconds: float, per: str,
+                     device: str = "cpu", device_help: str = "cpu or cuda") -> None:
     """The options every timing script takes; ``--quick`` and ``--seconds`` are what
-    :func:`timed_summary` reads, ``seconds`` the budget's default per ``per``."""
+    :func:`timed_rounds` reads, ``seconds`` the budget's default per ``per``."""
     parser.add_argument("--threads", type=int, default=2,
                         help="torch.set_num_threads (and onnxruntime threads); 2 mimics CI")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default=device, help=device_help)
     parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run")
     parser.add_argument("--seconds", type=float, default=seconds,
                         help=f"time budget per {per} (at least 5 interleaved rounds)")
@@ -261,10 +389,19 @@ def common_arguments(parser: argparse.ArgumentParser, *, seconds: float, per: st
                         help="suffix of the result files (bench_inference_<tag>.json)")
 
 
-def setup(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
+def require_device(args: argparse.Namespace) -> None:
+    """Exit with status 2 and one line, before any work, when ``--device`` asks for CUDA and
+    torch sees none."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
+        build = "built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        print(f"{Path(sys.argv[0]).name}: --device {args.device}: no CUDA device "
+              f"(torch {torch.__version__} {build})", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def setup(args: argparse.Namespace) -> None:
+    require_device(args)
+    torch.set_num_threads(args.threads)
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:

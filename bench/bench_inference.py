@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     SUBJECTS,
-    add_peak_memory,
     batch,
     common_arguments,
+    compiled_calls,
+    eager_calls,
+    finite_outputs,
     first_line,
     setup,
     subject_models,
     timed_summary,
+    timed_with_memory,
     write_results,
 )
 
@@ -47,33 +49,7 @@ ROUNDS, QUICK_ROUNDS = 40, 4
 
 def measure(calls: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Interleaved timing plus peak memory of each variant's call."""
-    summary = timed_summary(calls, args.device, args, rounds=ROUNDS, quick_rounds=QUICK_ROUNDS)
-    add_peak_memory(summary, calls, args.device)
-    return summary
-
-
-def eager_calls(models: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, Any]:
-    def call(model: torch.nn.Module):
-        def run() -> torch.Tensor:
-            with torch.no_grad():
-                return model(x)
-        return run
-    return {name: call(model) for name, model in models.items()}
-
-
-def compiled_calls(models: dict[str, torch.nn.Module], x: torch.Tensor
-                   ) -> tuple[dict[str, Any], dict[str, float]]:
-    """torch.compile each variant (fresh, static shapes) and run it once to compile."""
-    torch._dynamo.reset()
-    calls, seconds = {}, {}
-    for name, model in models.items():
-        compiled = torch.compile(model, dynamic=False)
-        start = time.perf_counter()
-        with torch.no_grad():
-            compiled(x)
-        seconds[name] = time.perf_counter() - start
-        calls.update(eager_calls({name: compiled}, x))
-    return calls, seconds
+    return timed_with_memory(calls, args.device, args, rounds=ROUNDS, quick_rounds=QUICK_ROUNDS)
 
 
 def onnx_sessions(models: dict[str, torch.nn.Module], example: torch.Tensor, threads: int,
@@ -127,11 +103,9 @@ def main() -> None:
             models = subject_models(subject, args.device)
             for size in args.batches:
                 x = batch(subject, size, args.device)
-                with torch.no_grad():
-                    finite = {n: bool(torch.isfinite(m(x)).all()) for n, m in models.items()}
                 record(subject.name, size, "eager",
                        {"summary": measure(eager_calls(models, x), args),
-                        "finite_outputs": finite})
+                        "finite_outputs": finite_outputs(models, x)})
             if not args.skip_compile:
                 for size in args.compile_batches:
                     x = batch(subject, size, args.device)

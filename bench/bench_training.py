@@ -22,53 +22,19 @@ Writes ``bench/results/bench_training.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import torch
-from torch import nn
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     SUBJECTS,
-    add_peak_memory,
-    batch,
     common_arguments,
     setup,
-    subject_models,
-    timed_summary,
+    training_summary,
     write_results,
 )
-
-import retrofit.activations.functional as functional  # noqa: E402
-
-
-@contextlib.contextmanager
-def plain_formula() -> Iterator[None]:
-    """Route CompetitiveReLU through the plain tensor formula (autograd records every op)."""
-    fast = functional._eager_carelu_applies
-    functional._eager_carelu_applies = lambda *args: False
-    try:
-        yield
-    finally:
-        functional._eager_carelu_applies = fast
-
-
-def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plain: bool
-                  ) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
-
-    def step() -> None:
-        with plain_formula() if plain else contextlib.nullcontext():
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-    return step
 
 
 def main() -> None:
@@ -83,19 +49,9 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     rows = []
     for subject in SUBJECTS:
-        models = subject_models(subject, args.device)
-        if not args.no_plain:
-            models["carelu_plain"] = subject_models(subject, args.device, ("carelu",))["carelu"]
-        x = batch(subject, args.batch, args.device)
-        y = torch.randint(0, 10, (args.batch,), generator=torch.Generator().manual_seed(2)
-                          ).to(args.device)
-        steps = {name: training_step(model, x, y, name == "carelu_plain")
-                 for name, model in models.items()}
-        summary = timed_summary(steps, args.device, args, rounds=30, quick_rounds=3)
-        for name in steps:
-            summary[name]["samples_per_s"] = args.batch / summary[name]["median_s"]
-            summary[name]["throughput_ratio"] = 1.0 / summary[name]["ratio"]
-        add_peak_memory(summary, steps, args.device)
+        summary = training_summary(subject, args.batch, args.device, args,
+                                   plain=not args.no_plain)
+        steps = list(summary)
         results.append({"model": subject.name, "batch": args.batch, "summary": summary})
         for name in steps:
             s = summary[name]
