@@ -244,6 +244,8 @@ def _competitive_relu_exported(z: torch.Tensor, alpha: torch.Tensor, beta: torch
     dims = competition_axes(z.dim(), reduce)
     big = _finite_max(z.dtype)
     zc = _cast(z, _compute_dtype(z.dtype))
+    if len(dims) > 1:  # rows of (groups, D), as the emission: no NCHWc-blocked square
+        zc, dims = zc.flatten(dims[0]), [dims[0]]
     positive = zc.clamp_min(0.0)
     if measure == "energy":
         total = (zc * zc).sum(dims, keepdim=True)
@@ -253,7 +255,7 @@ def _competitive_relu_exported(z: torch.Tensor, alpha: torch.Tensor, beta: torch
         part = positive.sum(dims, keepdim=True)
     if z.dtype == torch.float16:
         s = k * torch.tanh(alpha * (part / (total + eps)) + beta)
-        return _cast((s * zc).clamp(0.0, big), z.dtype)
+        return _cast((s * zc).clamp(0.0, big), z.dtype).reshape(z.shape)
     # every sum below big / k: none overflowed and |s * z| < big (False for inf and NaN,
     # which the rescaled form keeps)
     in_range = total.sum() < big / k
@@ -262,10 +264,11 @@ def _competitive_relu_exported(z: torch.Tensor, alpha: torch.Tensor, beta: torch
                    (part, total, zc))
     s = k * torch.tanh(alpha * p + beta)
     if zc.dtype != z.dtype:  # bfloat16: the cast back needs the saturation
-        return _cast((s * zc).clamp(0.0, big), z.dtype)
+        return _cast((s * zc).clamp(0.0, big), z.dtype).reshape(z.shape)
     same_sign = in_range & (s.clamp_max(0.0).sum() == 0)  # every s >= 0; True when empty
-    return torch.cond(same_sign, lambda positive, zc, s: positive * s,
-                      lambda positive, zc, s: (s * zc).clamp(0.0, big), (positive, zc, s))
+    y = torch.cond(same_sign, lambda positive, zc, s: positive * s,
+                   lambda positive, zc, s: (s * zc).clamp(0.0, big), (positive, zc, s))
+    return y.reshape(z.shape)
 
 
 def _competitive_relu(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, k: float,

@@ -402,8 +402,9 @@ def _competitive_relu(
     """CompetitiveReLU in the fewest passes over the tensor (see the module docstring)."""
     assert plan.axes is not None
     where, big = plan.axes, _FINITE_MAX[plan.elem_type]
-    z = b.op("Flatten", [x], "flat", axis=1) if where.flatten else x
-    axes = where.axes
+    flatten_at = _rows_view_axis(where)
+    z = x if flatten_at is None else b.op("Flatten", [x], "rows", axis=flatten_at)
+    axes = where.axes if flatten_at is None else (1,)
     in_range = pos = None
     if config.measure == "count":
         positive = b.op("Cast", [b.op("Greater", [z, b.const(0.0)], "is_pos")], "pos_count",
@@ -433,9 +434,24 @@ def _competitive_relu(
         kept = pos
         y = b.if_(same_sign, lambda fast: fast.op("Mul", [kept, s], "carelu"),
                   lambda mixed: _scaled_relu(mixed, s, z, big), "carelu")
-    if where.flatten:
+    if flatten_at is not None:
         y = b.op("Reshape", [y, b.op("Shape", [x], "shape")], "carelu")
     return y
+
+
+def _rows_view_axis(where: CompetitionAxes) -> int | None:
+    """Where to ``Flatten`` the site's tensor into (groups, D) rows, or None to keep it.
+
+    Unknown ranks are measured per sample through ``Flatten(z, 1)``. A group spanning several
+    (trailing) axes is flattened too: onnxruntime keeps a convolution's output in its blocked
+    NCHWc layout for an elementwise ``Mul`` of that tensor with itself, and reorders the
+    square back in an extra pass; on the rows view (an alias) every op reads the plain layout.
+    """
+    if where.flatten:
+        return 1
+    if where.axes is not None and len(where.axes) > 1 and min(where.axes) > 0:
+        return where.axes[0]
+    return None
 
 
 def _mrepu(

@@ -25,14 +25,17 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _full_tensor_ops(model: onnx.ModelProto, shape: list[int]) -> list[str]:
-    """Top-level nodes that read a tensor of the site's full shape: each one is a pass that
-    onnxruntime runs whatever the branches decide."""
+    """Top-level nodes that compute on every element of the site's tensor (any view of it):
+    each is a pass that onnxruntime runs whatever the branches decide. Views (Flatten,
+    Reshape) are aliases, not passes."""
     inferred = onnx.shape_inference.infer_shapes(model)
+    size = int(np.prod(shape))
     full = {"x"} | {
         value.name for value in inferred.graph.value_info
-        if [d.dim_value for d in value.type.tensor_type.shape.dim] == shape
+        if np.prod([d.dim_value for d in value.type.tensor_type.shape.dim]) == size
     }  # fmt: skip
-    return [node.op_type for node in inferred.graph.node if set(node.input) & full]
+    return [node.op_type for node in inferred.graph.node
+            if set(node.input) & full and node.op_type not in ("Flatten", "Reshape", "Shape")]
 
 
 def _site_if_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
