@@ -48,6 +48,12 @@ class MRePUPlan(NamedTuple):
 # CAReLU
 
 
+def _reads_values(tensor: torch.Tensor) -> bool:
+    """Whether the training kernels may read values back to skip work: free on CPU; on a GPU
+    it would wait for the device, so there every correction runs instead."""
+    return tensor.device.type == "cpu"
+
+
 class _CAReLUStats(NamedTuple):
     """Per-row numbers the forward computes and the backward reuses (shapes (R, 1)); ``m``,
     ``den``, ``top`` and ``bottom`` are None for the count measure, which needs no scale."""
@@ -78,7 +84,7 @@ def _carelu_rows(rows: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pl
         s = torch.addcmul(beta, alpha, p).tanh_().mul_(k)
         y = torch.mul(rows, s, out=work)
         return y.clamp_(0.0, big), _CAReLUStats(s, p, None, None, None, None)
-    if rows.device.type == "cpu":  # its check reads values: no GPU syncs
+    if _reads_values(rows):
         return _carelu_rows_unscaled(rows, alpha, beta, plan, work)
     return _carelu_rows_scaled(rows, alpha, beta, plan, work)
 
@@ -321,7 +327,7 @@ class CompetitiveReLUFunction(torch.autograd.Function):
         if m is None:  # count: the forward needed no scale
             top, bottom = rows.amax(1, keepdim=True), rows.amin(1, keepdim=True)
             m = torch.maximum(top, bottom.neg()).clamp_min_(1.0)
-        cpu = z.device.type == "cpu"  # off the CPU no value is read back
+        cpu = _reads_values(z)
         sign = torch.ones_like(s).copysign_(s)
         dtype = _side_dtype(z.dtype)  # one dtype per op: on CPU mixed ones copy their input
         if not cpu or bool((s < 0).any()):

@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 
+import retrofit.activations.kernels as kernels
 from retrofit.activations.functional import _competitive_relu, competition, competitive_relu
 from retrofit.activations.kernels import (
     CAReLUPlan,
@@ -394,3 +395,31 @@ def test_fast_gradients_at_the_largest_finite_value_are_not_nan(dtype):
     z = torch.tensor([1e30, -1e30, 1.0], requires_grad=True)
     MRePU()(z).sum().backward()
     assert z.grad.tolist() == [0.0, 0.0, 8.0]  # saturated, flat (x + c < 0), (x+1)^2 + 2x(x+1)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_the_path_that_reads_no_values_back_matches_the_formula_too(monkeypatch, measure):
+    """Off the CPU the Function reads no value back (no GPU sync): the scaled forward, and every
+    correction in backward. Run here, it must agree with the formula just the same."""
+    monkeypatch.setattr(kernels, "_reads_values", lambda tensor: False)
+    big = torch.finfo(torch.float32).max
+    z = mixed_scale_rows(torch.Generator().manual_seed(7))
+    z[1, 2] = z[4, 0] = 0.0
+    weight = torch.randn(z.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for alpha, beta in ((3.0, -1.5), (0.0, 0.0), (0.0, 1e-35), *SCALES):
+        double = CompetitiveReLU(measure=measure, alpha_init=alpha, beta_init=beta,
+                                 reduce="sample", dtype=torch.float64)
+        fast, fast_grads = grads_of(lambda x, m: m(x), z, double, weight)
+        plain, plain_grads = grads_of(plain_carelu, z, double, weight)
+        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+        for got, want in zip(fast_grads, plain_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    x = torch.tensor([[big, 1.0, -2.0, 0.5], [big / 3, 2.0, -1.0, 0.25]])
+    single = CompetitiveReLU(measure=measure, alpha_init=0.0, beta_init=1.0)  # s*big overflows
+    g = weight[:2, :4].float().clamp(-1.0, 1.0)  # g*y stays finite: only the flag tells
+    y, fast_grads = grads_of(lambda x, m: m(x), x, single, g)
+    want, plain_grads = grads_of(plain_carelu, x, single, g)
+    torch.testing.assert_close(y, want)
+    assert y[0, 0] == big
+    for got, expected in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=2.0 ** -7, atol=1e-5)
