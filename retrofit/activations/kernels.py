@@ -3,14 +3,16 @@
 What :mod:`retrofit.activations.functional` calls outside graph capture, with the numbers it
 fixed for the call in a plan. The competition is reduced over a contiguous ``(rows, D)`` view
 (PyTorch's multi-axis ``amax`` is ~100x slower on CPU than a last-axis one), work buffers are
-reused in place, and under autograd a custom ``torch.autograd.Function`` saves only the input and
-a few numbers per row and recomputes the elementwise terms in backward (the plain formulas keep
-three or four input-sized tensors per call). The backwards are not themselves differentiable
+reused in place, and under autograd a custom ``torch.autograd.Function`` saves little and
+recomputes the elementwise terms in backward (the plain formulas keep three or four input-sized
+tensors per call): MRePU its input, CAReLU its output (which the next layer keeps anyway, as for
+ReLU), a 2-byte copy of its input and a few numbers per row. The backwards are not themselves differentiable
 (no double backward). Eager only: ``x.to(dtype)`` returns ``x`` itself when the dtype matches.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -46,87 +48,231 @@ class MRePUPlan(NamedTuple):
 # CAReLU
 
 
-class _CAReLUStats:
-    """Per-row numbers the forward computes and the backward reuses (shapes (R, 1))."""
-
-    __slots__ = ("s", "p", "m", "den")
-
-    def __init__(self, s: torch.Tensor, p: torch.Tensor, m: Optional[torch.Tensor],
-                 den: Optional[torch.Tensor]) -> None:
-        self.s, self.p, self.m, self.den = s, p, m, den
+def _reads_values(tensor: torch.Tensor) -> bool:
+    """Whether the training kernels may read values back to skip work: free on CPU; on a GPU
+    it would wait for the device, so there every correction runs instead."""
+    return tensor.device.type == "cpu"
 
 
-def _carelu_rows(rows: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, plan: CAReLUPlan
-                 ) -> tuple[torch.Tensor, _CAReLUStats]:
+class _CAReLUStats(NamedTuple):
+    """Per-row numbers the forward computes and the backward reuses (shapes (R, 1)); ``m``,
+    ``den``, ``top`` and ``bottom`` are None for the count measure, which needs no scale."""
+
+    s: torch.Tensor
+    p: torch.Tensor
+    m: Optional[torch.Tensor]
+    den: Optional[torch.Tensor]
+    top: Optional[torch.Tensor]
+    """max_j z_j"""
+    bottom: Optional[torch.Tensor]
+    """min_j z_j"""
+
+
+def _carelu_rows(rows: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, plan: CAReLUPlan,
+                 out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, _CAReLUStats]:
     """CAReLU of each row of ``rows`` (R, D) in the compute dtype, without autograd.
 
-    Passes over the data: two read-only reductions (max, min) for the scale m, one scaled copy
-    u = z/m, one norm, an in-place clamp, one norm, and the output written into u's buffer and
-    clamped in place. The result is a new tensor; ``rows`` is never written.
+    The result is ``out`` (R, D) when given, else a new tensor; ``rows`` is never written.
+    Energy and l1 on CPU take :func:`_carelu_rows_unscaled` (four passes), elsewhere
+    :func:`_carelu_rows_scaled`; count is three passes and a clamp.
     """
-    k, eps, big = plan.k, plan.eps, plan.big
+    k, big = plan.k, plan.big
+    work = torch.empty_like(rows) if out is None else out
     if plan.measure == "count":
-        work = torch.gt(rows, 0.0, out=torch.empty_like(rows))  # 1.0 / 0.0, summed below
+        torch.gt(rows, 0.0, out=work)  # 1.0 / 0.0, summed below
         p = work.sum(1, keepdim=True).div_(rows.shape[1])
         s = torch.addcmul(beta, alpha, p).tanh_().mul_(k)
         y = torch.mul(rows, s, out=work)
-        return y.clamp_(0.0, big), _CAReLUStats(s, p, None, None)
-    # The same scale-invariant measurement as the formula: |u| <= 1 cannot overflow.
-    m = torch.maximum(rows.amax(1, keepdim=True), rows.amin(1, keepdim=True).neg_())
-    m = m.clamp_min_(1.0)
-    u = rows / m
+        return y.clamp_(0.0, big), _CAReLUStats(s, p, None, None, None, None)
+    if _reads_values(rows):
+        return _carelu_rows_unscaled(rows, alpha, beta, plan, work)
+    return _carelu_rows_scaled(rows, alpha, beta, plan, work)
+
+
+def _carelu_rows_scaled(rows: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                        plan: CAReLUPlan, work: torch.Tensor
+                        ) -> tuple[torch.Tensor, _CAReLUStats]:
+    """Energy or l1 with the formula's scale-invariant measurement (|u| <= 1 cannot overflow),
+    the output in ``work``. Passes: two read-only reductions (max, min) for the scale m, one
+    scaled copy u = z/m, one reduction, an in-place clamp, one reduction, and the output
+    written into u's buffer and clamped in place."""
+    k, eps, big = plan.k, plan.eps, plan.big
+    top, bottom = rows.amax(1, keepdim=True), rows.amin(1, keepdim=True)
+    m = torch.maximum(top, bottom.neg()).clamp_min_(1.0)
+    u = torch.div(rows, m, out=work)
     if plan.measure == "energy":
         den = torch.linalg.vector_norm(u, 2.0, 1, keepdim=True).square_()
         den.add_(eps / (m * m))
         p = torch.linalg.vector_norm(u.clamp_min_(0.0), 2.0, 1, keepdim=True).square_()
-    else:
-        den = torch.linalg.vector_norm(u, 1.0, 1, keepdim=True).add_(eps / m)
+    else:  # sum |u| = 2 sum max(u, 0) - sum u: two plain sums instead of the slower 1-norm
+        total = u.sum(1, keepdim=True)
         p = u.clamp_min_(0.0).sum(1, keepdim=True)
+        den = (2.0 * p).sub_(total).add_(eps / m)
     p.div_(den)
     s = torch.addcmul(beta, alpha, p).tanh_().mul_(k)
     y = torch.mul(rows, s, out=u)  # u is spent: its buffer takes the output
-    return y.clamp_(0.0, big), _CAReLUStats(s, p, m, den)
+    return y.clamp_(0.0, big), _CAReLUStats(s, p, m, den, top, bottom)
 
 
-def _carelu_rows_backward(rows: torch.Tensor, grad: torch.Tensor, alpha: torch.Tensor,
-                          plan: CAReLUPlan, stats: _CAReLUStats
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CAReLU backward over rows: (dL/d rows, dL/dt and p * dL/dt per row), t = alpha*p + beta.
-
-    y = clamp(s*z, 0, big) lets the gradient through where 0 <= s*z <= big (clamp's rule, also
-    at z = 0). With u = z/m (|u| <= 1), G_u = sum_j g_j u_j [kept_j] and
-    dt = dL/dt = k (1 - tanh^2) G_u m:
-    dL/dz_j = s g_j [kept_j] + q * (energy: 2 (max(u_j, 0) - p u_j);
-                                    l1: [u_j >= 0] - p sign u_j),  q = alpha k (1 - tanh^2) G_u / den
-    (p is the same for any m, so m is a constant). Working in u keeps every intermediate finite:
-    where dL/ds itself overflows, dt becomes inf but no 0 * inf turns a gradient into NaN.
+def _carelu_rows_unscaled(rows: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                          plan: CAReLUPlan, work: torch.Tensor
+                          ) -> tuple[torch.Tensor, _CAReLUStats]:
+    """Energy or l1 measured on z itself: one norm or sum of the rows, ``max(z, 0)`` into
+    ``work`` and its norm or sum, then the output written over it as
+    ``|s| * max(sign(s) * z, 0)``, which is ``clamp(s*z, 0, big)`` exactly. Rows whose sums
+    reach the dtype's range (NaN, Inf or huge inputs) are redone by
+    :func:`_carelu_rows_scaled`, alone, so no row's result depends on another's. The scale m
+    returned is the row's norm (>= max |z|); den is on u = z/m's scale, as there.
     """
-    # Two input-sized buffers, everything else in place: on CPU a fresh buffer costs more than
-    # a pass (page faults), and torch.where with per-row operands is ~30x slower than a pass.
-    s, p, m, den = stats.s, stats.p, stats.m, stats.den
-    if m is None:  # count: the forward needed no scale
-        m = torch.maximum(rows.amax(1, keepdim=True), rows.amin(1, keepdim=True).neg_())
-        m = m.clamp_min_(1.0)
-    work = torch.mul(rows, s)
-    grad_rows = work.clamp(0.0, plan.big).eq_(work)  # 1.0 where clamp passes the gradient
-    grad_rows.mul_(grad)
+    k, eps, big = plan.k, plan.eps, plan.big
+    if plan.measure == "energy":
+        total = torch.linalg.vector_norm(rows, 2.0, 1, keepdim=True)
+        bad = ~(total < math.sqrt(big / k))  # also for NaN
+        den = total.square().add_(eps)
+        positive = torch.clamp_min(rows, 0.0, out=work)
+        p = torch.linalg.vector_norm(positive, 2.0, 1, keepdim=True).square_().div_(den)
+        m = total.clamp_min_(1.0)
+        den.div_(m * m)
+    else:  # sum |z| = 2 sum max(z, 0) - sum z
+        signed = rows.sum(1, keepdim=True)
+        positive = torch.clamp_min(rows, 0.0, out=work)
+        p = positive.sum(1, keepdim=True)
+        den = (2.0 * p).sub_(signed).add_(eps)
+        bad = ~(den < big / k)
+        p.div_(den)
+        m = (den - eps).clamp_min_(1.0)
+        den.div_(m)
+    s = torch.addcmul(beta, alpha, p).tanh_().mul_(k)
+    negative = s < 0
+    if bool(negative.any()):  # those rows turn into max(-z, 0) = max(z, 0) - z, exactly
+        positive.addcmul_(rows, negative.to(rows.dtype), value=-1.0)
+    y = positive.mul_(s.abs())
+    if bool(bad.any()):
+        redo = bad.view(-1).nonzero().view(-1)
+        y_bad, fixed = _carelu_rows_scaled(rows[redo], alpha, beta, plan, y[redo])
+        y[redo] = y_bad
+        for mine, theirs in zip((s, p, m, den), fixed):
+            mine[redo] = theirs
+    return y, _CAReLUStats(s, p, m, den, None, None)
+
+
+class _CAReLUSaved(NamedTuple):
+    """What the backward reads besides the output y and the gradient: per-row tensors (R, 1)
+    and ``side`` (R, D)."""
+
+    s: torch.Tensor
+    p: torch.Tensor
+    m: torch.Tensor
+    den: Optional[torch.Tensor]
+    sign: torch.Tensor
+    """+1 or -1, with the sign of s (also of s = ±0)."""
+    side: torch.Tensor
+    """sign * z: kept_j is side_j >= 0. bfloat16 for float32 inputs, exact otherwise."""
+    overflow: Optional[torch.Tensor]
+    """Rows where some s*z_j overflows (there y_j == big no longer tells s*z_j == big); None
+    where the forward found no row whose |s| m could reach big."""
+    unusual: bool
+    """Whether some row may overflow or has |s| < _TINY_SCALE (always True off the CPU)."""
+
+
+_TINY_SCALE = 2.0 ** -100
+"""Below this |s| even products s*z_j of |z_j| >= 2^-26 may be subnormal: y no longer carries
+s*z to working precision (above it, only elements that small lose precision, by 2^-150)."""
+_BFLOAT16_MAX = 3.3895313892515355e38
+
+
+def _side_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The copy of sign*z kept for backward: bfloat16 (float32's range, 2 bytes) for float32
+    inputs, whose output y carries s*z exactly where the gradient needs it; exact otherwise
+    (float64 for gradcheck, and a half input is its own 2-byte copy)."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
+def _keep_where_side_nonnegative(work: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """``work * [side >= 0]`` in place, in one pass (ReLU's own backward kernel): the threshold
+    is the negative number closest to zero in side's dtype, so side = 0 (z = 0) is kept."""
+    info = torch.finfo(side.dtype)
+    threshold = -info.smallest_normal * info.eps
+    return torch.ops.aten.threshold_backward.grad_input(work, side, threshold, grad_input=work)
+
+
+def _kept_sum(grad: torch.Tensor, wide: torch.Tensor, saved: _CAReLUSaved,
+              saturated: Optional[torch.Tensor]) -> torch.Tensor:
+    """sum_j g_j u_j [kept_j] per row from ``wide`` = sign*z in the compute dtype: kept where
+    sign*z >= 0 (all of a row where s = 0, since then s*z = 0), not where y saturated."""
+    work = torch.mul(wide, saved.sign / saved.m).mul_(grad)  # g_j u_j
+    everywhere = work.sum(1, keepdim=True)
+    _keep_where_side_nonnegative(work, wide)
+    if saturated is not None:
+        work.masked_fill_(saturated, 0.0)
+    return torch.where(saved.s == 0, everywhere, work.sum(1, keepdim=True))
+
+
+def _carelu_rows_backward(y: torch.Tensor, grad: torch.Tensor, alpha: torch.Tensor,
+                          plan: CAReLUPlan, saved: _CAReLUSaved, rows_needed: bool = True
+                          ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """CAReLU backward over rows: (dL/d rows or None, dL/dt and p * dL/dt per row),
+    t = alpha*p + beta, from the output y, the copy ``side`` = sign*z and per-row numbers.
+
+    y = clamp(s*z, 0, big) lets the gradient through where 0 <= s*z <= big (clamp's rule): where
+    side >= 0 (z = 0 and s = 0 included), except where y saturated in an overflow row. With
+    u = z/m (|u| <= 1), G_u = sum_j g_j u_j [kept_j] and dt = dL/dt = k (1 - tanh^2) G_u m:
+    dL/dz_j = s g_j [kept_j] + q * (energy: 2 (max(u_j, 0) - p u_j);
+                                    l1: [u_j >= 0] - p sign u_j),  q = alpha k (1 - tanh^2) G_u / den.
+    In side's terms (w = sign*z, P = p where sign > 0, else 1 - p: the winning side's share):
+    energy: [w >= 0] (s g + 2q w/m) - 2q P w/m;  l1: [w >= 0] (s g + q) - q P sign w.
+    G_u comes from y (kept u_j = y_j / (s m), exact); rows where y cannot tell it (s = 0 or
+    tiny, overflow, half outputs) take it from side. Only the energy term reads side's values:
+    a bfloat16 side bounds its error by 2^-8 of that term. Work stays finite: where dL/ds itself
+    overflows, dt becomes inf but no 0 * inf turns a gradient into NaN.
+    """
+    # Two input-sized buffers, everything else in place and in one dtype: on CPU a fresh buffer
+    # costs more than a pass (page faults), and an op on mixed dtypes makes a hidden one.
+    s, p, m, sign, side = saved.s, saved.p, saved.m, saved.sign, saved.side
     slope = (1.0 - (s / plan.k) ** 2).mul_(plan.k)  # d s / d t
-    # sum_j g_j [kept_j] u_j into the spare buffer (vecdot would allocate a third one)
-    g_u = torch.div(rows, m, out=work).mul_(grad_rows).sum(1, keepdim=True).mul_(slope)
-    dt = g_u * m
-    grad_rows.mul_(s)
-    if plan.measure != "count":
-        assert den is not None
-        q = alpha * g_u / den
-        if plan.measure == "energy":
-            u = torch.div(rows, m, out=work)
-            grad_rows.addcmul_(u, (-2.0) * q * p)
-            grad_rows.addcmul_(u.clamp_min_(0.0), 2.0 * q)
+    g_u: Optional[torch.Tensor] = None
+    settled = False
+    if y.dtype == grad.dtype:
+        wide = torch.mul(grad, y)  # scratch until side is decoded into it
+        g_u = wide.sum(1, keepdim=True).div_(m).div_(s)  # sum_j g_j y_j / (s m)
+        settled = not saved.unusual and bool(g_u.isfinite().all())
+        wide = side if side.dtype == grad.dtype else wide.copy_(side)
+    else:  # a half output is s*z rounded: side (exact there) answers for every row
+        wide = side.to(grad.dtype)
+    saturated = None
+    if not settled:
+        if saved.overflow is not None:
+            saturated = (y == plan.big) & saved.overflow
+        from_side = _kept_sum(grad, wide, saved, saturated)
+        if g_u is None:
+            g_u = from_side
         else:
-            grad_rows.addcmul_(torch.ge(rows, 0.0, out=work), q)
-            grad_rows.addcmul_(torch.sign(rows, out=work), -q * p)
-    # d L / d alpha per row: (g_u * p) * m, finite factors, so inf at worst, never NaN
-    return grad_rows, dt, (g_u * p).mul_(m)
+            doubtful = (s.abs() < _TINY_SCALE) | ~g_u.isfinite()
+            if saved.overflow is not None:
+                doubtful |= saved.overflow
+            g_u = torch.where(doubtful, from_side, g_u)
+    dt_m = slope.mul_(g_u)  # (dL/dt) / m, finite
+    dt, dt_p = dt_m * m, (dt_m * p).mul_(m)  # finite factors, so inf at worst, never NaN
+    if not rows_needed:
+        return None, dt, dt_p
+    work = torch.mul(grad, s)
+    if saturated is not None:
+        work.masked_fill_(saturated, 0.0)
+    if plan.measure == "count":
+        return _keep_where_side_nonnegative(work, wide), dt, dt_p
+    assert saved.den is not None
+    q = (alpha * dt_m).div_(saved.den)
+    share = torch.where(sign > 0, p, 1.0 - p)
+    if plan.measure == "energy":
+        c = q.mul_(2.0).div_(m)  # 2q/m
+        work.addcmul_(wide, c)
+        _keep_where_side_nonnegative(work, wide)
+        work.addcmul_(wide, c.mul_(share).neg_())
+    else:
+        _keep_where_side_nonnegative(work.add_(q), wide)
+        signs = torch.sign(wide) if wide is side else wide.sign_()  # side itself stays intact
+        work.addcmul_(signs, q.mul_(share).neg_())
+    return work, dt, dt_p
 
 
 def _carelu_rows_inference(rows: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
@@ -164,34 +310,59 @@ def _carelu_rows_inference(rows: torch.Tensor, alpha: torch.Tensor, beta: torch.
 
 
 class CompetitiveReLUFunction(torch.autograd.Function):
-    """CAReLU with a lean autograd record: saves z, alpha and four numbers per row (instead of
-    z, u = z/m, max(u, 0) and s*z), and recomputes the elementwise terms in backward."""
+    """CAReLU with a lean autograd record: saves its output y (which the next layer keeps
+    anyway, as ReLU saves its own), a copy of sign*z (2 bytes per element for float32 inputs)
+    and a few numbers per row, instead of z, u = z/m, max(u, 0) and s*z. The output is a tensor
+    of its own, not a view: editing it in place makes backward raise, as for ReLU."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, plan: CAReLUPlan
     ) -> torch.Tensor:
-        rows = z.reshape(-1, plan.length).to(plan.acc)
-        y, stats = _carelu_rows(rows, alpha, beta, plan)
-        ctx.save_for_backward(z, alpha, stats.s, stats.p, stats.m, stats.den)
-        ctx.plan = plan
-        return y.to(z.dtype).view(z.shape)
+        flat = z.reshape(-1, plan.length)
+        rows = flat.to(plan.acc)
+        out = torch.empty(z.shape, dtype=plan.acc, device=z.device)
+        _, stats = _carelu_rows(rows, alpha, beta, plan, out.view(-1, plan.length))
+        s, m, top, bottom = stats.s, stats.m, stats.top, stats.bottom
+        if m is None:  # count: the forward needed no scale
+            top, bottom = rows.amax(1, keepdim=True), rows.amin(1, keepdim=True)
+            m = torch.maximum(top, bottom.neg()).clamp_min_(1.0)
+        cpu = _reads_values(z)
+        sign = torch.ones_like(s).copysign_(s)
+        dtype = _side_dtype(z.dtype)  # one dtype per op: on CPU mixed ones copy their input
+        if not cpu or bool((s < 0).any()):
+            side = torch.mul(flat, sign.to(dtype)) if flat.dtype == dtype else (
+                flat.to(dtype).mul_(sign.to(dtype)))
+        else:
+            side = flat.to(dtype, copy=True)
+        # m >= max |z| and |s| < k: below big/k no s*z overflows
+        limit = min(plan.big / plan.k, _BFLOAT16_MAX)
+        unusual = not cpu or bool(((m > limit) | (s.abs() < _TINY_SCALE)).any())
+        overflow = None
+        if unusual:
+            if top is None or bottom is None:
+                top, bottom = rows.amax(1, keepdim=True), rows.amin(1, keepdim=True)
+            overflow = torch.maximum(s * top, s * bottom) > plan.big  # each row's largest s*z
+            if dtype != z.dtype:
+                side.clamp_(-_BFLOAT16_MAX, _BFLOAT16_MAX)  # float32 beyond it rounds to inf
+        out = out.to(z.dtype)
+        ctx.save_for_backward(out, side, alpha, s, stats.p, m, stats.den, sign, overflow)
+        ctx.plan, ctx.unusual = plan, unusual
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor):  # type: ignore[override]
-        z, alpha, s, p, m, den = ctx.saved_tensors
+        out, side, alpha, s, p, m, den, sign, overflow = ctx.saved_tensors
         plan: CAReLUPlan = ctx.plan
-        rows = z.reshape(-1, plan.length).to(plan.acc)
+        y = out.reshape(-1, plan.length)
         grad = grad_y.reshape(-1, plan.length).to(plan.acc)
-        stats = _CAReLUStats(s, p, m, den)
-        grad_rows, dt, dt_p = _carelu_rows_backward(rows, grad, alpha, plan, stats)
-        grad_z = grad_rows.to(z.dtype).view(z.shape) if ctx.needs_input_grad[0] else None
-        grad_alpha = grad_beta = None
-        if ctx.needs_input_grad[1]:
-            grad_alpha = dt_p.sum().to(alpha.dtype).reshape(alpha.shape)
-        if ctx.needs_input_grad[2]:
-            grad_beta = dt.sum().to(alpha.dtype).reshape(alpha.shape)
+        saved = _CAReLUSaved(s, p, m, den, sign, side, overflow, ctx.unusual)
+        needs = ctx.needs_input_grad
+        grad_rows, dt, dt_p = _carelu_rows_backward(y, grad, alpha, plan, saved, needs[0])
+        grad_z = grad_rows.to(out.dtype).view(out.shape) if grad_rows is not None else None
+        grad_alpha = dt_p.sum().to(alpha.dtype).reshape(alpha.shape) if needs[1] else None
+        grad_beta = dt.sum().to(alpha.dtype).reshape(alpha.shape) if needs[2] else None
         return grad_z, grad_alpha, grad_beta, None
 
 

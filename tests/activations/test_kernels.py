@@ -1,6 +1,7 @@
 """Tests for retrofit/activations/kernels.py: the eager fast paths (custom autograd Functions
 and no-grad row kernels) agree with the plain formulas in values and gradients, in float64 and
-every half type, keep only the input for backward, and stay out of captured graphs."""
+every half type, keep little for backward (MRePU its input; CAReLU its output and a 2-byte copy
+of its input), and stay out of captured graphs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import itertools
 import pytest
 import torch
 
-from retrofit.activations.functional import competitive_relu
+import retrofit.activations.kernels as kernels
+from retrofit.activations.functional import _competitive_relu, competition, competitive_relu
 from retrofit.activations.kernels import (
     CAReLUPlan,
     CompetitiveReLUFunction,
@@ -173,8 +175,8 @@ def test_fast_mrepu_matches_the_plain_formula_in_float64_also_when_saturated(lam
     assert fast_grads[0][0, 6] == 0  # saturated at the largest float64: no gradient, like clamp
 
 
-def count_saved_elements(fn, *inputs) -> tuple[int, int]:
-    """(number, total elements) of the tensors autograd keeps for the backward of ``fn``."""
+def saved_for_backward(fn, *inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The output of ``fn`` and the tensors autograd keeps for its backward."""
     saved: list[torch.Tensor] = []
 
     def pack(tensor):
@@ -182,20 +184,177 @@ def count_saved_elements(fn, *inputs) -> tuple[int, int]:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn(*inputs)
-    large = [t for t in saved if t.numel() > 64]
-    return len(large), sum(t.numel() for t in saved)
+        out = fn(*inputs)
+    return out, saved
 
 
-def test_fast_paths_keep_only_the_input_for_backward():
+def input_sized(saved: list[torch.Tensor], like: torch.Tensor) -> list[torch.Tensor]:
+    return [t for t in saved if t.numel() >= like.numel()]
+
+
+def test_mrepu_keeps_only_its_input_for_backward():
     z = torch.randn(8, 16, 12, 12, requires_grad=True)
-    for module in (CompetitiveReLU(), CompetitiveReLU(measure="l1"), MRePU(), MRePU(blend=0.5)):
-        plain = plain_carelu if isinstance(module, CompetitiveReLU) else plain_mrepu
-        fast_count, fast_elements = count_saved_elements(module, z)
-        plain_count, plain_elements = count_saved_elements(lambda x: plain(x, module), z)
-        assert fast_count == 1, module  # z itself, plus a few numbers per sample
-        assert fast_elements < z.numel() + 8 * 8
-        assert plain_count >= 3 and plain_elements >= 3 * z.numel(), module
+    for module in (MRePU(), MRePU(blend=0.5)):
+        _, fast = saved_for_backward(module, z)
+        _, plain = saved_for_backward(lambda x: plain_mrepu(x, module), z)
+        assert len(input_sized(fast, z)) == 1, module  # x itself, plus the two gains
+        assert sum(t.numel() for t in fast) < z.numel() + 8
+        assert len(input_sized(plain, z)) >= 3, module
+
+
+def nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_carelu_keeps_relus_record_plus_a_two_byte_copy_of_the_input_not_a_float32_one(measure):
+    """ReLU keeps its output (which the next layer keeps too); CAReLU keeps that same output, a
+    bfloat16 copy of sign(s)*z and a few numbers per sample: no float32 copy of z."""
+    z = torch.randn(8, 16, 12, 12, requires_grad=True)
+    _, relu_saved = saved_for_backward(torch.relu, z)
+    for alpha, beta in ((1.3, 0.4), (-2.5, 0.3)):  # every scale positive; most negative
+        module = CompetitiveReLU(measure=measure, alpha_init=alpha, beta_init=beta)
+        out, saved = saved_for_backward(module, z)
+        large = input_sized(saved, z)
+        assert [t.dtype for t in large] == [torch.float32, torch.bfloat16], (alpha, beta)
+        assert large[0].data_ptr() == out.data_ptr()  # the output itself, not a copy
+        assert nbytes(saved) <= nbytes(relu_saved) + 2 * z.numel() + 64 * 8
+        _, plain = saved_for_backward(lambda x: plain_carelu(x, module), z)
+        assert len(input_sized(plain, z)) >= (2 if measure == "count" else 3)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+def test_editing_the_output_in_place_makes_backward_raise_as_for_relu(dtype):
+    module = CompetitiveReLU(alpha_init=1.3, beta_init=0.4, dtype=torch.float64
+                             if dtype == torch.float64 else torch.float32)
+    for activation in (torch.relu, module):
+        z = torch.randn(4, 6, dtype=dtype, requires_grad=True)
+        y = activation(z)
+        y.mul_(2.0)  # allowed: only a backward through the edited output is refused
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def mixed_scale_rows(generator: torch.Generator) -> torch.Tensor:
+    """float64 rows away from zero: the first three mostly positive, the last three mostly
+    negative, so alpha = 3, beta = -1.5 makes s > 0 in the first and s < 0 in the last."""
+    z = away_from_zero((6, 5), generator)
+    z[:3], z[3:] = z[:3].abs(), -z[3:].abs()
+    z[:, 0] = -z[:, 0]
+    return z
+
+
+def scale_of(z: torch.Tensor, alpha: float, beta: float, measure: str, eps: float = 1e-6,
+             k: float = 2.0) -> torch.Tensor:
+    return k * torch.tanh(alpha * competition(z, measure, eps, "sample") + beta)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_gradcheck_in_float64_with_positive_and_negative_scales(measure):
+    z = mixed_scale_rows(torch.Generator().manual_seed(3)).requires_grad_()
+    s = scale_of(z.detach(), 3.0, -1.5, measure).view(-1)
+    assert (s[:3] > 0).all() and (s[3:] < 0).all(), s
+    a = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
+    plan = CAReLUPlan(2.0, 1e-6, measure, 5, F64_MAX, torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: CompetitiveReLUFunction.apply(*t, plan), (z, a, b))
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_exact_zeros_and_a_zero_scale_follow_clamps_rule_in_float64(measure):
+    """Clamp passes the gradient where s*z = 0: at z = 0 (so s*g flows there) and over a whole
+    row where s = 0 (there dL/ds = sum g z over every element, which y = 0 cannot tell). Row 6
+    gets s = 0 exactly with alpha != 0 (eps = 0 and sums exact in binary: its p is exact)."""
+    z = torch.cat([mixed_scale_rows(torch.Generator().manual_seed(4)),
+                   torch.tensor([[2.0, 4.0, 4.0, -8.0, 0.0]], dtype=torch.float64)])
+    z[0, 1] = z[2, 3] = z[4, 2] = z[5, 4] = 0.0
+    p6 = {"energy": 36 / 100, "l1": 10 / 18, "count": 3 / 5}[measure]
+    for alpha, beta, zero_row in ((3.0, -1.5, False), (1.0, -p6, True), (0.0, 0.0, True)):
+        plan = CAReLUPlan(2.0, 0.0, measure, 5, F64_MAX, torch.float64)
+        a = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(beta, dtype=torch.float64, requires_grad=True)
+        fast = lambda z, a, b: CompetitiveReLUFunction.apply(z, a, b, plan)  # noqa: E731
+        plain = lambda z, a, b: _competitive_relu(z, a, b, 2.0, 0.0, measure, "sample")  # noqa: E731
+        y = fast(z, a, b)
+        assert (y[6] == 0).all() == zero_row  # both signs in row 6: only s = 0 zeroes it
+        if not zero_row:  # at s = 0, y is not differentiable in s: clamp's rule picks both sides
+            # nor at z = 0 in z, but alpha and beta are smooth there
+            assert torch.autograd.gradcheck(lambda a, b: fast(z, a, b), (a, b))
+        weight = torch.randn(z.shape, generator=torch.Generator().manual_seed(5),
+                             dtype=torch.float64)
+        got = torch.autograd.grad((fast(z.requires_grad_(), a, b) * weight).sum(), (z, a, b))
+        want = torch.autograd.grad((plain(z, a, b) * weight).sum(), (z, a, b))
+        z.requires_grad_(False)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        if zero_row:
+            assert got[2].abs().item() > 0  # beta still learns through the s = 0 row(s)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_float32_gradients_stay_within_the_bfloat16_copys_bound(measure):
+    """The float32 backward reads z only through a bfloat16 copy (unit roundoff 2^-8), and only
+    for the energy measure's competition term B_j = c w_j (c one number per row and side): so
+    |grad32_j - grad64_j| <= 2^-8 |B_j| plus float32 rounding, and l1, count and the parameters'
+    gradients are float32-exact, except in rows with |s| < 2^-100, whose dL/ds comes from the
+    copy too. Reference: the float64 formula on the same float32 values."""
+    g = torch.Generator().manual_seed(6)
+    z = (torch.randn(6, 3, 8, 8, generator=g) * 3).double()
+    z[0, 0, 0, :4] = 0.0
+    z[1, 2, 3, 1:3] = 0.0
+    weight = torch.randn(z.shape, generator=g, dtype=torch.float64)
+    copy_error = 2.0 ** -8 if measure == "energy" else 0.0
+    for alpha, beta in (*SCALES, (3.0, -1.5), (0.0, 1e-20), (0.0, 1e-35)):  # |s| ~ 2^-65, 2^-115
+        single = CompetitiveReLU(measure=measure, alpha_init=alpha, beta_init=beta)
+        double = CompetitiveReLU(measure=measure, alpha_init=alpha, beta_init=beta,
+                                 dtype=torch.float64)
+        _, got = grads_of(lambda x, m: m(x), z.float(), single, weight.float())
+        _, want = grads_of(plain_carelu, z, double, weight)
+        s = scale_of(z, alpha, single.beta.item(), measure).double()
+        relu_term = s * weight * (s * z >= 0)  # s g [kept]
+        competition_term = want[0] - relu_term
+        error = (got[0].double() - want[0]).abs()
+        bound = (copy_error * competition_term.abs()
+                 + 1e-5 * (relu_term.abs() + competition_term.abs()) + 1e-6)
+        assert (error <= bound).all(), (alpha, beta, (error - bound).max())
+        from_copy = 2.0 ** -8 if s.abs().min() < 2.0 ** -100 else 0.0
+        dt_scale = 2.0 * (weight * z).abs().sum()  # |dL/dt| <= k sum |g z|
+        for got_p, want_p in zip(got[1:], want[1:]):
+            assert abs(got_p.item() - want_p.item()) <= (
+                from_copy * dt_scale + 1e-4 * abs(want_p.item()) + 1e-5), (alpha, beta)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_saturated_outputs_pass_no_gradient_and_the_rest_match_the_formula(measure):
+    """Where s*z overflows float32 the output saturates and clamp passes no gradient there;
+    the row is measured with the scaled sums and its other gradients follow the formula."""
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([[big, 1.0, -2.0, 0.5], [big / 3, 2.0, -1.0, 0.25]])
+    weight = torch.tensor([[1.0, -0.5, 2.0, 1.5], [0.5, 1.0, -1.0, 2.0]])
+    for alpha, beta in ((0.0, 1.0), (0.5, 0.8), (-0.3, -1.0)):
+        module = CompetitiveReLU(measure=measure, alpha_init=alpha, beta_init=beta)
+        y, fast = grads_of(lambda x, m: m(x), x, module, weight)
+        want, plain = grads_of(plain_carelu, x, module, weight)
+        torch.testing.assert_close(y, want)
+        for got, expected in zip(fast, plain):
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, expected, rtol=2.0 ** -7, atol=1e-5)
+        if scale_of(x.double(), alpha, module.beta.item(), measure)[0].item() * big > big:
+            assert y[0, 0] == big
+
+
+def test_a_huge_row_changes_nothing_in_the_other_rows():
+    """A row whose sums reach float32's range is measured with the scaled sums, alone: every
+    other row's output and gradient are what they are without it, bit for bit."""
+    clean = torch.randn(3, 2, 6)
+    huge = torch.cat([clean[:1] * 1e25, clean])
+    weight = torch.randn(4, 2, 6)
+    for measure in ("energy", "l1"):
+        module = CompetitiveReLU(measure=measure, alpha_init=-2.5, beta_init=0.3, reduce="sample")
+        y_clean, g_clean = grads_of(lambda x, m: m(x), clean, module, weight[1:])
+        y_huge, g_huge = grads_of(lambda x, m: m(x), huge, module, weight)
+        assert torch.equal(y_huge[1:], y_clean) and torch.equal(g_huge[0][1:], g_clean[0])
+        assert all(torch.isfinite(grad).all() for grad in g_huge)
 
 
 def test_no_grad_calls_and_graph_capture_use_no_autograd_function():
@@ -236,3 +395,31 @@ def test_fast_gradients_at_the_largest_finite_value_are_not_nan(dtype):
     z = torch.tensor([1e30, -1e30, 1.0], requires_grad=True)
     MRePU()(z).sum().backward()
     assert z.grad.tolist() == [0.0, 0.0, 8.0]  # saturated, flat (x + c < 0), (x+1)^2 + 2x(x+1)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_the_path_that_reads_no_values_back_matches_the_formula_too(monkeypatch, measure):
+    """Off the CPU the Function reads no value back (no GPU sync): the scaled forward, and every
+    correction in backward. Run here, it must agree with the formula just the same."""
+    monkeypatch.setattr(kernels, "_reads_values", lambda tensor: False)
+    big = torch.finfo(torch.float32).max
+    z = mixed_scale_rows(torch.Generator().manual_seed(7))
+    z[1, 2] = z[4, 0] = 0.0
+    weight = torch.randn(z.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for alpha, beta in ((3.0, -1.5), (0.0, 0.0), (0.0, 1e-35), *SCALES):
+        double = CompetitiveReLU(measure=measure, alpha_init=alpha, beta_init=beta,
+                                 reduce="sample", dtype=torch.float64)
+        fast, fast_grads = grads_of(lambda x, m: m(x), z, double, weight)
+        plain, plain_grads = grads_of(plain_carelu, z, double, weight)
+        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+        for got, want in zip(fast_grads, plain_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    x = torch.tensor([[big, 1.0, -2.0, 0.5], [big / 3, 2.0, -1.0, 0.25]])
+    single = CompetitiveReLU(measure=measure, alpha_init=0.0, beta_init=1.0)  # s*big overflows
+    g = weight[:2, :4].float().clamp(-1.0, 1.0)  # g*y stays finite: only the flag tells
+    y, fast_grads = grads_of(lambda x, m: m(x), x, single, g)
+    want, plain_grads = grads_of(plain_carelu, x, single, g)
+    torch.testing.assert_close(y, want)
+    assert y[0, 0] == big
+    for got, expected in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=2.0 ** -7, atol=1e-5)
