@@ -28,9 +28,11 @@ Each activation has two implementations of one formula, which agree to rounding:
 
 from __future__ import annotations
 
+import functools
+import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Sequence
 
 import torch
 
@@ -90,14 +92,25 @@ def _compiling_not_exporting() -> bool:
     return torch.compiler.is_compiling() and not (exporting is not None and exporting())
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _in_onnx_export() -> bool:
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def _capturing_graph() -> bool:
-    """True while any tracer or compiler captures a graph: it gets the plain formulas."""
-    exporting = getattr(torch.compiler, "is_exporting", None)
+    """True while any tracer or compiler captures a graph: it gets the plain formulas.
+
+    Run on every eager call, so the cheap flags come first: ``is_compiling`` is also set by
+    ``torch.export``, and ONNX's flag is read only once ``torch.onnx`` (imported lazily by
+    torch) is loaded, as every ONNX export loads it."""
     return (
-        torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or (exporting is not None and exporting())
-        or torch.onnx.is_in_onnx_export()
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or _is_exporting()
+        or _in_onnx_export()
     )
 
 
@@ -148,13 +161,23 @@ def competition_axes(ndim: int, reduce: str) -> List[int]:
     raise ValueError("unknown reduce " + reduce)
 
 
-def _row_length(z: torch.Tensor, reduce: str) -> int:
+def _row_length(shape: Sequence[int], reduce: str) -> int:
     """D such that ``z.reshape(-1, D)`` has one competition group per row: the competition
     axes are always trailing, so the groups are contiguous runs of a contiguous tensor."""
     d = 1
-    for axis in competition_axes(z.dim(), reduce):
-        d *= z.shape[axis]
+    for axis in competition_axes(len(shape), reduce):
+        d *= shape[axis]
     return d
+
+
+@functools.lru_cache(maxsize=1024)
+def _carelu_plan(k: float, eps: float, measure: str, reduce: str, shape: torch.Size,
+                 dtype: torch.dtype) -> CAReLUPlan:
+    """The eager kernels' plan for a site's settings and an input's shape and dtype: built
+    once per combination, as an eager call per layer and batch would otherwise spend on it a
+    good part of what a small tensor's whole activation costs."""
+    return CAReLUPlan(k, eps, measure, _row_length(shape, reduce), _finite_max(dtype),
+                      _compute_dtype(dtype))
 
 
 def _competition(z: torch.Tensor, measure: str, eps: float, reduce: str) -> torch.Tensor:
@@ -304,11 +327,9 @@ def carelu(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, k: float, e
     """
     if not torch.jit.is_scripting():
         if _eager_carelu_applies(z, alpha, beta):
-            acc = _compute_dtype(z.dtype)
-            a, b = _as_param(alpha, acc, z.device), _as_param(beta, acc, z.device)
+            plan = _carelu_plan(k, eps, measure, reduce, z.shape, z.dtype)
+            a, b = _as_param(alpha, plan.acc, z.device), _as_param(beta, plan.acc, z.device)
             if a.dtype == b.dtype:  # the kernel returns both gradients in alpha's dtype
-                rows, big = _row_length(z, reduce), _finite_max(z.dtype)
-                plan = CAReLUPlan(k, eps, measure, rows, big, acc)
                 return eager_competitive_relu(z, a, b, plan, inplace)
     return _competitive_relu(z, alpha, beta, k, eps, measure, reduce)
 

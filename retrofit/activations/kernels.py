@@ -8,6 +8,10 @@ recomputes the elementwise terms in backward (the plain formulas keep three or f
 tensors per call): MRePU its input, CAReLU its output (which the next layer keeps anyway, as for
 ReLU), a 2-byte copy of its input and a few numbers per row. The backwards are not themselves differentiable
 (no double backward). Eager only: ``x.to(dtype)`` returns ``x`` itself when the dtype matches.
+
+CAReLU inference on the CPU (no autograd) takes a leaner kernel still, which reads values where
+that saves work (the parameters, the per-row totals): there a call on a small tensor (an MLP
+layer, a batch of one) costs more in per-op dispatch than in passes, so it counts ops as well.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -275,38 +280,126 @@ def _carelu_rows_backward(y: torch.Tensor, grad: torch.Tensor, alpha: torch.Tens
     return work, dt, dt_p
 
 
-def _carelu_rows_inference(rows: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-                           plan: CAReLUPlan, inplace: bool) -> Optional[torch.Tensor]:
-    """CAReLU (energy or l1) of each row of ``rows`` (R, D) for inference: four passes.
+_ROOT_OF_MAX = {dtype: torch.finfo(dtype).max ** 0.5 / 2
+                for dtype in (torch.float32, torch.float64)}
+"""Below this a square, and a sum of squares plus eps, is finite in the dtype (with room for
+the rounding of two norms of the same numbers)."""
 
-    ``max(z, 0)`` is the output's buffer; the measure is the ratio of two norms, one of the rows
-    and one of that buffer, formed in float64 from the (R, 1) norms; then the buffer is scaled
-    in place: ``max(s*z, 0) = |s|*max(sign(s)*z, 0)``, rounded once as the formula is. Without
-    the max|z| rescaling of :func:`_carelu_rows` this is only exact while the norms and
-    ``k * norm`` stay below the dtype's range, so it returns None otherwise (NaN, Inf or huge
-    inputs) and the caller falls back to the scaled path. A norm that underflows to 0 changes
-    nothing: eps dominates then.
-    ``inplace``: ``rows`` may be overwritten, which is done only when the parameters alone show
-    that s >= 0 in every row (beta >= 0 and alpha + beta >= 0, as p lies in [0, 1]).
+
+def _carelu_inference(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                      plan: CAReLUPlan, inplace: bool) -> Optional[torch.Tensor]:
+    """CAReLU (energy or l1) of ``z`` for CPU inference in four passes, or None where the
+    scaled kernel must do it: ``max(z, 0)`` is the output's buffer; the measure is the ratio
+    of two per-group sums, one of ``z`` and one of that buffer (energy: 2-norms, squared; l1:
+    sum max(z, 0) and sum |z| = 2 sum max(z, 0) - sum z); then the buffer is scaled in place:
+    ``max(s*z, 0) = |s|*max(sign(s)*z, 0)``, rounded once as the formula is.
+
+    Without the max|z| rescaling of :func:`_carelu_rows` this is only exact while the per-group
+    totals, their squares (energy) and ``k * total`` stay inside the dtype's range, so it
+    returns None otherwise (NaN, Inf or huge inputs), with ``z`` unwritten. A total that
+    underflows to 0 changes nothing: eps dominates then.
+
+    The buffer may be the input's own memory (``inplace``, contiguous, the compute dtype) or
+    the call's float32 copy of a half input, but only when the parameters alone show that
+    s >= 0 in every group (beta >= 0 and alpha + beta >= 0, as p lies in [0, 1]): groups with
+    s < 0 need the input after ``max(z, 0)`` is formed. Made for small tensors as much as for
+    large ones, so every op counts: a single group (batch 1) is reduced as a whole and its
+    numbers are Python floats; several groups are rows of a (R, D) view.
     """
-    order = 2.0 if plan.measure == "energy" else 1.0
-    norm = torch.linalg.vector_norm(rows, order, 1, keepdim=True)
-    if not bool((norm * plan.k < plan.big).all()):  # also False for NaN
-        return None
-    overwrite = inplace and bool(torch.minimum(beta, alpha + beta) >= 0)
-    positive = rows.clamp_min_(0.0) if overwrite else rows.clamp_min(0.0)
-    part = torch.linalg.vector_norm(positive, order, 1, keepdim=True).double()
-    total = norm.double()
+    x = z if z.dtype == plan.acc else z.to(plan.acc)
+    a, b = alpha.item(), beta.item()  # CPU: no device sync
+    if not (math.isfinite(a) and math.isfinite(b) and plan.eps > 0.0):
+        return None  # (so that no NaN or inf is made below, where NumPy would warn of it)
+    nonnegative = b >= 0.0 and a + b >= 0.0
+    overwrite = nonnegative and (x is not z or (inplace and z.is_contiguous()))
+    bound = plan.big / plan.k  # outputs are at most k * max|z| <= k * total
     if plan.measure == "energy":
-        part, total = part.square_(), total.square_()
-    p = part.div_(total.add_(plan.eps)).to(rows.dtype)
-    s = torch.addcmul(beta, alpha, p).tanh_().mul_(plan.k)
-    if overwrite:  # s >= 0 in exact arithmetic; no rounding may send a row down the z path
-        s.clamp_min_(0.0)
-    negative = s < 0
-    if bool(negative.any()):  # those rows turn into max(-z, 0) = max(z, 0) - z, exactly
-        positive.addcmul_(rows, negative.to(rows.dtype), value=-1.0)
-    return positive.mul_(s.abs())
+        bound = min(bound, _ROOT_OF_MAX[plan.acc])
+    if plan.length == z.numel():
+        y = _carelu_group_inference(x, a, b, plan, bound, overwrite, nonnegative)
+    else:
+        rows = x if x.dim() == 2 and x.shape[1] == plan.length else x.reshape(-1, plan.length)
+        # a copy made by reshape (a strided input) is the call's own, like x's
+        overwrite = nonnegative and (overwrite or rows.data_ptr() != x.data_ptr())
+        y = _carelu_rows_inference(rows, a, b, plan, bound, overwrite, nonnegative)
+        if y is not None and y.dim() != z.dim():
+            y = y.view_as(z)  # (view(z.shape) costs three times as much)
+    if y is None or y.dtype == z.dtype:
+        return y
+    return y.to(z.dtype)
+
+
+def _carelu_rows_inference(rows: torch.Tensor, a: float, b: float, plan: CAReLUPlan,
+                           bound: float, overwrite: bool, nonnegative: bool
+                           ) -> Optional[torch.Tensor]:
+    """:func:`_carelu_inference` of each row of ``rows`` (R, D). The per-row numbers are
+    worked in place in the (R, 1) norm buffers through NumPy views of them: a torch op on so
+    few numbers costs 1-2 us of dispatch (and one more to convert each Python scalar), a
+    NumPy ufunc a fraction of that, and the scale ends in a tensor that multiplies the rows."""
+    if plan.measure == "energy":
+        total = torch.linalg.vector_norm(rows, 2.0, 1, keepdim=True)
+        t = total.numpy()
+        if not t.max() < bound:  # also for NaN
+            return None
+        positive = rows.clamp_min_(0.0) if overwrite else rows.clamp_min(0.0)
+        scale = torch.linalg.vector_norm(positive, 2.0, 1, keepdim=True)
+        s = scale.numpy()
+        s *= s
+        t *= t
+    else:  # l1: vector_norm(ord=1) is several times slower than two sums on CPU
+        positive = rows.clamp_min(0.0)  # the check needs both sums: rows stay intact until then
+        scale = positive.sum(1, keepdim=True)
+        total = rows.sum(1, keepdim=True).neg_().add_(scale, alpha=2.0)  # may overflow: torch
+        s, t = scale.numpy(), total.numpy()
+        if not t.max() < bound:
+            return None
+    t += plan.eps
+    s /= t  # p
+    s *= a
+    s += b
+    np.tanh(s, out=s, dtype=np.float64)  # rounded once: NumPy's float32 tanh is 1 ulp off
+    s *= plan.k
+    if nonnegative:  # s >= 0 in exact arithmetic; no rounding may send a row down the z path
+        np.maximum(s, 0.0, out=s)
+    elif not s.min() >= 0.0:  # those rows turn into max(-z, 0) = max(z, 0) - z, exactly
+        positive.addcmul_(rows, torch.from_numpy(s < 0.0).to(rows.dtype), value=-1.0)
+        np.abs(s, out=s)
+    if overwrite and positive is not rows:
+        return torch.mul(positive, scale, out=rows)
+    return positive.mul_(scale)
+
+
+def _carelu_group_inference(x: torch.Tensor, a: float, b: float, plan: CAReLUPlan,
+                            bound: float, overwrite: bool, nonnegative: bool
+                            ) -> Optional[torch.Tensor]:
+    """:func:`_carelu_inference` of ``x`` as one group, of any shape: reduced as a whole,
+    its numbers in Python floats (float64: as exact as tensor ops in the compute dtype)."""
+    if plan.measure == "energy":
+        total = torch.linalg.vector_norm(x).item()
+        if not total < bound:
+            return None
+        positive = x.clamp_min_(0.0) if overwrite else x.clamp_min(0.0)
+        scale = torch.linalg.vector_norm(positive)
+        part = scale.item()
+        p = part * part / (total * total + plan.eps)
+    else:
+        positive = x.clamp_min(0.0)
+        scale = positive.sum()
+        part = scale.item()
+        total = 2.0 * part - x.sum().item()
+        if not total < bound:
+            return None
+        p = part / (total + plan.eps)
+    # s goes into a 0-dim tensor (rounded to the dtype, as the formula's is): a Python float
+    # would be wrapped and converted by every multiplication
+    s = plan.k * math.tanh(a * p + b)
+    if nonnegative:
+        s = max(s, 0.0)
+    elif s < 0.0:  # max(s*z, 0) = -s * max(-z, 0) and max(-z, 0) = max(z, 0) - z, exactly
+        return positive.sub_(x).mul_(scale.fill_(-s))
+    if overwrite and positive is not x:
+        return torch.mul(positive, scale.fill_(s), out=x)
+    return positive.mul_(scale.fill_(s))
 
 
 class CompetitiveReLUFunction(torch.autograd.Function):
@@ -369,21 +462,19 @@ class CompetitiveReLUFunction(torch.autograd.Function):
 def eager_competitive_relu(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                            plan: CAReLUPlan, inplace: bool = False) -> torch.Tensor:
     """CAReLU of ``z`` with 0-dim ``alpha`` and ``beta`` of one dtype: the autograd Function
-    where a gradient is needed, else the no-grad row kernels.
+    where a gradient is needed, else the no-grad kernels.
 
     ``inplace`` means what it means for ``nn.ReLU``: the caller no longer needs ``z``, so CPU
     inference on a contiguous input of the compute dtype may write the result into its memory.
     """
     if torch.is_grad_enabled() and (z.requires_grad or alpha.requires_grad or beta.requires_grad):
         return CompetitiveReLUFunction.apply(z, alpha, beta, plan)
-    rows = z.reshape(-1, plan.length).to(plan.acc)
-    y = None
-    if z.device.type == "cpu" and plan.measure != "count":  # its checks read values: no GPU syncs
-        in_place = inplace and rows.dtype == z.dtype and z.is_contiguous()  # rows is z's memory
-        y = _carelu_rows_inference(rows, alpha, beta, plan, in_place)
-    if y is None:
-        y, _ = _carelu_rows(rows, alpha, beta, plan)
-    return y.to(z.dtype).view(z.shape)
+    if z.is_cpu and plan.measure != "count":  # its checks read values: no GPU syncs
+        y = _carelu_inference(z, alpha, beta, plan, inplace)
+        if y is not None:
+            return y
+    y, _ = _carelu_rows(z.reshape(-1, plan.length).to(plan.acc), alpha, beta, plan)
+    return y.to(z.dtype).view_as(z)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,3 +537,4 @@ class MRePUFunction(torch.autograd.Function):
                 grad_x.add_(grad.mul_(xa >= 0.0), alpha=1.0 - blend)
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_a, grad_b, None
+

@@ -202,6 +202,21 @@ def test_compiled_spelling_sums_in_float64_and_matches_the_formula(monkeypatch):
         huge_input(torch.float16), module.alpha, module.beta, 2.0, 1e-6, "l1", "auto")).all()
 
 
+def test_an_onnx_export_in_progress_gets_the_plain_formulas(monkeypatch):
+    """The eager kernel is skipped while an exporter records the graph, whichever exporter
+    and however it is detected (the ONNX flag is read only once torch.onnx is loaded)."""
+    import torch.onnx
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager kernel ran during an export")
+
+    monkeypatch.setattr(functional, "eager_competitive_relu", refuse)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    x = torch.randn(2, 3, 4)
+    module = CompetitiveReLU(alpha_init=1.3, beta_init=-0.4)
+    torch.testing.assert_close(module(x), plain_carelu(x, module))
+
+
 def test_torch_jit_script_compiles_the_functional_forms():
     scripted = torch.jit.script(functional.gained_mrepu)
     x = torch.randn(3, 4, dtype=torch.float64)

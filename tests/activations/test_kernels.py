@@ -89,8 +89,9 @@ def test_inference_carelu_matches_the_plain_formula(measure, reduce):
 
 
 @pytest.mark.parametrize("measure", ("energy", "l1"))
-def test_inplace_inference_writes_into_the_input_only_where_that_is_exact(measure):
-    z = torch.randn(4, 3, 5, 5)
+@pytest.mark.parametrize("batch", (4, 1))  # rows as tensors, a single row in Python floats
+def test_inplace_inference_writes_into_the_input_only_where_that_is_exact(measure, batch):
+    z = torch.randn(batch, 3, 5, 5)
     settings = {"measure": measure, "alpha_init": 1.3, "beta_init": 0.4}
     want = plain_carelu(z, CompetitiveReLU(**settings))
     module = CompetitiveReLU(**settings, inplace=True)
@@ -99,14 +100,108 @@ def test_inplace_inference_writes_into_the_input_only_where_that_is_exact(measur
         y = module(x)
     assert y.data_ptr() == x.data_ptr()
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-    # autograd, a scale that can turn negative, a non-contiguous or half input: out of place
+    # autograd, a scale that can turn negative, a non-contiguous (also one whose rows view
+    # shares memory: an expanded batch) or half input: out of place
     negative = CompetitiveReLU(measure=measure, alpha_init=-2.5, beta_init=0.3, inplace=True)
+    expanded = z[:1].clone().expand(2, -1, -1, -1)
     for run, x in ((module, z.clone().requires_grad_()), (negative, z.clone()),
-                   (module, z.clone().transpose(2, 3)), (module, z.clone().half())):
+                   (module, z.clone().transpose(2, 3)), (module, expanded),
+                   (module, z.clone().half())):
         before = x.detach().clone()
         with torch.set_grad_enabled(x.requires_grad):
             run(x)
         assert torch.equal(x.detach(), before)
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("the fast no-grad path should have served this call")
+
+
+# batch 1 (one row: Python floats), a 1-D input, one token, 2-D, 3-D (rows are tokens), 4-D
+INFERENCE_SHAPES = ((1, 7), (1, 3, 5, 5), (9,), (1, 1, 8), (5, 8), (3, 4, 6), (2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("measure", ("energy", "l1"))
+@pytest.mark.parametrize("inplace", (False, True), ids=("out_of_place", "inplace"))
+def test_no_grad_fast_path_matches_the_plain_formula_for_every_shape_and_sign(
+        measure, inplace, monkeypatch):
+    monkeypatch.setattr(kernels, "_carelu_rows", refuse)  # no call may fall back
+    g = torch.Generator().manual_seed(11)
+    for shape, (alpha, beta) in itertools.product(INFERENCE_SHAPES, SCALES):
+        for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            module = CompetitiveReLU(measure=measure, alpha_init=alpha, beta_init=beta,
+                                     inplace=inplace, dtype=dtype)
+            z = torch.randn(shape, generator=g, dtype=dtype) * 3
+            z.view(-1)[:3] = torch.tensor([0.0, -1.0, 1.0])  # z = 0 itself, both signs
+            with torch.no_grad():
+                want = plain_carelu(z, module)
+                got = module(z.clone())
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+            for row in (torch.zeros(shape, dtype=dtype), -z.abs()):  # p = 0: only eps, no sign
+                with torch.no_grad():
+                    torch.testing.assert_close(module(row.clone()), plain_carelu(row, module),
+                                               rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("measure", ("energy", "l1"))
+def test_no_grad_fast_path_at_the_identity_init_is_relu_bit_for_bit_in_float32(
+        measure, monkeypatch):
+    """s = k * tanh(atanh(1/k)) rounds to exactly 1 in float32, so a retrofitted model keeps
+    its outputs bit for bit (an in-place ReLU whose input is read again relies on it)."""
+    monkeypatch.setattr(kernels, "_carelu_rows", refuse)
+    for shape in INFERENCE_SHAPES:
+        z = torch.randn(shape) * 3
+        with torch.no_grad():
+            assert torch.equal(CompetitiveReLU(measure=measure)(z), z.clamp_min(0.0)), shape
+
+
+@pytest.mark.parametrize("measure", ("energy", "l1"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_no_grad_fast_path_holds_up_to_its_range_and_falls_back_beyond_it(
+        measure, dtype, monkeypatch):
+    """Without the max|z| scale the per-row sums (energy: their squares) and k * total must
+    stay finite: up to there the fast path serves the call, beyond it (huge, inf, NaN) the
+    scaled kernel does; both give the formula."""
+    big = torch.finfo(dtype).max
+    within = (big ** 0.5) / 100 if measure == "energy" else big / 4  # k = 2
+    beyond = (big ** 0.5) * 4 if measure == "energy" else big / 1.5
+    scaled_calls = []
+    scaled = kernels._carelu_rows
+
+    def counted(*args, **kwargs):
+        scaled_calls.append(1)
+        return scaled(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_carelu_rows", counted)
+    for shape, (alpha, beta) in itertools.product(((1, 8), (3, 8), (2, 2, 2, 2)), SCALES):
+        module = CompetitiveReLU(measure=measure, alpha_init=alpha, beta_init=beta, dtype=dtype)
+        for value, fast in ((within, True), (beyond, False), (-beyond, False),
+                            (float("inf"), False), (float("nan"), False)):
+            z = torch.randn(shape, dtype=dtype)
+            z.view(-1)[0] = value
+            with torch.no_grad():
+                got, want = module(z.clone()), plain_carelu(z, module)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+            assert len(scaled_calls) == (0 if fast else 1), (shape, alpha, beta, value)
+            scaled_calls.clear()
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_no_grad_fast_path_on_half_and_strided_inputs_leaves_the_input_untouched(
+        dtype, monkeypatch):
+    """Their rows are a float32 (or contiguous) copy, which the kernel may overwrite; the
+    input itself stays as it was, inplace or not."""
+    monkeypatch.setattr(kernels, "_carelu_rows", refuse)
+    for shape, (alpha, beta), inplace in itertools.product(((1, 3, 4, 4), (4, 3, 4, 4)), SCALES,
+                                                           (False, True)):
+        module = CompetitiveReLU(alpha_init=alpha, beta_init=beta, inplace=inplace)
+        for z, tolerance in (((torch.randn(shape) * 3).to(dtype), {}),
+                             (torch.randn(shape).transpose(1, 3), {"rtol": 1e-5, "atol": 1e-5})):
+            before = z.clone()
+            with torch.no_grad():
+                got = module(z)
+            torch.testing.assert_close(got, plain_carelu(z, module).detach(), **tolerance)
+            assert got.dtype == z.dtype and torch.equal(z, before)
 
 
 def test_eager_calls_take_the_fast_path_and_gradcheck_it():
