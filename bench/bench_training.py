@@ -69,6 +69,7 @@ def main() -> None:
         "peak: tensor memory one step allocates above the live set before it (CPU: profiler "
         "allocator events; CUDA: max_memory_allocated)",
         "carelu_plain: CompetitiveReLU without the custom autograd Function (plain formula)",
+        "targets (CPU, resnet_cnn, CompetitiveReLU): throughput ≥ 0.88x, peak memory ≤ 1.30x",
     ]
     write_results("bench_training", args, {"results": results},
                   "Training: retrofitted vs original ReLU model", columns, rows, notes)
