@@ -39,8 +39,8 @@ import torch
 from retrofit.activations.kernels import (
     CAReLUPlan,
     MRePUPlan,
-    MRePUFunction,
     eager_competitive_relu,
+    eager_mrepu,
 )
 from retrofit.config import MEASURES, REDUCTIONS, check_choice
 
@@ -394,7 +394,7 @@ def gained_mrepu(x: torch.Tensor, gain_in: torch.Tensor, gain_out: torch.Tensor,
     big = _finite_max(x.dtype)
     if not torch.jit.is_scripting():
         if _eager_mrepu_applies(x, p):
-            return MRePUFunction.apply(x, gain_in, gain_out, MRePUPlan(blend, p, c, big, compute))
+            return eager_mrepu(x, gain_in, gain_out, MRePUPlan(blend, p, c, big, compute))
     xa = _cast(x, compute)
     y = mrepu_term(xa * gain_in.to(compute), p, c).clamp(-big, big) * gain_out.to(compute)
     if blend != 1.0:

@@ -9,9 +9,10 @@ tensors per call): MRePU its input, CAReLU its output (which the next layer keep
 ReLU), a 2-byte copy of its input and a few numbers per row. The backwards are not themselves differentiable
 (no double backward). Eager only: ``x.to(dtype)`` returns ``x`` itself when the dtype matches.
 
-CAReLU inference on the CPU (no autograd) takes a leaner kernel still, which reads values where
-that saves work (the parameters, the per-row totals): there a call on a small tensor (an MLP
-layer, a batch of one) costs more in per-op dispatch than in passes, so it counts ops as well.
+Inference on the CPU (no autograd) takes leaner kernels still, which read values where that
+saves work (CAReLU's parameters and per-row totals, MRePU's gains): there a call on a small
+tensor (an MLP layer, a batch of one) costs more in per-op dispatch than in passes, so they count
+ops as well as passes.
 """
 
 from __future__ import annotations
@@ -538,3 +539,34 @@ class MRePUFunction(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_a, grad_b, None
 
+
+def _mrepu_inference(x: torch.Tensor, gain_in: torch.Tensor, gain_out: torch.Tensor,
+                     plan: MRePUPlan) -> torch.Tensor:
+    """:class:`MRePUFunction`'s forward for CPU inference, with the gains' values at hand: a
+    gain of 1 costs no pass, and the result is saturated a second time only where it can
+    overflow (an output gain above 1 in magnitude, or a blend). The term still saturates
+    before the output gain multiplies it, so a zero gain never meets inf."""
+    big = plan.big
+    a, b = gain_in.item(), gain_out.item()  # CPU: no device sync
+    xa = x if x.dtype == plan.compute else x.to(plan.compute)
+    # the 0-dim gains multiply in xa's dtype, as .to(compute) would round them
+    u = xa if a == 1.0 else torch.mul(xa, gain_in)
+    y = torch.add(u, plan.c).clamp_min_(0.0).pow_(plan.p).mul_(u).clamp_(-big, big)
+    if b != 1.0:
+        y.mul_(gain_out)
+    if plan.blend != 1.0:
+        y.mul_(plan.blend).add_(xa.clamp_min(0.0), alpha=1.0 - plan.blend)
+    if plan.blend != 1.0 or not abs(b) <= 1.0:  # also for NaN
+        y.clamp_(-big, big)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def eager_mrepu(x: torch.Tensor, gain_in: torch.Tensor, gain_out: torch.Tensor, plan: MRePUPlan
+                ) -> torch.Tensor:
+    """The gained, blended MRePU of ``x`` with 0-dim gains: :class:`MRePUFunction` where a
+    gradient is needed or off the CPU (its gains stay tensors: no device sync), else the
+    no-grad kernel."""
+    if x.is_cpu and not (torch.is_grad_enabled() and (
+            x.requires_grad or gain_in.requires_grad or gain_out.requires_grad)):
+        return _mrepu_inference(x, gain_in, gain_out, plan)
+    return MRePUFunction.apply(x, gain_in, gain_out, plan)

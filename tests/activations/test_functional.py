@@ -203,7 +203,7 @@ def test_compiled_spelling_sums_in_float64_and_matches_the_formula(monkeypatch):
 
 
 def test_an_onnx_export_in_progress_gets_the_plain_formulas(monkeypatch):
-    """The eager kernel is skipped while an exporter records the graph, whichever exporter
+    """The eager kernels are skipped while an exporter records the graph, whichever exporter
     and however it is detected (the ONNX flag is read only once torch.onnx is loaded)."""
     import torch.onnx
 
@@ -211,10 +211,13 @@ def test_an_onnx_export_in_progress_gets_the_plain_formulas(monkeypatch):
         raise AssertionError("an eager kernel ran during an export")
 
     monkeypatch.setattr(functional, "eager_competitive_relu", refuse)
+    monkeypatch.setattr(functional, "eager_mrepu", refuse)
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     x = torch.randn(2, 3, 4)
     module = CompetitiveReLU(alpha_init=1.3, beta_init=-0.4)
     torch.testing.assert_close(module(x), plain_carelu(x, module))
+    np.testing.assert_allclose(mrepu(x, gain_in=0.5).numpy(), ref_mrepu(x.numpy(), a=0.5),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_torch_jit_script_compiles_the_functional_forms():

@@ -204,6 +204,28 @@ def test_no_grad_fast_path_on_half_and_strided_inputs_leaves_the_input_untouched
             assert got.dtype == z.dtype and torch.equal(z, before)
 
 
+@pytest.mark.parametrize("dtype", (torch.float64, *HALF_AND_SINGLE), ids=str)
+def test_no_grad_mrepu_matches_the_plain_formula_for_any_gains_also_when_saturated(
+        dtype, monkeypatch):
+    monkeypatch.setattr(MRePUFunction, "apply", refuse)
+    big = torch.finfo(dtype).max
+    edges = [-3.0, -1.0, -0.5, 0.0, 0.7, 2.0, big / 2, -big / 2, big ** 0.5]  # 3 saturate
+    x = torch.cat([torch.tensor(edges, dtype=torch.float64),
+                   torch.randn(12, dtype=torch.float64) * 2]).to(dtype).reshape(1, -1)
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else (
+        {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {})
+    for (a, b), lam in itertools.product(
+            ((1.0, 1.0), (0.6, 1.7), (0.6, 0.5), (-0.3, -2.0), (1.0, 0.0), (2.0, 1.0)),
+            (1.0, 0.5)):
+        module = MRePU(blend=lam, dtype=torch.float64 if dtype == torch.float64 else None)
+        with torch.no_grad():
+            module.gain_in.fill_(a)
+            module.gain_out.fill_(b)
+            got, want = module(x), plain_mrepu(x, module)
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, **tolerance, msg=f"gains {a}, {b}, blend {lam}")
+
+
 def test_eager_calls_take_the_fast_path_and_gradcheck_it():
     module = CompetitiveReLU(alpha_init=1.3, beta_init=0.4, dtype=torch.float64)
     z = away_from_zero((2, 3, 2, 2), torch.Generator().manual_seed(6)).requires_grad_()
