@@ -85,14 +85,13 @@ def _saturate(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # Which path runs
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def _compiling_not_exporting() -> bool:
     """torch.compile (not torch.export): the graph is fused, not stored, so float64 sums, one
     reduction pass, are the cheaper spelling; exported graphs keep the portable scaled one."""
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() and not (exporting is not None and exporting())
-
-
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() and not _is_exporting()
 
 
 def _in_onnx_export() -> bool:
@@ -249,18 +248,18 @@ def onnx_export_form() -> Iterator[None]:
 
 
 def _exporting_for_onnx() -> bool:
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return _ONNX_FORM.get() and exporting is not None and exporting()
+    return _ONNX_FORM.get() and _is_exporting()
 
 
 def _competitive_relu_exported(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                                k: float, eps: float, measure: str, reduce: str) -> torch.Tensor:
     """The energy and L1 formula as ``torch.export`` records it within
-    :func:`onnx_export_form`, for the ONNX files written from torch: the pass structure of :mod:`retrofit.onnx_path.emission`, since onnxruntime
-    runs each op as its own pass over the tensor.
+    :func:`onnx_export_form`, for the ONNX files written from torch: the pass structure of
+    :mod:`retrofit.onnx_path.emission`, since onnxruntime runs each op as its own pass.
 
     The two sums of ``z`` itself, then ``torch.cond`` (an ONNX ``If`` on one element) twice:
-    the max|z|-rescaled measurement only where a sum overflowed (float16 inputs cannot), and
+    the max|z|-rescaled measurement only where a sum left the range below big / k (float16
+    inputs cannot), and
     ``max(z, 0) * s`` as the output when every ``s`` is >= 0, which with the sums in range equals
     ``clamp(s * z, 0, big)`` without saturating.
     """

@@ -495,14 +495,7 @@ class MRePUFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, gain_in, gain_out)
         ctx.plan = plan
-        blend, big = plan.blend, plan.big
-        xa = x.to(plan.compute)
-        u = torch.mul(xa, gain_in.to(plan.compute))
-        y = (u + plan.c).clamp_min_(0.0).pow_(plan.p).mul_(u).clamp_(-big, big)
-        y.mul_(gain_out.to(plan.compute))
-        if blend != 1.0:
-            y.mul_(blend).add_(xa.clamp_min(0.0), alpha=1.0 - blend)
-        return y.clamp_(-big, big).to(x.dtype)
+        return _mrepu_forward(x, gain_in, gain_out, plan)
 
     @staticmethod
     @once_differentiable
@@ -540,25 +533,25 @@ class MRePUFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None
 
 
-def _mrepu_inference(x: torch.Tensor, gain_in: torch.Tensor, gain_out: torch.Tensor,
-                     plan: MRePUPlan) -> torch.Tensor:
-    """:class:`MRePUFunction`'s forward for CPU inference, with the gains' values at hand: a
-    gain of 1 costs no pass, and the result is saturated a second time only where it can
-    overflow (an output gain above 1 in magnitude, or a blend). The term still saturates
-    before the output gain multiplies it, so a zero gain never meets inf."""
+def _mrepu_forward(x: torch.Tensor, gain_in: torch.Tensor, gain_out: torch.Tensor,
+                   plan: MRePUPlan, gains: Optional[tuple[float, float]] = None) -> torch.Tensor:
+    """The gained, blended MRePU of ``x``, work buffers reused in place. ``gains`` are the
+    gains' values where they may be read (CPU inference): then a gain of 1 costs no pass, and
+    the result is saturated a second time only where it can overflow (an output gain above 1
+    in magnitude, or a blend). The term always saturates before the output gain multiplies it,
+    so a zero gain never meets inf."""
     big = plan.big
-    a, b = gain_in.item(), gain_out.item()  # CPU: no device sync
-    xa = x if x.dtype == plan.compute else x.to(plan.compute)
-    # the 0-dim gains multiply in xa's dtype, as .to(compute) would round them
-    u = xa if a == 1.0 else torch.mul(xa, gain_in)
+    a, b = gains if gains is not None else (None, None)
+    xa = x.to(plan.compute)
+    u = xa if a == 1.0 else torch.mul(xa, gain_in.to(plan.compute))
     y = torch.add(u, plan.c).clamp_min_(0.0).pow_(plan.p).mul_(u).clamp_(-big, big)
     if b != 1.0:
-        y.mul_(gain_out)
+        y.mul_(gain_out.to(plan.compute))
     if plan.blend != 1.0:
         y.mul_(plan.blend).add_(xa.clamp_min(0.0), alpha=1.0 - plan.blend)
-    if plan.blend != 1.0 or not abs(b) <= 1.0:  # also for NaN
+    if b is None or plan.blend != 1.0 or not abs(b) <= 1.0:  # also for NaN
         y.clamp_(-big, big)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return y.to(x.dtype)
 
 
 def eager_mrepu(x: torch.Tensor, gain_in: torch.Tensor, gain_out: torch.Tensor, plan: MRePUPlan
@@ -568,5 +561,6 @@ def eager_mrepu(x: torch.Tensor, gain_in: torch.Tensor, gain_out: torch.Tensor, 
     no-grad kernel."""
     if x.is_cpu and not (torch.is_grad_enabled() and (
             x.requires_grad or gain_in.requires_grad or gain_out.requires_grad)):
-        return _mrepu_inference(x, gain_in, gain_out, plan)
+        # CPU: reading the gains costs no device sync
+        return _mrepu_forward(x, gain_in, gain_out, plan, (gain_in.item(), gain_out.item()))
     return MRePUFunction.apply(x, gain_in, gain_out, plan)

@@ -354,15 +354,10 @@ def _rescaled_share(
     match: the same ``p`` as the plain sums, and finite where those overflowed."""
     m = b.op("Max", [b.reduce("ReduceMax", b.op("Abs", [z], "abs"), axes, "abs_max"),
                      b.const(1.0)], "m")
-    u = b.op("Div", [z, m], "u")
-    pos = b.op("Max", [u, b.const(0.0)], "u_pos")
+    _, part, total = _measure_sums(b, config.measure, b.op("Div", [z, m], "u"), axes)
     if config.measure == "energy":
-        part = b.reduce("ReduceSum", b.op("Mul", [pos, pos], "pos_sq"), axes, "pos_energy")
-        total = b.reduce("ReduceSum", b.op("Mul", [u, u], "u_sq"), axes, "energy")
         eps = b.op("Div", [b.const(config.eps), b.op("Mul", [m, m], "m_sq")], "eps_scaled")
     else:
-        part = b.reduce("ReduceSum", pos, axes, "pos_l1")
-        total = b.reduce("ReduceSum", b.op("Abs", [u], "u_abs"), axes, "l1")
         eps = b.op("Div", [b.const(config.eps), m], "eps_scaled")
     return b.op("Div", [part, b.op("Add", [total, eps], "denominator")], "p")
 
@@ -376,7 +371,8 @@ def _measure_sums(
     pos = b.op("Max", [z, b.const(0.0)], "pos")
     if measure == "energy":
         total = b.reduce("ReduceSum", b.op("Mul", [z, z], "sq"), axes, "energy")
-        return pos, b.reduce("ReduceSum", b.op("Mul", [pos, pos], "pos_sq"), axes, "pos_energy"), total
+        part = b.reduce("ReduceSum", b.op("Mul", [pos, pos], "pos_sq"), axes, "pos_energy")
+        return pos, part, total
     if measure == "l1":
         total = b.reduce("ReduceSum", b.op("Abs", [z], "abs"), axes, "l1")
         return pos, b.reduce("ReduceSum", pos, axes, "pos_l1"), total
